@@ -1,0 +1,26 @@
+//! strata's shared runtime. Stages are thin: they turn a batch into an outcome, and this crate
+//! does everything else.
+//!
+//! # Layout
+//! - [`config`]: `config.toml` and its environment overrides.
+//! - [`schema`]: table schemas from `schemas/*.toml`, and typed cells parsed from events.
+//! - [`frame`]: the MessagePack + zstd frames ingest writes to `rows:{T}`.
+//! - [`streams`]: every Redis Streams call: keys, groups, reads, claims, the atomic commit step.
+//! - [`runner`]: the consumer loop (read, claim, batch, process, commit) and the [`runner::Stage`] trait.
+//! - [`error`]: errors carrying a [`error::RetryHint`] that decides delivery.
+//! - [`db`]: PostgreSQL connection pools.
+//! - [`latency`]: the end-to-end latency histogram.
+//! - [`shutdown`]: SIGTERM/SIGINT → graceful stop.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod frame;
+pub mod latency;
+pub mod runner;
+pub mod schema;
+pub mod shutdown;
+pub mod streams;
+
+pub use config::Config;
+pub use error::{ConfigError, RetryHint, StageError};

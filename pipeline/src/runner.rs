@@ -1,0 +1,544 @@
+//! The consumer loop every stage shares: read (and claim), batch, process, commit.
+//!
+//! A stage only turns a batch into an [`Outcome`]; the runner decides delivery from the
+//! outcome or from the error's [`RetryHint`]:
+//! - `Ok(outcome)`: forward, dead-letter and acknowledge in one atomic Redis step;
+//! - `Backoff`: keep the entries pending and retry the same batch with capped exponential
+//!   backoff and jitter, however long it takes (until shutdown, which leaves them pending);
+//! - `DeadLetter`: split the batch until the offending entry is alone, dead-letter it, and
+//!   process the rest;
+//! - `Fatal`: stop this process with the error; the entries stay pending.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Mutex};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{BatchLimits, StreamsConfig};
+use crate::error::{RetryHint, StageError};
+use crate::streams::{self, CommitStep, Entry, Fields};
+
+/// A batch of entries handed to a stage.
+#[derive(Debug)]
+pub struct Batch {
+    pub entries: Vec<Entry>,
+}
+
+/// A rejected input, by position in the batch.
+#[derive(Debug)]
+pub struct DeadLetter {
+    /// Index of the entry in the batch it came from.
+    pub entry: usize,
+    /// Fields to dead-letter; `None` means the entry's original fields.
+    pub fields: Option<Fields>,
+    /// Why, naming the field or row.
+    pub error: String,
+    /// The SQLSTATE, when PostgreSQL rejected it.
+    pub sqlstate: Option<String>,
+}
+
+/// What a stage made of a batch. Every entry of the batch is acknowledged with it.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Entries to add to the stage's output stream.
+    pub forward: Vec<Fields>,
+    /// Inputs (or parts of inputs) rejected for good.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// One stage: turns a batch into an outcome.
+pub trait Stage: Send + Sync + 'static {
+    fn process(&self, batch: &Batch) -> impl Future<Output = Result<Outcome, StageError>> + Send;
+
+    /// How many rows an entry carries, for `max_batch_rows`.
+    fn weight(&self, _entry: &Entry) -> usize {
+        1
+    }
+}
+
+/// Counters of one stage loop, shared with whoever wants a summary.
+#[derive(Debug, Default)]
+pub struct LoopStats {
+    /// Entries acknowledged (processed, forwarded or dead-lettered).
+    pub acked: AtomicU64,
+    /// Entries or rows sent to the dead-letter stream.
+    pub dead_lettered: AtomicU64,
+    /// Entries taken over from other consumers by XAUTOCLAIM.
+    pub claimed: AtomicU64,
+}
+
+/// Where and how a stage loop runs.
+#[derive(Clone)]
+pub struct LoopSpec {
+    /// Stage name, which is also the consumer group.
+    pub stage: &'static str,
+    /// Stream read from.
+    pub input: String,
+    /// Stream written to (the dead-letter stream when the stage forwards nothing).
+    pub output: Option<String>,
+    /// This process's unique consumer name.
+    pub consumer: String,
+    /// Batch limits of the shared batcher.
+    pub limits: BatchLimits,
+    /// Batches processed at once.
+    pub workers: usize,
+    /// Reading, claiming and retry settings.
+    pub streams: StreamsConfig,
+}
+
+/// Runs one stage loop until `shutdown` fires (then finishes what it read and returns Ok) or a
+/// fatal error occurs.
+pub async fn run_loop<S: Stage>(
+    stage: Arc<S>,
+    spec: LoopSpec,
+    redis: deadpool_redis::Pool,
+    shutdown: CancellationToken,
+    stats: Arc<LoopStats>,
+) -> Result<(), StageError> {
+    let spec = Arc::new(spec);
+    {
+        let mut conn = retry_redis(&redis, &shutdown, &spec).await?;
+        streams::ensure_group(&mut conn, &spec.input, spec.stage).await?;
+    }
+    info!(stage = spec.stage, stream = %spec.input, consumer = %spec.consumer, "consumer started");
+    let (read_tx, read_rx) = mpsc::channel::<Vec<Entry>>(2);
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(spec.workers);
+    // Fatal errors stop the reader too, so a failing worker does not keep claiming entries.
+    let stop = shutdown.child_token();
+
+    let reader = tokio::spawn(read_loop(
+        spec.clone(),
+        redis.clone(),
+        stop.clone(),
+        read_tx,
+        stats.clone(),
+    ));
+    let batcher = tokio::spawn(batch_loop(stage.clone(), spec.limits, read_rx, batch_tx));
+    let batch_rx = Arc::new(Mutex::new(batch_rx));
+    let mut workers = Vec::new();
+    for _ in 0..spec.workers {
+        let w = Worker {
+            stage: stage.clone(),
+            spec: spec.clone(),
+            redis: redis.clone(),
+            stop: stop.clone(),
+            stats: stats.clone(),
+        };
+        let rx = batch_rx.clone();
+        workers.push(tokio::spawn(async move {
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some(batch) = next else { return Ok(()) };
+                if let Err(e) = w.handle(batch).await {
+                    w.stop.cancel();
+                    return Err(e);
+                }
+            }
+        }));
+    }
+    let mut result = Ok(());
+    for w in workers {
+        match w.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(join) => result = Err(StageError::fatal(format!("worker panicked: {join}"))),
+        }
+    }
+    // Workers end only when the batcher closed, i.e. the reader ended, or on a fatal error.
+    stop.cancel();
+    let _ = batcher.await;
+    let _ = reader.await;
+    if let Ok(mut conn) = redis.get().await {
+        if let Err(e) =
+            streams::remove_consumer_if_idle(&mut conn, &spec.input, spec.stage, &spec.consumer)
+                .await
+        {
+            debug!(error = %e, "could not remove consumer");
+        }
+    }
+    info!(stage = spec.stage, stream = %spec.input, "consumer stopped");
+    result
+}
+
+async fn retry_redis(
+    redis: &deadpool_redis::Pool,
+    shutdown: &CancellationToken,
+    spec: &LoopSpec,
+) -> Result<deadpool_redis::Connection, StageError> {
+    let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
+    loop {
+        match redis.get().await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                warn!(stage = spec.stage, error = %e, "redis unavailable, retrying");
+                if !backoff.wait(shutdown).await {
+                    return Err(StageError::backoff("shutdown while waiting for redis"));
+                }
+            }
+        }
+    }
+}
+
+async fn read_loop(
+    spec: Arc<LoopSpec>,
+    redis: deadpool_redis::Pool,
+    stop: CancellationToken,
+    tx: mpsc::Sender<Vec<Entry>>,
+    stats: Arc<LoopStats>,
+) {
+    let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
+    let claim_every = Duration::from_millis(spec.streams.claim_interval_ms.max(1));
+    let mut next_claim = Instant::now();
+    let mut cursor = "0-0".to_string();
+    let mut conn: Option<deadpool_redis::Connection> = None;
+    while !stop.is_cancelled() {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match redis.get().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    warn!(stage = spec.stage, error = %e, "redis unavailable, retrying");
+                    backoff.wait(&stop).await;
+                    continue;
+                }
+            },
+        };
+        let res = if Instant::now() >= next_claim {
+            let r = streams::autoclaim(
+                c,
+                &spec.input,
+                spec.stage,
+                &spec.consumer,
+                spec.streams.claim_idle_ms,
+                &cursor,
+                spec.streams.read_count,
+            )
+            .await;
+            match r {
+                Ok((entries, deleted, next)) => {
+                    if next == "0-0" {
+                        next_claim = Instant::now() + claim_every;
+                    }
+                    cursor = next;
+                    if !entries.is_empty() {
+                        info!(stage = spec.stage, stream = %spec.input, count = entries.len(), "claimed idle entries");
+                        stats
+                            .claimed
+                            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                    }
+                    Ok((entries, deleted))
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            let block = spec
+                .streams
+                .block_ms
+                .min(
+                    next_claim
+                        .saturating_duration_since(Instant::now())
+                        .as_millis() as u64,
+                )
+                .max(1);
+            streams::read_new(
+                c,
+                &spec.input,
+                spec.stage,
+                &spec.consumer,
+                spec.streams.read_count,
+                block,
+            )
+            .await
+        };
+        match res {
+            Ok((entries, deleted)) => {
+                backoff.reset();
+                if !deleted.is_empty() {
+                    // Trimmed while pending: there is nothing left to process.
+                    warn!(
+                        stage = spec.stage,
+                        count = deleted.len(),
+                        "pending entries were deleted from the stream"
+                    );
+                    let _ = streams::ack(c, &spec.input, spec.stage, &deleted).await;
+                }
+                if !entries.is_empty() && tx.send(entries).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!(stage = spec.stage, stream = %spec.input, error = %e, "read failed, retrying");
+                conn = None;
+                backoff.wait(&stop).await;
+            }
+        }
+    }
+}
+
+async fn batch_loop<S: Stage>(
+    stage: Arc<S>,
+    limits: BatchLimits,
+    mut rx: mpsc::Receiver<Vec<Entry>>,
+    tx: mpsc::Sender<Batch>,
+) {
+    let linger = Duration::from_millis(limits.linger_ms);
+    let mut current: Vec<Entry> = Vec::new();
+    let (mut rows, mut bytes) = (0usize, 0usize);
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let received = match deadline {
+            Some(d) => tokio::select! {
+                r = rx.recv() => r.map(Some),
+                _ = tokio::time::sleep_until(d) => Some(None),
+            },
+            None => rx.recv().await.map(Some),
+        };
+        match received {
+            None => break,
+            Some(None) => {}
+            Some(Some(entries)) => {
+                for e in entries {
+                    if current.is_empty() {
+                        deadline = Some(Instant::now() + linger);
+                    }
+                    rows += stage.weight(&e);
+                    bytes += e.size();
+                    current.push(e);
+                    if rows >= limits.max_batch_rows || bytes >= limits.max_batch_bytes {
+                        if tx
+                            .send(Batch {
+                                entries: std::mem::take(&mut current),
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        (rows, bytes, deadline) = (0, 0, None);
+                    }
+                }
+                if deadline.is_some_and(|d| d > Instant::now()) {
+                    continue;
+                }
+            }
+        }
+        if !current.is_empty() && deadline.is_some_and(|d| d <= Instant::now()) {
+            if tx
+                .send(Batch {
+                    entries: std::mem::take(&mut current),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            (rows, bytes, deadline) = (0, 0, None);
+        }
+    }
+    if !current.is_empty() {
+        let _ = tx.send(Batch { entries: current }).await;
+    }
+}
+
+struct Worker<S> {
+    stage: Arc<S>,
+    spec: Arc<LoopSpec>,
+    redis: deadpool_redis::Pool,
+    stop: CancellationToken,
+    stats: Arc<LoopStats>,
+}
+
+impl<S: Stage> Worker<S> {
+    /// Delivers one batch: Ok once every entry is acknowledged (or left pending at shutdown).
+    async fn handle(&self, batch: Batch) -> Result<(), StageError> {
+        let max = self.spec.streams.max_deliveries;
+        let (over, fresh): (Vec<Entry>, Vec<Entry>) =
+            batch.entries.into_iter().partition(|e| e.deliveries > max);
+        let mut todo = Vec::new();
+        if !over.is_empty() {
+            let outcome = Outcome {
+                forward: Vec::new(),
+                dead_letters: (0..over.len())
+                    .map(|i| DeadLetter {
+                        entry: i,
+                        fields: None,
+                        error: format!(
+                            "delivered {} times, more than max_deliveries = {max}",
+                            over[i].deliveries
+                        ),
+                        sqlstate: None,
+                    })
+                    .collect(),
+            };
+            todo.push((Batch { entries: over }, Some(outcome)));
+        }
+        if !fresh.is_empty() {
+            todo.push((Batch { entries: fresh }, None));
+        }
+        let mut backoff = Backoff::new(self.spec.streams.max_backoff_ms);
+        while let Some((mut batch, ready)) = todo.pop() {
+            let result = match ready {
+                Some(outcome) => Ok(outcome),
+                None => self.stage.process(&batch).await,
+            };
+            match result {
+                Ok(outcome) => {
+                    let lost = self.commit(&batch, outcome, &mut backoff).await?;
+                    if !lost.is_empty() {
+                        info!(
+                            stage = self.spec.stage,
+                            count = lost.len(),
+                            "entries were claimed by another consumer; redoing the rest"
+                        );
+                        batch.entries.retain(|e| !lost.contains(&e.id));
+                        if !batch.entries.is_empty() {
+                            todo.push((batch, None));
+                        }
+                    }
+                    backoff.reset();
+                }
+                Err(e) => match e.hint {
+                    RetryHint::Backoff => {
+                        warn!(stage = self.spec.stage, error = %e, entries = batch.entries.len(), "transient failure, retrying");
+                        if !backoff.wait(&self.stop).await {
+                            return Ok(()); // shutdown: the entries stay pending
+                        }
+                        todo.push((batch, None));
+                    }
+                    RetryHint::DeadLetter if batch.entries.len() > 1 => {
+                        debug!(stage = self.spec.stage, error = %e, "splitting batch to isolate a poison entry");
+                        let right = batch.entries.split_off(batch.entries.len() / 2);
+                        todo.push((Batch { entries: right }, None));
+                        todo.push((batch, None));
+                    }
+                    RetryHint::DeadLetter => {
+                        let dl = DeadLetter {
+                            entry: 0,
+                            fields: None,
+                            error: e.message,
+                            sqlstate: e.sqlstate,
+                        };
+                        todo.push((
+                            batch,
+                            Some(Outcome {
+                                forward: Vec::new(),
+                                dead_letters: vec![dl],
+                            }),
+                        ));
+                    }
+                    RetryHint::Fatal => return Err(e),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the atomic commit step, retrying Redis faults; returns entries lost to another
+    /// consumer (nothing was written then).
+    async fn commit(
+        &self,
+        batch: &Batch,
+        outcome: Outcome,
+        backoff: &mut Backoff,
+    ) -> Result<Vec<String>, StageError> {
+        let dlq = streams::dlq_stream(&self.spec.input);
+        let dead_letters: Vec<Fields> = outcome
+            .dead_letters
+            .iter()
+            .map(|d| {
+                let entry = &batch.entries[d.entry];
+                let mut fields = d.fields.clone().unwrap_or_else(|| entry.fields.clone());
+                fields.push((streams::DLQ_ERROR.into(), d.error.clone().into_bytes()));
+                fields.push((
+                    streams::DLQ_STAGE.into(),
+                    self.spec.stage.as_bytes().to_vec(),
+                ));
+                fields.push((streams::DLQ_SOURCE_ID.into(), entry.id.clone().into_bytes()));
+                fields.push((
+                    streams::DLQ_DELIVERIES.into(),
+                    entry.deliveries.to_string().into_bytes(),
+                ));
+                if let Some(code) = &d.sqlstate {
+                    fields.push((streams::DLQ_SQLSTATE.into(), code.clone().into_bytes()));
+                }
+                fields
+            })
+            .collect();
+        let step = CommitStep {
+            input: &self.spec.input,
+            output: self.spec.output.as_deref().unwrap_or(&dlq),
+            dlq: &dlq,
+            group: self.spec.stage,
+            consumer: &self.spec.consumer,
+            ids: batch.entries.iter().map(|e| e.id.as_str()).collect(),
+            forward: outcome.forward,
+            dead_letters,
+        };
+        loop {
+            let res = match self.redis.get().await {
+                Ok(mut conn) => step.run(&mut conn).await.map_err(StageError::from),
+                Err(e) => Err(StageError::from(e)),
+            };
+            match res {
+                Ok(lost) => {
+                    if lost.is_empty() {
+                        self.stats
+                            .acked
+                            .fetch_add(step.ids.len() as u64, Ordering::Relaxed);
+                        self.stats
+                            .dead_lettered
+                            .fetch_add(step.dead_letters.len() as u64, Ordering::Relaxed);
+                        if !step.dead_letters.is_empty() {
+                            warn!(stage = self.spec.stage, count = step.dead_letters.len(), dlq = %dlq, "dead-lettered");
+                        }
+                    }
+                    return Ok(lost);
+                }
+                Err(e) => {
+                    warn!(stage = self.spec.stage, error = %e, "commit failed, retrying");
+                    // The outcome is only in memory: keep retrying even during shutdown, so
+                    // work already done (and maybe committed to PostgreSQL) is acknowledged.
+                    backoff.wait(&CancellationToken::new()).await;
+                }
+            }
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+pub struct Backoff {
+    /// The next delay's ceiling.
+    next_ms: u64,
+    /// The cap.
+    max_ms: u64,
+}
+
+impl Backoff {
+    const START_MS: u64 = 50;
+
+    pub fn new(max_ms: u64) -> Self {
+        Self {
+            next_ms: Self::START_MS,
+            max_ms: max_ms.max(Self::START_MS),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next_ms = Self::START_MS;
+    }
+
+    /// Sleeps; false if `stop` fired first.
+    pub async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        let ms = self.next_ms / 2 + rand::random_range(0..=self.next_ms / 2);
+        self.next_ms = (self.next_ms * 2).min(self.max_ms);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => true,
+            _ = stop.cancelled() => false,
+        }
+    }
+}

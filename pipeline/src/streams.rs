@@ -1,0 +1,472 @@
+//! Every Redis Streams call strata makes: key names, consumer groups, reading, claiming, and the
+//! one atomic step that forwards a stage's output, dead-letters, and acknowledges.
+
+use std::collections::HashMap;
+
+use redis::Value;
+
+/// Consumer-group names, which are also the stage names in dead letters, logs and metrics.
+pub const INGEST: &str = "ingest";
+pub const BATCH_WRITER: &str = "batch-writer";
+
+/// Dead-letter fields added to the original fields of a rejected entry.
+pub const DLQ_ERROR: &str = "error";
+pub const DLQ_STAGE: &str = "stage";
+pub const DLQ_SOURCE_ID: &str = "source_id";
+pub const DLQ_DELIVERIES: &str = "deliveries";
+pub const DLQ_SQLSTATE: &str = "sqlstate";
+
+/// The stream producers XADD to for table `table`. The braces are a Redis Cluster hash tag.
+pub fn telemetry_stream(table: &str) -> String {
+    format!("telemetry:{{{table}}}")
+}
+
+/// The stream of validated frames between ingest and batch-writer.
+pub fn rows_stream(table: &str) -> String {
+    format!("rows:{{{table}}}")
+}
+
+/// The dead-letter stream of `stream`.
+pub fn dlq_stream(stream: &str) -> String {
+    format!("{stream}:dlq")
+}
+
+/// A stream entry field list, in order.
+pub type Fields = Vec<(String, Vec<u8>)>;
+
+/// One stream entry as delivered to a consumer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The stream ID (`<ms>-<seq>`).
+    pub id: String,
+    /// The fields as the producer sent them.
+    pub fields: Fields,
+    /// How many times the group has delivered this entry (1 on first read).
+    pub deliveries: u64,
+}
+
+impl Entry {
+    /// The milliseconds part of the ID: when the entry was added.
+    pub fn ms(&self) -> u64 {
+        self.id
+            .split('-')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Field names plus values in bytes.
+    pub fn size(&self) -> usize {
+        self.fields.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+/// Parses `[[id, [f, v, …]], …]` into entries; entries whose fields are nil (deleted while
+/// pending) come back in the second list.
+pub fn parse_entries(value: Value, deliveries: u64) -> (Vec<Entry>, Vec<String>) {
+    let mut entries = Vec::new();
+    let mut deleted = Vec::new();
+    let Value::Array(items) = value else {
+        return (entries, deleted);
+    };
+    for item in items {
+        let Value::Array(mut pair) = item else {
+            continue;
+        };
+        if pair.len() != 2 {
+            continue;
+        }
+        let fields = pair.pop();
+        let Some(id) = pair.pop().and_then(bulk_string) else {
+            continue;
+        };
+        match fields {
+            Some(Value::Array(flat)) => {
+                let mut fields = Vec::with_capacity(flat.len() / 2);
+                let mut it = flat.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    if let (Some(k), Some(v)) = (bulk_string(k), bulk_bytes(v)) {
+                        fields.push((k, v));
+                    }
+                }
+                entries.push(Entry {
+                    id,
+                    fields,
+                    deliveries,
+                });
+            }
+            _ => deleted.push(id),
+        }
+    }
+    (entries, deleted)
+}
+
+fn bulk_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn bulk_string(v: Value) -> Option<String> {
+    bulk_bytes(v).map(|b| {
+        String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    })
+}
+
+/// Creates `group` on `stream` (and the stream) if missing, reading from the beginning.
+pub async fn ensure_group<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<()> {
+    let res: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match res {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+/// XREADGROUP of new entries (`>`), blocking up to `block_ms`.
+pub async fn read_new<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    block_ms: u64,
+) -> redis::RedisResult<(Vec<Entry>, Vec<String>)> {
+    let reply: Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block_ms)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await?;
+    // [[stream, entries]] or nil on timeout
+    let Value::Array(streams) = reply else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let mut out = (Vec::new(), Vec::new());
+    for s in streams {
+        if let Value::Array(mut kv) = s {
+            if let Some(entries) = kv.pop() {
+                let (e, d) = parse_entries(entries, 1);
+                out.0.extend(e);
+                out.1.extend(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One XAUTOCLAIM step: entries idle longer than `min_idle_ms` move to `consumer`, with their
+/// delivery counts. Returns the claimed entries, IDs deleted while pending (already removed
+/// from the pending list by Redis), and the cursor for the next call (`0-0` when done).
+pub async fn autoclaim<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    min_idle_ms: u64,
+    cursor: &str,
+    count: usize,
+) -> redis::RedisResult<(Vec<Entry>, Vec<String>, String)> {
+    let reply: Value = redis::cmd("XAUTOCLAIM")
+        .arg(stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(min_idle_ms)
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    let Value::Array(mut parts) = reply else {
+        return Ok((Vec::new(), Vec::new(), "0-0".into()));
+    };
+    parts.truncate(2);
+    let entries = parts.pop().unwrap_or(Value::Nil);
+    let next = parts
+        .pop()
+        .and_then(bulk_string)
+        .unwrap_or_else(|| "0-0".into());
+    let (mut entries, deleted) = parse_entries(entries, 0);
+    if !entries.is_empty() {
+        let counts = delivery_counts(conn, stream, group, consumer, &entries).await?;
+        for e in &mut entries {
+            e.deliveries = counts.get(&e.id).copied().unwrap_or(1);
+        }
+    }
+    Ok((entries, deleted, next))
+}
+
+async fn delivery_counts<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    entries: &[Entry],
+) -> redis::RedisResult<HashMap<String, u64>> {
+    let first = &entries[0].id;
+    let last = &entries[entries.len() - 1].id;
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg(first)
+        .arg(last)
+        .arg(entries.len() * 2)
+        .arg(consumer)
+        .query_async(conn)
+        .await?;
+    let mut counts = HashMap::new();
+    if let Value::Array(rows) = reply {
+        for row in rows {
+            if let Value::Array(mut cols) = row {
+                if cols.len() == 4 {
+                    let n = match cols.pop() {
+                        Some(Value::Int(n)) => n as u64,
+                        _ => 1,
+                    };
+                    if let Some(id) = cols.into_iter().next().and_then(bulk_string) {
+                        counts.insert(id, n);
+                    }
+                }
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// Plain XACK, for entries that need no forwarding (deleted while pending).
+pub async fn ack<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    ids: &[String],
+) -> redis::RedisResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    redis::cmd("XACK")
+        .arg(stream)
+        .arg(group)
+        .arg(ids)
+        .query_async(conn)
+        .await
+}
+
+/// The atomic step: checks this consumer still owns every entry, then XADDs the outputs and the
+/// dead letters and XACKs the entries. If any entry has moved to another consumer, nothing is
+/// written and the moved IDs are returned.
+const COMMIT_SCRIPT: &str = r#"
+local group, consumer = ARGV[1], ARGV[2]
+local n = tonumber(ARGV[3])
+local lost = {}
+for k = 4, 3 + n do
+  local id = ARGV[k]
+  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
+  if #p == 0 then lost[#lost + 1] = id end
+end
+if #lost > 0 then return lost end
+local i = 4 + n
+for _, key in ipairs({KEYS[2], KEYS[3]}) do
+  local m = tonumber(ARGV[i]); i = i + 1
+  for e = 1, m do
+    local np = tonumber(ARGV[i]); i = i + 1
+    redis.call('XADD', key, '*', unpack(ARGV, i, i + 2 * np - 1))
+    i = i + 2 * np
+  end
+end
+for k = 4, 3 + n, 4000 do
+  redis.call('XACK', KEYS[1], group, unpack(ARGV, k, math.min(k + 3999, 3 + n)))
+end
+return {}
+"#;
+
+/// What one atomic commit step writes.
+pub struct CommitStep<'a> {
+    /// The stage's input stream, whose entries are acknowledged.
+    pub input: &'a str,
+    /// Where forwarded entries go (ignored when `forward` is empty).
+    pub output: &'a str,
+    /// The input's dead-letter stream.
+    pub dlq: &'a str,
+    /// The consumer group (the stage name).
+    pub group: &'a str,
+    /// This process's consumer name, whose ownership is checked.
+    pub consumer: &'a str,
+    /// Entry IDs to acknowledge.
+    pub ids: Vec<&'a str>,
+    /// Entries to add to `output`.
+    pub forward: Vec<Fields>,
+    /// Entries to add to `dlq`.
+    pub dead_letters: Vec<Fields>,
+}
+
+static SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(COMMIT_SCRIPT));
+
+impl CommitStep<'_> {
+    /// Runs the step; `Ok(lost)` lists entries that another consumer owns now (then nothing
+    /// was written).
+    pub async fn run<C: redis::aio::ConnectionLike>(
+        &self,
+        conn: &mut C,
+    ) -> redis::RedisResult<Vec<String>> {
+        let mut inv = SCRIPT.prepare_invoke();
+        inv.key(self.input).key(self.output).key(self.dlq);
+        inv.arg(self.group).arg(self.consumer).arg(self.ids.len());
+        for id in &self.ids {
+            inv.arg(*id);
+        }
+        for list in [&self.forward, &self.dead_letters] {
+            inv.arg(list.len());
+            for fields in list {
+                inv.arg(fields.len());
+                for (k, v) in fields {
+                    inv.arg(k.as_str()).arg(v.as_slice());
+                }
+            }
+        }
+        let reply: Value = inv.invoke_async(conn).await?;
+        let Value::Array(items) = reply else {
+            return Ok(Vec::new());
+        };
+        Ok(items.into_iter().filter_map(bulk_string).collect())
+    }
+}
+
+/// Consumer-group counters of one stream, from XINFO GROUPS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub name: String,
+    /// Entries delivered but not acknowledged.
+    pub pending: u64,
+    /// Entries not yet delivered (None when Redis cannot tell, after deletions).
+    pub lag: Option<u64>,
+    pub consumers: u64,
+    pub last_delivered_id: String,
+}
+
+/// XINFO GROUPS of `stream`; empty when the stream does not exist.
+pub async fn groups<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+) -> redis::RedisResult<Vec<GroupInfo>> {
+    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    let reply = match reply {
+        Ok(v) => v,
+        Err(e) if e.to_string().contains("no such key") => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    let Value::Array(groups) = reply else {
+        return Ok(out);
+    };
+    for g in groups {
+        let mut info = GroupInfo::default();
+        let pairs: Vec<(Value, Value)> = match g {
+            Value::Array(flat) => {
+                let mut it = flat.into_iter();
+                let mut v = Vec::new();
+                while let (Some(k), Some(val)) = (it.next(), it.next()) {
+                    v.push((k, val));
+                }
+                v
+            }
+            Value::Map(m) => m,
+            _ => continue,
+        };
+        for (k, v) in pairs {
+            let key = bulk_string(k).unwrap_or_default();
+            let int = |v: &Value| match v {
+                Value::Int(n) => Some(*n as u64),
+                _ => None,
+            };
+            match key.as_str() {
+                "name" => info.name = bulk_string(v).unwrap_or_default(),
+                "pending" => info.pending = int(&v).unwrap_or(0),
+                "lag" => info.lag = int(&v),
+                "consumers" => info.consumers = int(&v).unwrap_or(0),
+                "last-delivered-id" => info.last_delivered_id = bulk_string(v).unwrap_or_default(),
+                _ => {}
+            }
+        }
+        out.push(info);
+    }
+    Ok(out)
+}
+
+/// True when `group` has read every entry of `stream` and acknowledged all it read.
+pub async fn drained<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<bool> {
+    Ok(groups(conn, stream)
+        .await?
+        .iter()
+        .find(|g| g.name == group)
+        .is_some_and(|g| g.pending == 0 && g.lag == Some(0)))
+}
+
+/// Removes this consumer from the group if it owns nothing.
+pub async fn remove_consumer_if_idle<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+) -> redis::RedisResult<()> {
+    // XGROUP DELCONSUMER drops the consumer's pending entries, so check first, atomically.
+    let script = redis::Script::new(
+        r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return -1
+"#,
+    );
+    let _: Value = script
+        .key(stream)
+        .arg(group)
+        .arg(consumer)
+        .invoke_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// A consumer name unique to this process: host, PID and a random suffix.
+pub fn consumer_name(stage: &str) -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    format!(
+        "{stage}-{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}

@@ -1,0 +1,277 @@
+//! The `strata` binary: a thin command line over `strata-pipeline` and `strata-stages`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use strata_pipeline::schema::{self, SchemaRef};
+use strata_pipeline::{streams, Config};
+use strata_stages::produce::{produce, ProduceOptions};
+use strata_stages::StageKind;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "Redis Streams → PostgreSQL/TimescaleDB telemetry pipeline"
+)]
+struct Cli {
+    /// Configuration file; REDIS_URL and DATABASE_URL override its URLs.
+    #[arg(long, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    /// Log format (level from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the database, strata's bookkeeping tables and every table in schemas/ (idempotent).
+    Migrate,
+    /// Run the ingest stage: telemetry:{T} → validated frames on rows:{T}.
+    Ingest,
+    /// Run the batch-writer stage: rows:{T} → binary COPY into table T.
+    BatchWriter,
+    /// Run every stage in this process.
+    Run,
+    /// XADD synthetic events for a table (the reference producer and load generator).
+    Produce {
+        /// Table (a schema in schemas/).
+        #[arg(long)]
+        table: String,
+        /// Events to send.
+        #[arg(long)]
+        count: u64,
+        /// Events per second at most (default: as fast as Redis takes them).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Events per pipelined round trip.
+        #[arg(long, default_value_t = 1000)]
+        pipeline: usize,
+        /// Round trips in flight at once.
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+    },
+    /// Migrate, run the pipeline, produce a load, wait until every event landed, and report.
+    Demo {
+        /// Table to load.
+        #[arg(long, default_value = "metrics")]
+        table: String,
+        /// Events to send.
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                source = s.source();
+            }
+            eprintln!("strata: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tokio_postgres=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn load(cli: &Cli) -> Result<(Config, Vec<SchemaRef>), BoxError> {
+    let explicit = cli.config != PathBuf::from("config.toml");
+    let config = Config::load(&cli.config, explicit)?;
+    let schemas = schema::load_dir(&config.schemas_dir)?;
+    Ok((config, schemas))
+}
+
+async fn run(cli: Cli) -> Result<(), BoxError> {
+    let (config, schemas) = load(&cli)?;
+    match &cli.command {
+        Command::Migrate => {
+            for r in strata_stages::migrate::migrate(&config, &schemas).await? {
+                let what = if r.created { "created" } else { "up to date" };
+                let added = if r.added_columns.is_empty() {
+                    String::new()
+                } else {
+                    format!(", added {}", r.added_columns.join(", "))
+                };
+                println!("{}: {what} ({}{added})", r.table, r.partitioning.as_str());
+            }
+            Ok(())
+        }
+        Command::Ingest => serve(&config, &schemas, &[StageKind::Ingest]).await,
+        Command::BatchWriter => serve(&config, &schemas, &[StageKind::BatchWriter]).await,
+        Command::Run => serve(&config, &schemas, &StageKind::HOT_PATH).await,
+        Command::Produce {
+            table,
+            count,
+            rate,
+            pipeline,
+            connections,
+        } => {
+            let schema = find(&schemas, table)?;
+            let redis = strata_pipeline::db::redis_pool(&config)?;
+            let opts = ProduceOptions {
+                count: *count,
+                rate: *rate,
+                pipeline: *pipeline,
+                connections: *connections,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report = produce(&redis, schema, &opts).await?;
+            println!(
+                "produced {} events to {} in {:.2} s ({:.0} events/s)",
+                report.events,
+                report.stream,
+                report.elapsed.as_secs_f64(),
+                report.per_second()
+            );
+            Ok(())
+        }
+        Command::Demo { table, count } => demo(&config, &schemas, table, *count).await,
+    }
+}
+
+fn find<'a>(schemas: &'a [SchemaRef], table: &str) -> Result<&'a SchemaRef, BoxError> {
+    schemas.iter().find(|s| s.table == table).ok_or_else(|| {
+        let known: Vec<&str> = schemas.iter().map(|s| s.table.as_str()).collect();
+        format!(
+            "no schema for table `{table}` (known: {})",
+            known.join(", ")
+        )
+        .into()
+    })
+}
+
+async fn serve(
+    config: &Config,
+    schemas: &[SchemaRef],
+    kinds: &[StageKind],
+) -> Result<(), BoxError> {
+    let shutdown = strata_pipeline::shutdown::on_signals();
+    let running = strata_stages::start(config, schemas, kinds, shutdown.clone()).await?;
+    running.wait(&shutdown).await?;
+    Ok(())
+}
+
+async fn demo(
+    config: &Config,
+    schemas: &[SchemaRef],
+    table: &str,
+    count: u64,
+) -> Result<(), BoxError> {
+    let schema = find(schemas, table)?.clone();
+    for r in strata_stages::migrate::migrate(config, schemas).await? {
+        println!(
+            "migrate: {} {} ({})",
+            r.table,
+            if r.created { "created" } else { "up to date" },
+            r.partitioning.as_str()
+        );
+    }
+    let shutdown = strata_pipeline::shutdown::on_signals();
+    let stop = CancellationToken::new();
+    let running = strata_stages::start(
+        config,
+        std::slice::from_ref(&schema),
+        &StageKind::HOT_PATH,
+        stop.clone(),
+    )
+    .await?;
+    let stats = running.stats.clone();
+    let waiter = tokio::spawn({
+        let stop = stop.clone();
+        async move { running.wait(&stop).await }
+    });
+    let redis = strata_pipeline::db::redis_pool(config)?;
+    let before = stats.rows_written.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let opts = ProduceOptions {
+        count,
+        rate: None,
+        pipeline: 1000,
+        connections: 2,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let produced = produce(&redis, &schema, &opts).await?;
+    println!(
+        "produced {} events in {:.1} s ({:.0} events/s); waiting for the pipeline to drain…",
+        produced.events,
+        produced.elapsed.as_secs_f64(),
+        produced.per_second()
+    );
+    let input = streams::telemetry_stream(table);
+    let rows = streams::rows_stream(table);
+    loop {
+        if shutdown.is_cancelled() || waiter.is_finished() {
+            break;
+        }
+        let mut conn = redis.get().await?;
+        if streams::drained(&mut conn, &input, streams::INGEST).await?
+            && streams::drained(&mut conn, &rows, streams::BATCH_WRITER).await?
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = start.elapsed();
+    stop.cancel();
+    waiter.await??;
+    let written = stats.rows_written.load(Ordering::Relaxed) - before;
+    let dead = stats.ingest.dead_lettered.load(Ordering::Relaxed)
+        + stats.batch_writer.dead_lettered.load(Ordering::Relaxed);
+    let q = |p| {
+        stats
+            .latency
+            .quantile_ms(p)
+            .map_or("n/a".to_string(), |ms| format!("≤ {ms} ms"))
+    };
+    println!();
+    println!("strata demo: {count} events → {written} rows in table {table} in {:.1} s: {:.0} events/s end to end", elapsed.as_secs_f64(), written as f64 / elapsed.as_secs_f64());
+    println!(
+        "end-to-end latency (XADD → COMMIT): p50 {}, p99 {}",
+        q(0.5),
+        q(0.99)
+    );
+    println!("dead letters: {dead}");
+    println!("where to look:");
+    println!("  table:        psql \"$DATABASE_URL\" -c 'SELECT count(*), max(time) FROM {table}'");
+    println!("  streams:      redis-cli XINFO GROUPS '{input}'; redis-cli XINFO GROUPS '{rows}'");
+    println!(
+        "  dead letters: redis-cli XRANGE '{}' - + COUNT 10; redis-cli XRANGE '{}' - + COUNT 10",
+        streams::dlq_stream(&input),
+        streams::dlq_stream(&rows)
+    );
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! The ingest stage: validates producer events against the table schema and forwards the valid
+//! rows of a batch as one frame to `rows:{T}`; each invalid entry is dead-lettered on its own.
+
+use strata_pipeline::frame::{FrameBuilder, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
+use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
+use strata_pipeline::schema::{Cell, SchemaRef, UnknownFields, MSGPACK_FIELD, TRACEPARENT_FIELD};
+use strata_pipeline::streams::Entry;
+use strata_pipeline::StageError;
+
+/// Validates `telemetry:{T}` entries into frames.
+pub struct Ingest {
+    /// The table's schema: what every entry is checked against.
+    pub schema: SchemaRef,
+    /// Larger entries are dead-lettered unread.
+    pub max_event_bytes: usize,
+    /// zstd level of the frames.
+    pub zstd_level: i32,
+}
+
+impl Stage for Ingest {
+    async fn process(&self, batch: &Batch) -> Result<Outcome, StageError> {
+        let mut frame = FrameBuilder::new(&self.schema);
+        let mut outcome = Outcome::default();
+        let mut first_ms = u64::MAX;
+        let mut rows = Vec::new();
+        for (i, entry) in batch.entries.iter().enumerate() {
+            rows.clear();
+            match self.validate(entry, &mut rows) {
+                Ok(()) => {
+                    for row in &rows {
+                        frame.push_row(row);
+                    }
+                    first_ms = first_ms.min(entry.ms());
+                }
+                Err(error) => outcome.dead_letters.push(DeadLetter {
+                    entry: i,
+                    fields: None,
+                    error,
+                    sqlstate: None,
+                }),
+            }
+        }
+        if frame.rows() > 0 {
+            let n = frame.rows();
+            outcome.forward.push(vec![
+                (ROWS_FIELD.to_string(), n.to_string().into_bytes()),
+                (
+                    FIRST_MS_FIELD.to_string(),
+                    first_ms.to_string().into_bytes(),
+                ),
+                (FRAME_FIELD.to_string(), frame.finish(self.zstd_level)),
+            ]);
+        }
+        Ok(outcome)
+    }
+}
+
+impl Ingest {
+    /// Turns one entry into rows (one, or one per map of a MessagePack array), or says which
+    /// field is wrong and why.
+    pub fn validate(&self, entry: &Entry, rows: &mut Vec<Vec<Cell>>) -> Result<(), String> {
+        let size = entry.size();
+        if size > self.max_event_bytes {
+            return Err(format!(
+                "entry is {size} bytes, more than max_event_bytes = {}",
+                self.max_event_bytes
+            ));
+        }
+        if let Some(packed) = entry.field(MSGPACK_FIELD) {
+            if let Some((k, _)) = entry
+                .fields
+                .iter()
+                .find(|(k, _)| k != MSGPACK_FIELD && k != TRACEPARENT_FIELD)
+            {
+                return Err(format!(
+                    "field `{k}`: an entry with a `{MSGPACK_FIELD}` field carries no other columns"
+                ));
+            }
+            return self.validate_msgpack(entry, packed, rows);
+        }
+        let mut cells = vec![None; self.schema.columns.len()];
+        for (name, value) in &entry.fields {
+            if name == TRACEPARENT_FIELD {
+                continue;
+            }
+            let Some(col) = self.schema.column_index(name) else {
+                match self.schema.unknown_fields {
+                    UnknownFields::Ignore => continue,
+                    UnknownFields::Reject => return Err(self.unknown(name)),
+                }
+            };
+            if cells[col].is_some() {
+                return Err(format!("field `{name}` appears twice"));
+            }
+            let cell = self
+                .schema
+                .parse_text(col, value)
+                .map_err(|e| format!("field `{name}`: {e}"))?;
+            cells[col] = Some(cell);
+        }
+        rows.push(self.complete(entry, cells)?);
+        Ok(())
+    }
+
+    fn validate_msgpack(
+        &self,
+        entry: &Entry,
+        packed: &[u8],
+        rows: &mut Vec<Vec<Cell>>,
+    ) -> Result<(), String> {
+        let mut rd = packed;
+        let value = rmpv::decode::read_value(&mut rd)
+            .map_err(|e| format!("field `{MSGPACK_FIELD}`: not valid MessagePack ({e})"))?;
+        if !rd.is_empty() {
+            return Err(format!(
+                "field `{MSGPACK_FIELD}`: {} bytes after the MessagePack value",
+                rd.len()
+            ));
+        }
+        match value {
+            rmpv::Value::Map(pairs) => rows.push(
+                self.msgpack_row(entry, &pairs)
+                    .map_err(|e| format!("{MSGPACK_FIELD}: {e}"))?,
+            ),
+            rmpv::Value::Array(items) => {
+                if items.is_empty() {
+                    return Err(format!("field `{MSGPACK_FIELD}`: the array holds no maps"));
+                }
+                for (i, item) in items.iter().enumerate() {
+                    let rmpv::Value::Map(pairs) = item else {
+                        return Err(format!("{MSGPACK_FIELD}[{i}]: expected a map"));
+                    };
+                    rows.push(
+                        self.msgpack_row(entry, pairs)
+                            .map_err(|e| format!("{MSGPACK_FIELD}[{i}]: {e}"))?,
+                    );
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "field `{MSGPACK_FIELD}`: expected a map or an array of maps"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn msgpack_row(
+        &self,
+        entry: &Entry,
+        pairs: &[(rmpv::Value, rmpv::Value)],
+    ) -> Result<Vec<Cell>, String> {
+        let mut cells = vec![None; self.schema.columns.len()];
+        for (k, v) in pairs {
+            let name = k
+                .as_str()
+                .ok_or_else(|| format!("map key {k} is not a string"))?;
+            let Some(col) = self.schema.column_index(name) else {
+                match self.schema.unknown_fields {
+                    UnknownFields::Ignore => continue,
+                    UnknownFields::Reject => return Err(self.unknown(name)),
+                }
+            };
+            if cells[col].is_some() {
+                return Err(format!("field `{name}` appears twice"));
+            }
+            cells[col] = Some(
+                self.schema
+                    .parse_msgpack(col, v)
+                    .map_err(|e| format!("field `{name}`: {e}"))?,
+            );
+        }
+        self.complete(entry, cells)
+    }
+
+    fn unknown(&self, name: &str) -> String {
+        format!(
+            "field `{name}`: no such column in table `{}` (set unknown_fields = \"ignore\" in its schema to drop such fields)",
+            self.schema.table
+        )
+    }
+
+    /// Fills absent columns: the time from the entry ID, NULL for nullable ones; a missing or
+    /// empty required field is an error.
+    fn complete(&self, entry: &Entry, cells: Vec<Option<Cell>>) -> Result<Vec<Cell>, String> {
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                let column = &self.schema.columns[i];
+                match cell {
+                    None if i == self.schema.time_index => Ok(Cell::Time(entry.ms() as i64 * 1000)),
+                    None | Some(Cell::Null) if column.required => {
+                        Err(format!("missing required field `{}`", column.name))
+                    }
+                    None => Ok(Cell::Null),
+                    Some(c) => Ok(c),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use strata_pipeline::schema::Schema;
+
+    fn ingest(unknown: &str) -> Ingest {
+        let schema = Schema::from_toml(
+            "m.toml",
+            &format!(
+                r#"
+table = "m"
+time_column = "time"
+unknown_fields = "{unknown}"
+[[columns]]
+name = "time"
+type = "timestamptz"
+[[columns]]
+name = "source"
+type = "text"
+required = true
+[[columns]]
+name = "value"
+type = "float8"
+"#
+            ),
+        )
+        .unwrap();
+        Ingest {
+            schema: Arc::new(schema),
+            max_event_bytes: 200,
+            zstd_level: 1,
+        }
+    }
+
+    fn entry(fields: &[(&str, &[u8])]) -> Entry {
+        Entry {
+            id: "1793491200000-3".into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+            deliveries: 1,
+        }
+    }
+
+    #[test]
+    fn text_fields_missing_time_and_errors() {
+        let ing = ingest("reject");
+        let mut rows = Vec::new();
+        ing.validate(&entry(&[("source", b"h1"), ("value", b"1.5")]), &mut rows)
+            .unwrap();
+        assert_eq!(
+            rows[0],
+            vec![
+                Cell::Time(1_793_491_200_000_000),
+                Cell::Text("h1".into()),
+                Cell::Float8(1.5)
+            ]
+        );
+        let err = ing
+            .validate(&entry(&[("value", b"1")]), &mut rows)
+            .unwrap_err();
+        assert_eq!(err, "missing required field `source`");
+        let err = ing
+            .validate(&entry(&[("source", b"h"), ("colour", b"red")]), &mut rows)
+            .unwrap_err();
+        assert!(err.starts_with("field `colour`: no such column"), "{err}");
+        ingest("ignore")
+            .validate(&entry(&[("source", b"h"), ("colour", b"red")]), &mut rows)
+            .unwrap();
+        let big = vec![b'x'; 300];
+        let err = ing
+            .validate(&entry(&[("source", &big)]), &mut rows)
+            .unwrap_err();
+        assert!(err.contains("max_event_bytes = 200"), "{err}");
+    }
+
+    #[test]
+    fn msgpack_arrays_are_all_or_nothing() {
+        let ing = ingest("reject");
+        let good = rmpv::Value::Map(vec![
+            ("source".into(), "a".into()),
+            ("value".into(), 2.into()),
+        ]);
+        let bad = rmpv::Value::Map(vec![
+            ("source".into(), "b".into()),
+            ("value".into(), "x".into()),
+        ]);
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &rmpv::Value::Array(vec![good.clone(), bad])).unwrap();
+        let mut rows = Vec::new();
+        let err = ing
+            .validate(&entry(&[("msgpack", &buf)]), &mut rows)
+            .unwrap_err();
+        assert_eq!(err, "msgpack[1]: field `value`: not a number: \"x\"");
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &rmpv::Value::Array(vec![good.clone(), good])).unwrap();
+        let mut rows = Vec::new();
+        ing.validate(&entry(&[("msgpack", &buf)]), &mut rows)
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        let err = ing
+            .validate(&entry(&[("msgpack", b"\xc1")]), &mut rows)
+            .unwrap_err();
+        assert!(
+            err.starts_with("field `msgpack`: not valid MessagePack"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! strata's stages, each a [`Stage`](strata_pipeline::runner::Stage) run by the shared runner.
+//!
+//! # Layout
+//! - [`ingest`]: `telemetry:{T}` → validated frames on `rows:{T}`.
+//! - [`writer`]: `rows:{T}` → binary COPY into table `T`, exactly once.
+//! - [`copy`]: the binary COPY encoding.
+//! - [`catalog`]: strata's bookkeeping tables and native partitions.
+//! - [`migrate`]: `strata migrate`.
+//! - [`produce`]: `strata produce`, the reference producer.
+//! - this file: starting the stages of a process for every table.
+
+pub mod catalog;
+pub mod copy;
+pub mod ingest;
+pub mod migrate;
+pub mod produce;
+pub mod writer;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use strata_pipeline::config::Config;
+use strata_pipeline::latency::LatencyHistogram;
+use strata_pipeline::runner::{run_loop, Backoff, LoopSpec, LoopStats};
+use strata_pipeline::schema::SchemaRef;
+use strata_pipeline::streams::{self, BATCH_WRITER, INGEST};
+use strata_pipeline::{RetryHint, StageError};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// The stages a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageKind {
+    Ingest,
+    BatchWriter,
+}
+
+impl StageKind {
+    /// The hot path, in order.
+    pub const HOT_PATH: [StageKind; 2] = [StageKind::Ingest, StageKind::BatchWriter];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Ingest => INGEST,
+            StageKind::BatchWriter => BATCH_WRITER,
+        }
+    }
+}
+
+/// Counters shared by every loop of a process, for summaries.
+#[derive(Debug, Default, Clone)]
+pub struct ProcessStats {
+    /// Per stage: entries acknowledged, dead-lettered, claimed.
+    pub ingest: Arc<LoopStats>,
+    pub batch_writer: Arc<LoopStats>,
+    /// Rows committed to PostgreSQL.
+    pub rows_written: Arc<AtomicU64>,
+    /// End-to-end latency of committed rows.
+    pub latency: Arc<LatencyHistogram>,
+}
+
+/// The stage loops of one process.
+pub struct Running {
+    /// One task per (stage, table) loop.
+    tasks: JoinSet<Result<(), StageError>>,
+    /// Live counters.
+    pub stats: ProcessStats,
+}
+
+impl Running {
+    /// Waits for every loop; the first fatal error stops the others.
+    pub async fn wait(mut self, shutdown: &CancellationToken) -> Result<(), StageError> {
+        let mut result = Ok(());
+        while let Some(r) = self.tasks.join_next().await {
+            let r =
+                r.unwrap_or_else(|e| Err(StageError::fatal(format!("stage task panicked: {e}"))));
+            if let Err(e) = r {
+                if result.is_ok() {
+                    tracing::error!(error = %e, "stage failed; stopping the process");
+                    shutdown.cancel();
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// Starts `kinds` for every table in `schemas`, in this process, until `shutdown`.
+pub async fn start(
+    config: &Config,
+    schemas: &[SchemaRef],
+    kinds: &[StageKind],
+    shutdown: CancellationToken,
+) -> Result<Running, StageError> {
+    let stats = ProcessStats::default();
+    let loops_per_table: usize = kinds
+        .iter()
+        .map(|k| {
+            1 + if *k == StageKind::Ingest {
+                config.ingest.workers
+            } else {
+                config.batch_writer.connections
+            }
+        })
+        .sum();
+    let mut redis_config = config.clone();
+    redis_config.redis.pool_size = config
+        .redis
+        .pool_size
+        .max(loops_per_table * schemas.len() + 2);
+    let redis = strata_pipeline::db::redis_pool(&redis_config)
+        .map_err(|e| StageError::fatal(e.to_string()))?;
+    let pg_size = (config.batch_writer.connections + 1) * schemas.len();
+    let pg = strata_pipeline::db::postgres_pool(config, pg_size.max(config.postgres.pool_size))
+        .map_err(|e| StageError::fatal(e.to_string()))?;
+    let mut tasks = JoinSet::new();
+    for kind in kinds {
+        for schema in schemas {
+            let table = &schema.table;
+            match kind {
+                StageKind::Ingest => {
+                    let stage = ingest::Ingest {
+                        schema: schema.clone(),
+                        max_event_bytes: config.ingest.max_event_bytes,
+                        zstd_level: config.ingest.zstd_level,
+                    };
+                    let spec = LoopSpec {
+                        stage: INGEST,
+                        input: streams::telemetry_stream(table),
+                        output: Some(streams::rows_stream(table)),
+                        consumer: streams::consumer_name(INGEST),
+                        limits: config.ingest.limits(),
+                        workers: config.ingest.workers,
+                        streams: config.streams.clone(),
+                    };
+                    tasks.spawn(run_loop(
+                        Arc::new(stage),
+                        spec,
+                        redis.clone(),
+                        shutdown.clone(),
+                        stats.ingest.clone(),
+                    ));
+                }
+                StageKind::BatchWriter => {
+                    let input = streams::rows_stream(table);
+                    let mut writer = connect_writer(schema, &input, &pg, config, &shutdown).await?;
+                    writer.latency = stats.latency.clone();
+                    writer.rows_written = stats.rows_written.clone();
+                    let spec = LoopSpec {
+                        stage: BATCH_WRITER,
+                        input,
+                        output: None,
+                        consumer: streams::consumer_name(BATCH_WRITER),
+                        limits: config.batch_writer.limits(),
+                        workers: config.batch_writer.connections,
+                        streams: config.streams.clone(),
+                    };
+                    tasks.spawn(run_loop(
+                        Arc::new(writer),
+                        spec,
+                        redis.clone(),
+                        shutdown.clone(),
+                        stats.batch_writer.clone(),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Running { tasks, stats })
+}
+
+/// Builds a writer, waiting out PostgreSQL outages (but not a missing migration).
+async fn connect_writer(
+    schema: &SchemaRef,
+    input: &str,
+    pg: &deadpool_postgres::Pool,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<writer::BatchWriter, StageError> {
+    let mut backoff = Backoff::new(config.streams.max_backoff_ms);
+    loop {
+        match writer::BatchWriter::new(schema.clone(), input.to_string(), pg.clone()).await {
+            Ok(w) => return Ok(w),
+            Err(e) if e.hint == RetryHint::Backoff => {
+                tracing::warn!(table = %schema.table, error = %e, "waiting for PostgreSQL");
+                if !backoff.wait(shutdown).await {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! `strata migrate`: creates the database, strata's bookkeeping tables and every table of
+//! `schemas/`, idempotently. A new nullable column is added in place.
+
+use strata_pipeline::config::{Config, TimescaleMode};
+use strata_pipeline::schema::Schema;
+use tokio_postgres::NoTls;
+use tracing::{info, warn};
+
+use crate::catalog::{ident, Partitioning, BOOKKEEPING_DDL, TABLES};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot connect to PostgreSQL")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("{context}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("table `{table}`: {message}")]
+    Incompatible { table: String, message: String },
+    #[error("[postgres] timescaledb = \"require\", but the timescaledb extension is not available on this server")]
+    TimescaleMissing,
+}
+
+fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> MigrateError {
+    let context = context.into();
+    move |source| MigrateError::Sql { context, source }
+}
+
+/// What `migrate` did to one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableReport {
+    pub table: String,
+    pub partitioning: Partitioning,
+    pub created: bool,
+    pub added_columns: Vec<String>,
+}
+
+/// Connects to the configured database, creating it first if it does not exist.
+pub async fn connect_creating(url: &str) -> Result<tokio_postgres::Client, MigrateError> {
+    let config: tokio_postgres::Config = url.parse().map_err(MigrateError::Connect)?;
+    match connect(&config).await {
+        Err(MigrateError::Connect(e))
+            if e.as_db_error().is_some_and(|d| d.code().code() == "3D000") =>
+        {
+            let db = config.get_dbname().unwrap_or("postgres").to_string();
+            let mut admin = config.clone();
+            admin.dbname("postgres");
+            let client = connect(&admin).await?;
+            match client
+                .batch_execute(&format!("CREATE DATABASE {}", ident(&db)))
+                .await
+            {
+                Ok(()) => info!(database = %db, "created database"),
+                // Another migrate created it meanwhile.
+                Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42P04") => {}
+                Err(e) => return Err(sql(format!("creating database {db}"))(e)),
+            }
+            connect(&config).await
+        }
+        other => other,
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, MigrateError> {
+    let (client, conn) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            warn!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies every schema. Runs under an advisory lock, so concurrent migrations queue.
+pub async fn migrate(
+    config: &Config,
+    schemas: &[impl AsRef<Schema>],
+) -> Result<Vec<TableReport>, MigrateError> {
+    let client = connect_creating(&config.postgres.url).await?;
+    client
+        .batch_execute("SELECT pg_advisory_lock(hashtext('strata.migrate'))")
+        .await
+        .map_err(sql("taking the migration lock"))?;
+    let result = migrate_locked(&client, config.postgres.timescaledb, schemas).await;
+    let _ = client
+        .batch_execute("SELECT pg_advisory_unlock(hashtext('strata.migrate'))")
+        .await;
+    result
+}
+
+async fn migrate_locked(
+    client: &tokio_postgres::Client,
+    mode: TimescaleMode,
+    schemas: &[impl AsRef<Schema>],
+) -> Result<Vec<TableReport>, MigrateError> {
+    let timescale = timescale_available(client, mode).await?;
+    client
+        .batch_execute(BOOKKEEPING_DDL)
+        .await
+        .map_err(sql("creating strata's bookkeeping tables"))?;
+    let mut reports = Vec::new();
+    for schema in schemas {
+        reports.push(migrate_table(client, schema.as_ref(), timescale).await?);
+    }
+    Ok(reports)
+}
+
+async fn timescale_available(
+    client: &tokio_postgres::Client,
+    mode: TimescaleMode,
+) -> Result<bool, MigrateError> {
+    if mode == TimescaleMode::Off {
+        return Ok(false);
+    }
+    let available = client
+        .query_opt(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'",
+            &[],
+        )
+        .await
+        .map_err(sql("looking for timescaledb"))?
+        .is_some();
+    if !available {
+        if mode == TimescaleMode::Require {
+            return Err(MigrateError::TimescaleMissing);
+        }
+        info!("timescaledb is not available: tables use native range partitions");
+        return Ok(false);
+    }
+    match client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if mode == TimescaleMode::Auto => {
+            warn!(error = %e, "timescaledb is installed but cannot be loaded (shared_preload_libraries?): using native partitions");
+            Ok(false)
+        }
+        Err(e) => Err(sql("CREATE EXTENSION timescaledb")(e)),
+    }
+}
+
+async fn migrate_table(
+    client: &tokio_postgres::Client,
+    schema: &Schema,
+    timescale: bool,
+) -> Result<TableReport, MigrateError> {
+    let table = &schema.table;
+    let incompatible = |message: String| MigrateError::Incompatible {
+        table: table.clone(),
+        message,
+    };
+    let existing: Vec<(String, String)> = client
+        .query(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
+            &[table],
+        )
+        .await
+        .map_err(sql(format!("reading columns of {table}")))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut report = TableReport {
+        table: table.clone(),
+        partitioning: Partitioning::Native,
+        created: false,
+        added_columns: Vec::new(),
+    };
+    if existing.is_empty() {
+        let defs: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}{}",
+                    ident(&c.name),
+                    c.ty.sql(),
+                    if c.required { " NOT NULL" } else { "" }
+                )
+            })
+            .collect();
+        let time = ident(&schema.columns[schema.time_index].name);
+        if timescale {
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {} ({})",
+                    ident(table),
+                    defs.join(", ")
+                ))
+                .await
+                .map_err(sql(format!("creating {table}")))?;
+            client
+                .execute(
+                    &format!("SELECT create_hypertable($1::regclass, $2::name, chunk_time_interval => ($3::bigint * interval '1 microsecond'), if_not_exists => true)"),
+                    &[&ident(table), &schema.columns[schema.time_index].name, &schema.chunk_interval_us],
+                )
+                .await
+                .map_err(sql(format!("making {table} a hypertable")))?;
+            report.partitioning = Partitioning::Hypertable;
+        } else {
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {} ({}) PARTITION BY RANGE ({time})",
+                    ident(table),
+                    defs.join(", ")
+                ))
+                .await
+                .map_err(sql(format!("creating {table}")))?;
+        }
+        report.created = true;
+        info!(table = %table, partitioning = report.partitioning.as_str(), "created table");
+    } else {
+        report.partitioning = existing_partitioning(client, table).await?;
+        for c in &schema.columns {
+            match existing.iter().find(|(n, _)| *n == c.name) {
+                Some((_, ty)) if ty != c.ty.information_schema_name() => {
+                    return Err(incompatible(format!(
+                        "column `{}` is {ty} in the database but {} in the schema; strata migrates only additive changes",
+                        c.name,
+                        c.ty.sql()
+                    )))
+                }
+                Some(_) => {}
+                None if c.required => {
+                    return Err(incompatible(format!(
+                        "new column `{}` is required; add it as nullable (required = false) to migrate without downtime",
+                        c.name
+                    )))
+                }
+                None => {
+                    client
+                        .batch_execute(&format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}", ident(table), ident(&c.name), c.ty.sql()))
+                        .await
+                        .map_err(sql(format!("adding column {} to {table}", c.name)))?;
+                    info!(table = %table, column = %c.name, "added column");
+                    report.added_columns.push(c.name.clone());
+                }
+            }
+        }
+    }
+    for index in &schema.indexes {
+        let name = format!("{table}_{}_idx", index.columns.join("_"));
+        let cols: Vec<String> = index.columns.iter().map(|c| ident(c)).collect();
+        client
+            .batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
+                ident(&name),
+                ident(table),
+                cols.join(", ")
+            ))
+            .await
+            .map_err(sql(format!("creating index {name}")))?;
+    }
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {TABLES} (name, partitioning, time_column, chunk_interval_us) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET partitioning = EXCLUDED.partitioning, time_column = EXCLUDED.time_column,
+                 chunk_interval_us = EXCLUDED.chunk_interval_us, migrated_at = now()"
+            ),
+            &[table, &report.partitioning.as_str(), &schema.columns[schema.time_index].name, &schema.chunk_interval_us],
+        )
+        .await
+        .map_err(sql(format!("recording {table} in {TABLES}")))?;
+    Ok(report)
+}
+
+async fn existing_partitioning(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> Result<Partitioning, MigrateError> {
+    let native = client
+        .query_opt(
+            "SELECT 1 FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partrelid WHERE c.oid = to_regclass($1)",
+            &[&ident(table)],
+        )
+        .await
+        .map_err(sql(format!("inspecting {table}")))?
+        .is_some();
+    if native {
+        return Ok(Partitioning::Native);
+    }
+    let hyper = client
+        .query_opt(
+            "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb' AND EXISTS (SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_name = $1)",
+            &[&table],
+        )
+        .await;
+    match hyper {
+        Ok(Some(_)) => Ok(Partitioning::Hypertable),
+        _ => Err(MigrateError::Incompatible {
+            table: table.to_string(),
+            message: "exists but is neither partitioned nor a hypertable; rename it or choose another table name".into(),
+        }),
+    }
+}
