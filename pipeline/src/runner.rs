@@ -161,7 +161,14 @@ pub async fn run_loop<S: Stage>(
             debug!(error = %e, "could not remove consumer");
         }
     }
-    info!(stage = spec.stage, stream = %spec.input, "consumer stopped");
+    info!(
+        stage = spec.stage,
+        stream = %spec.input,
+        consumer = %spec.consumer,
+        acked = stats.acked.load(Ordering::Relaxed),
+        dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
+        "consumer stopped"
+    );
     result
 }
 

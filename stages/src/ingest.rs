@@ -304,7 +304,7 @@ type = "float8"
             .unwrap();
         assert_eq!(rows.len(), 2);
         let err = ing
-            .validate(&entry(&[("msgpack", b"\xc1")]), &mut rows)
+            .validate(&entry(&[("msgpack", b"\xdc\x00\x20ab")]), &mut rows)
             .unwrap_err();
         assert!(
             err.starts_with("field `msgpack`: not valid MessagePack"),
