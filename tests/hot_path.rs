@@ -475,3 +475,59 @@ async fn a_frame_redelivered_after_commit_is_not_written_twice() {
         .get(0);
     assert_eq!(applied, entries.len() as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_violating_a_constraint_is_dead_lettered_alone_and_the_rest_commits() {
+    let env = TestEnv::new("metrics", "").await;
+    env.migrate().await;
+    env.pg()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE {} ADD CONSTRAINT value_not_negative CHECK (value >= 0)",
+            env.table
+        ))
+        .await
+        .unwrap();
+    for i in 0..500 {
+        let v = if i == 321 {
+            "-1".to_string()
+        } else {
+            i.to_string()
+        };
+        env.xadd(&[
+            ("time", b"1793491200000"),
+            ("source", b"s"),
+            ("metric", b"m"),
+            ("value", v.as_bytes()),
+        ])
+        .await;
+    }
+    let (stop, handle) = start(&env, &StageKind::HOT_PATH).await;
+    env.wait_landed(499, Duration::from_secs(30)).await;
+    stop.cancel();
+    handle.await.unwrap();
+    assert_eq!(
+        env.count().await,
+        499,
+        "every other row of the batch committed"
+    );
+    let dead = env.dead_letters(&env.rows()).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let get = |k: &str| {
+        dead[0]
+            .1
+            .iter()
+            .find(|(f, _)| f == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("sqlstate").as_deref(), Some("23514"));
+    assert_eq!(get("value").as_deref(), Some("-1"));
+    assert_eq!(get("source").as_deref(), Some("s"));
+    assert_eq!(get("stage").as_deref(), Some("batch-writer"));
+    assert!(
+        get("error").unwrap().contains("value_not_negative"),
+        "{:?}",
+        get("error")
+    );
+    assert!(env.dead_letters(&env.input()).await.is_empty());
+}

@@ -1,8 +1,8 @@
 //! Shared test fixtures: each test gets its own PostgreSQL database and its own table name
 //! (hence its own stream keys) on the real servers, and removes both when it ends.
 //!
-//! `REDIS_URL` and `DATABASE_URL` point the tests at other servers; `DATABASE_URL` names the
-//! server and an existing database to connect to for CREATE/DROP DATABASE.
+//! `REDIS_URL` and `DATABASE_URL` point the tests at other servers; the role in `DATABASE_URL`
+//! needs CREATEDB.
 
 #![allow(dead_code)]
 
@@ -19,9 +19,11 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The server's `postgres` database, from which tests create and drop their own.
 fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    with_db(&url, "postgres")
 }
 
 /// `url` with its database replaced by `db`.
