@@ -43,6 +43,12 @@ enum Command {
     Ingest,
     /// Run the batch-writer stage: rows:{T} → binary COPY into table T.
     BatchWriter,
+    /// Run the chunk-watcher stage: closed chunks → archival events on archive:{T}.
+    ChunkWatcher,
+    /// Run the archiver stage: archive:{T} → Parquet in the lake → archived:{T}.
+    Archiver,
+    /// Run the confirmer stage: archived:{T} → verified (and dropped) chunks.
+    Confirmer,
     /// Run every stage in this process.
     Run,
     /// XADD synthetic events for a table (the reference producer and load generator).
@@ -133,7 +139,10 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         }
         Command::Ingest => serve(&config, &schemas, &[StageKind::Ingest]).await,
         Command::BatchWriter => serve(&config, &schemas, &[StageKind::BatchWriter]).await,
-        Command::Run => serve(&config, &schemas, &StageKind::HOT_PATH).await,
+        Command::ChunkWatcher => serve(&config, &schemas, &[StageKind::ChunkWatcher]).await,
+        Command::Archiver => serve(&config, &schemas, &[StageKind::Archiver]).await,
+        Command::Confirmer => serve(&config, &schemas, &[StageKind::Confirmer]).await,
+        Command::Run => serve(&config, &schemas, StageKind::ALL).await,
         Command::Produce {
             table,
             count,

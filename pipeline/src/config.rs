@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+use crate::lifecycle_config::{ArchiverConfig, ChunkWatcherConfig, ConfirmerConfig, LakeConfig};
 
 /// The whole configuration of a strata process.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,6 +25,14 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// The batch-writer stage (COPY into PostgreSQL).
     pub batch_writer: BatchWriterConfig,
+    /// Where archived chunks go.
+    pub lake: LakeConfig,
+    /// The chunk-watcher stage (finds closed chunks).
+    pub chunk_watcher: ChunkWatcherConfig,
+    /// The archiver stage (chunk → Parquet → object store).
+    pub archiver: ArchiverConfig,
+    /// The confirmer stage (verify, then drop).
+    pub confirmer: ConfirmerConfig,
 }
 
 impl Default for Config {
@@ -35,6 +44,10 @@ impl Default for Config {
             streams: StreamsConfig::default(),
             ingest: IngestConfig::default(),
             batch_writer: BatchWriterConfig::default(),
+            lake: LakeConfig::default(),
+            chunk_watcher: ChunkWatcherConfig::default(),
+            archiver: ArchiverConfig::default(),
+            confirmer: ConfirmerConfig::default(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! does everything else.
 //!
 //! # Layout
-//! - [`config`]: `config.toml` and its environment overrides.
+//! - [`config`]: `config.toml` and its environment overrides ([`lifecycle_config`]: the lifecycle sections).
 //! - [`schema`]: table schemas from `schemas/*.toml`, and typed cells parsed from events.
 //! - [`frame`]: the MessagePack + zstd frames ingest writes to `rows:{T}`.
 //! - [`streams`]: every Redis Streams call: keys, groups, reads, claims, the atomic commit step.
@@ -17,6 +17,7 @@ pub mod db;
 pub mod error;
 pub mod frame;
 pub mod latency;
+pub mod lifecycle_config;
 pub mod runner;
 pub mod schema;
 pub mod shutdown;

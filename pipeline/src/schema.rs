@@ -153,6 +153,15 @@ struct SchemaFile {
     columns: Vec<Column>,
     #[serde(default)]
     indexes: Vec<Index>,
+    /// Archive a chunk to the lake once its range ended this long ago (e.g. "7 days").
+    #[serde(default)]
+    archive_after: Option<String>,
+    /// Drop a chunk once its archive is verified.
+    #[serde(default)]
+    drop_after_archive: bool,
+    /// TimescaleDB only: compress chunks older than this.
+    #[serde(default)]
+    compress_after: Option<String>,
 }
 
 fn default_chunk_interval() -> String {
@@ -178,6 +187,19 @@ pub struct Schema {
     pub unknown_fields: UnknownFields,
     /// Secondary indexes created by `migrate`.
     pub indexes: Vec<Index>,
+    /// What happens to chunks as they age.
+    pub policy: LifecyclePolicy,
+}
+
+/// A table's chunk lifecycle: archive to the lake, verify, then maybe drop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LifecyclePolicy {
+    /// Archive chunks whose range ended more than this many µs ago (None: never archive).
+    pub archive_after_us: Option<i64>,
+    /// Drop a chunk once its archive is verified.
+    pub drop_after_archive: bool,
+    /// TimescaleDB only: compress chunks older than this many µs.
+    pub compress_after_us: Option<i64>,
 }
 
 pub type SchemaRef = Arc<Schema>;
@@ -271,6 +293,26 @@ impl Schema {
                 file.chunk_interval
             ))
         })?;
+        let interval = |field: &str, text: &Option<String>| -> Result<Option<i64>, ConfigError> {
+            match text {
+                None => Ok(None),
+                Some(t) => parse_interval_us(t).map(Some).ok_or_else(|| {
+                    invalid(format!(
+                        "{field} `{t}`: expected e.g. \"7 days\", \"12 hours\""
+                    ))
+                }),
+            }
+        };
+        let policy = LifecyclePolicy {
+            archive_after_us: interval("archive_after", &file.archive_after)?,
+            drop_after_archive: file.drop_after_archive,
+            compress_after_us: interval("compress_after", &file.compress_after)?,
+        };
+        if policy.drop_after_archive && policy.archive_after_us.is_none() {
+            return Err(invalid(
+                "drop_after_archive = true needs archive_after".into(),
+            ));
+        }
         let mut columns = file.columns;
         // The time column is never NULL: a missing time takes the entry ID's milliseconds.
         columns[time_index].required = true;
@@ -283,6 +325,7 @@ impl Schema {
             chunk_interval: file.chunk_interval,
             unknown_fields: file.unknown_fields,
             indexes: file.indexes,
+            policy,
         })
     }
 

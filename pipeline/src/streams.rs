@@ -8,6 +8,9 @@ use redis::Value;
 /// Consumer-group names, which are also the stage names in dead letters, logs and metrics.
 pub const INGEST: &str = "ingest";
 pub const BATCH_WRITER: &str = "batch-writer";
+pub const CHUNK_WATCHER: &str = "chunk-watcher";
+pub const ARCHIVER: &str = "archiver";
+pub const CONFIRMER: &str = "confirmer";
 
 /// Dead-letter fields added to the original fields of a rejected entry.
 pub const DLQ_ERROR: &str = "error";
@@ -24,6 +27,16 @@ pub fn telemetry_stream(table: &str) -> String {
 /// The stream of validated frames between ingest and batch-writer.
 pub fn rows_stream(table: &str) -> String {
     format!("rows:{{{table}}}")
+}
+
+/// One archival event per closed chunk, from chunk-watcher to archiver.
+pub fn archive_stream(table: &str) -> String {
+    format!("archive:{{{table}}}")
+}
+
+/// One confirmation per archived chunk, from archiver to confirmer.
+pub fn archived_stream(table: &str) -> String {
+    format!("archived:{{{table}}}")
 }
 
 /// The dead-letter stream of `stream`.

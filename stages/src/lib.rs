@@ -5,6 +5,7 @@
 //! - [`writer`]: `rows:{T}` → binary COPY into table `T`, exactly once.
 //! - [`copy`]: the binary COPY encoding.
 //! - [`catalog`]: strata's bookkeeping tables and native partitions.
+//! - [`lifecycle`]: chunk-watcher, archiver and confirmer (closed chunks → Parquet → verified → dropped).
 //! - [`migrate`]: `strata migrate`.
 //! - [`produce`]: `strata produce`, the reference producer.
 //! - this file: starting the stages of a process for every table.
@@ -12,6 +13,7 @@
 pub mod catalog;
 pub mod copy;
 pub mod ingest;
+pub mod lifecycle;
 pub mod migrate;
 pub mod produce;
 pub mod writer;
@@ -33,16 +35,24 @@ use tokio_util::sync::CancellationToken;
 pub enum StageKind {
     Ingest,
     BatchWriter,
+    ChunkWatcher,
+    Archiver,
+    Confirmer,
 }
 
 impl StageKind {
     /// The hot path, in order.
     pub const HOT_PATH: [StageKind; 2] = [StageKind::Ingest, StageKind::BatchWriter];
+    /// Every stage: what `strata run` starts.
+    pub const ALL: &'static [StageKind] = &[StageKind::Ingest, StageKind::BatchWriter];
 
     pub fn name(self) -> &'static str {
         match self {
             StageKind::Ingest => INGEST,
             StageKind::BatchWriter => BATCH_WRITER,
+            StageKind::ChunkWatcher => streams::CHUNK_WATCHER,
+            StageKind::Archiver => streams::ARCHIVER,
+            StageKind::Confirmer => streams::CONFIRMER,
         }
     }
 }
@@ -163,6 +173,16 @@ pub async fn start(
                         shutdown.clone(),
                         stats.batch_writer.clone(),
                     ));
+                }
+                StageKind::ChunkWatcher | StageKind::Archiver | StageKind::Confirmer => {
+                    let ctx = lifecycle::Context {
+                        config,
+                        schema,
+                        redis: &redis,
+                        pg: &pg,
+                        shutdown: &shutdown,
+                    };
+                    lifecycle::spawn(*kind, ctx, &mut tasks).await?;
                 }
             }
         }
