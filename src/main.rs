@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use strata_pipeline::schema::{self, SchemaRef};
 use strata_pipeline::{streams, Config};
+use strata_stages::ops::dlq::{dlq, DlqAction, DlqOptions};
+use strata_stages::ops::inspect::{inspect, InspectOptions};
+use strata_stages::ops::status::{status, StatusOptions};
 use strata_stages::produce::{produce, ProduceOptions};
 use strata_stages::StageKind;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +72,31 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         connections: usize,
     },
+    /// Per table and stream: length, lag, pending, consumers, dead letters, chunks.
+    Status {
+        /// One JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every 2 s.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Print stream entries as JSON lines, decoding frames into rows.
+    Inspect {
+        /// Stream key, e.g. 'rows:{metrics}'.
+        stream: String,
+        /// Entries to print at most.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// First entry ID (inclusive).
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// List, replay or purge dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
     /// Migrate, run the pipeline, produce a load, wait until every event landed, and report.
     Demo {
         /// Table to load.
@@ -78,6 +106,29 @@ enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         count: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Print dead letters as JSON lines.
+    List(DlqArgs),
+    /// Re-add dead letters' original fields to their source stream, then remove them.
+    Replay(DlqArgs),
+    /// Delete dead letters.
+    Purge(DlqArgs),
+}
+
+#[derive(clap::Args)]
+struct DlqArgs {
+    /// Source stream ('telemetry:{metrics}') or its dead-letter stream ('telemetry:{metrics}:dlq').
+    #[arg(long)]
+    stream: String,
+    /// At most this many entries.
+    #[arg(long, default_value_t = 100)]
+    count: usize,
+    /// Only this dead-letter entry ID.
+    #[arg(long)]
+    id: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -170,6 +221,39 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             Ok(())
         }
         Command::Demo { table, count } => demo(&config, &schemas, table, *count).await,
+        Command::Status { json, watch } => {
+            let opts = StatusOptions {
+                json: *json,
+                watch: *watch,
+            };
+            Ok(status(&config, &schemas, &opts, &mut std::io::stdout()).await?)
+        }
+        Command::Inspect {
+            stream,
+            count,
+            from,
+        } => {
+            let opts = InspectOptions {
+                stream: stream.clone(),
+                count: *count,
+                from: from.clone(),
+            };
+            Ok(inspect(&config, &schemas, &opts, &mut std::io::stdout()).await?)
+        }
+        Command::Dlq { action } => {
+            let (action, args) = match action {
+                DlqCommand::List(a) => (DlqAction::List, a),
+                DlqCommand::Replay(a) => (DlqAction::Replay, a),
+                DlqCommand::Purge(a) => (DlqAction::Purge, a),
+            };
+            let opts = DlqOptions {
+                action,
+                stream: args.stream.clone(),
+                count: args.count,
+                id: args.id.clone(),
+            };
+            Ok(dlq(&config, &opts, &mut std::io::stdout()).await?)
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`lifecycle`]: chunk-watcher, archiver and confirmer (closed chunks → Parquet → verified → dropped).
 //! - [`migrate`]: `strata migrate`.
 //! - [`produce`]: `strata produce`, the reference producer.
+//! - [`ops`]: operator commands: `status`, `inspect`, `dlq`.
 //! - this file: starting the stages of a process for every table.
 
 pub mod catalog;
@@ -15,6 +16,7 @@ pub mod copy;
 pub mod ingest;
 pub mod lifecycle;
 pub mod migrate;
+pub mod ops;
 pub mod produce;
 pub mod writer;
 
