@@ -71,6 +71,9 @@ enum Command {
         /// Round trips in flight at once.
         #[arg(long, default_value_t = 2)]
         connections: usize,
+        /// Wait while the stream holds more entries than this (0: never wait).
+        #[arg(long, default_value_t = 2_000_000)]
+        max_len: u64,
     },
     /// Per table and stream: length, lag, pending, consumers, dead letters, chunks.
     Status {
@@ -200,6 +203,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             rate,
             pipeline,
             connections,
+            max_len,
         } => {
             let schema = find(&schemas, table)?;
             let redis = strata_pipeline::db::redis_pool(&config)?;
@@ -209,6 +213,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
                 pipeline: *pipeline,
                 connections: *connections,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                max_len: (*max_len > 0).then_some(*max_len),
             };
             let report = produce(&redis, schema, &opts).await?;
             println!(
@@ -317,6 +322,7 @@ async fn demo(
         pipeline: 1000,
         connections: 2,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        max_len: Some(2_000_000),
     };
     let produced = produce(&redis, &schema, &opts).await?;
     println!(

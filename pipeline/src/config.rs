@@ -118,6 +118,10 @@ pub struct StreamsConfig {
     pub max_deliveries: u64,
     /// Ceiling of the exponential backoff after a transient fault.
     pub max_backoff_ms: u64,
+    /// How often each stage trims its input stream of entries every group acknowledged.
+    pub trim_interval_ms: u64,
+    /// Consumers that own nothing and have been idle this long (dead processes) are removed.
+    pub forget_consumer_after_ms: u64,
 }
 
 impl Default for StreamsConfig {
@@ -129,6 +133,8 @@ impl Default for StreamsConfig {
             claim_interval_ms: 5_000,
             max_deliveries: 10,
             max_backoff_ms: 10_000,
+            trim_interval_ms: 1_000,
+            forget_consumer_after_ms: 600_000,
         }
     }
 }
@@ -160,6 +166,8 @@ pub struct IngestConfig {
     pub workers: usize,
     /// zstd level of frames (1 is fast and already compact).
     pub zstd_level: i32,
+    /// Back-pressure: while `rows:{T}` holds more entries (frames) than this, ingest stops reading.
+    pub max_rows_backlog: u64,
 }
 
 impl Default for IngestConfig {
@@ -171,6 +179,7 @@ impl Default for IngestConfig {
             max_event_bytes: 64 << 10,
             workers: 2,
             zstd_level: 1,
+            max_rows_backlog: 1_000,
         }
     }
 }

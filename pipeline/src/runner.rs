@@ -9,6 +9,7 @@
 //!   process the rest;
 //! - `Fatal`: stop this process with the error; the entries stay pending.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -89,7 +90,13 @@ pub struct LoopSpec {
     pub workers: usize,
     /// Reading, claiming and retry settings.
     pub streams: StreamsConfig,
+    /// Back-pressure: stop reading while `output` holds more entries than this.
+    pub output_high_watermark: Option<u64>,
 }
+
+/// Entries read by this consumer and not yet acknowledged, kept looking busy (see
+/// [`streams::touch`]) so a long retry is not mistaken for a dead consumer.
+type InFlight = Arc<std::sync::Mutex<HashSet<String>>>;
 
 /// Runs one stage loop until `shutdown` fires (then finishes what it read and returns Ok) or a
 /// fatal error occurs.
@@ -111,12 +118,20 @@ pub async fn run_loop<S: Stage>(
     // Fatal errors stop the reader too, so a failing worker does not keep claiming entries.
     let stop = shutdown.child_token();
 
+    let in_flight = InFlight::default();
     let reader = tokio::spawn(read_loop(
         spec.clone(),
         redis.clone(),
         stop.clone(),
         read_tx,
         stats.clone(),
+        in_flight.clone(),
+    ));
+    let keeper = tokio::spawn(housekeeping(
+        spec.clone(),
+        redis.clone(),
+        stop.clone(),
+        in_flight.clone(),
     ));
     let batcher = tokio::spawn(batch_loop(stage.clone(), spec.limits, read_rx, batch_tx));
     let batch_rx = Arc::new(Mutex::new(batch_rx));
@@ -128,6 +143,7 @@ pub async fn run_loop<S: Stage>(
             redis: redis.clone(),
             stop: stop.clone(),
             stats: stats.clone(),
+            in_flight: in_flight.clone(),
         };
         let rx = batch_rx.clone();
         workers.push(tokio::spawn(async move {
@@ -153,6 +169,7 @@ pub async fn run_loop<S: Stage>(
     stop.cancel();
     let _ = batcher.await;
     let _ = reader.await;
+    let _ = keeper.await;
     if let Ok(mut conn) = redis.get().await {
         if let Err(e) =
             streams::remove_consumer_if_idle(&mut conn, &spec.input, spec.stage, &spec.consumer)
@@ -197,8 +214,10 @@ async fn read_loop(
     stop: CancellationToken,
     tx: mpsc::Sender<Vec<Entry>>,
     stats: Arc<LoopStats>,
+    in_flight: InFlight,
 ) {
     let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
+    let mut pressure = BackPressure::default();
     let claim_every = Duration::from_millis(spec.streams.claim_interval_ms.max(1));
     let mut next_claim = Instant::now();
     let mut cursor = "0-0".to_string();
@@ -215,6 +234,20 @@ async fn read_loop(
                 }
             },
         };
+        if let (Some(limit), Some(output)) = (spec.output_high_watermark, spec.output.as_deref()) {
+            match pressure.wait_below(c, output, limit, &stop, &spec).await {
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(stage = spec.stage, error = %e, "back-pressure check failed, retrying");
+                    conn = None;
+                    backoff.wait(&stop).await;
+                    continue;
+                }
+            }
+            if stop.is_cancelled() {
+                break;
+            }
+        }
         let res = if Instant::now() >= next_claim {
             let r = streams::autoclaim(
                 c,
@@ -274,8 +307,14 @@ async fn read_loop(
                     );
                     let _ = streams::ack(c, &spec.input, spec.stage, &deleted).await;
                 }
-                if !entries.is_empty() && tx.send(entries).await.is_err() {
-                    break;
+                if !entries.is_empty() {
+                    in_flight
+                        .lock()
+                        .expect("in-flight set")
+                        .extend(entries.iter().map(|e| e.id.clone()));
+                    if tx.send(entries).await.is_err() {
+                        break;
+                    }
                 }
             }
             Err(e) => {
@@ -353,11 +392,18 @@ async fn batch_loop<S: Stage>(
 }
 
 struct Worker<S> {
+    /// The stage that turns batches into outcomes.
     stage: Arc<S>,
+    /// Streams, group, consumer, limits.
     spec: Arc<LoopSpec>,
+    /// Connections for the commit step.
     redis: deadpool_redis::Pool,
+    /// Stops retries at shutdown (or after a fatal error elsewhere).
     stop: CancellationToken,
+    /// Counters for summaries.
     stats: Arc<LoopStats>,
+    /// Entries read and not yet acknowledged.
+    in_flight: InFlight,
 }
 
 impl<S: Stage> Worker<S> {
@@ -493,6 +539,12 @@ impl<S: Stage> Worker<S> {
             };
             match res {
                 Ok(lost) => {
+                    {
+                        let mut set = self.in_flight.lock().expect("in-flight set");
+                        for id in &step.ids {
+                            set.remove(*id);
+                        }
+                    }
                     if lost.is_empty() {
                         self.stats
                             .acked
@@ -511,6 +563,124 @@ impl<S: Stage> Worker<S> {
                     // The outcome is only in memory: keep retrying even during shutdown, so
                     // work already done (and maybe committed to PostgreSQL) is acknowledged.
                     backoff.wait(&CancellationToken::new()).await;
+                }
+            }
+        }
+    }
+}
+
+/// Waits while the output stream is over its high watermark, checking at most every 200 ms.
+#[derive(Default)]
+struct BackPressure {
+    /// When the output length was last read.
+    checked: Option<Instant>,
+    /// Whether we are currently holding back (to log once per episode).
+    holding: bool,
+}
+
+impl BackPressure {
+    async fn wait_below(
+        &mut self,
+        conn: &mut deadpool_redis::Connection,
+        output: &str,
+        limit: u64,
+        stop: &CancellationToken,
+        spec: &LoopSpec,
+    ) -> redis::RedisResult<()> {
+        loop {
+            if self
+                .checked
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+                && !self.holding
+            {
+                return Ok(());
+            }
+            let len = streams::len(conn, output).await?;
+            self.checked = Some(Instant::now());
+            if len <= limit {
+                if self.holding {
+                    info!(stage = spec.stage, stream = %output, len, "back-pressure released");
+                    self.holding = false;
+                }
+                return Ok(());
+            }
+            if !self.holding {
+                warn!(stage = spec.stage, stream = %output, len, limit, "output backlog over its high watermark: pausing reads");
+                self.holding = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Periodic upkeep of one loop: keeps in-flight entries from looking idle, trims the input of
+/// what every group acknowledged, and forgets consumers of dead processes that own nothing.
+async fn housekeeping(
+    spec: Arc<LoopSpec>,
+    redis: deadpool_redis::Pool,
+    stop: CancellationToken,
+    in_flight: InFlight,
+) {
+    let touch_every = Duration::from_millis((spec.streams.claim_idle_ms / 3).max(10));
+    let trim_every = Duration::from_millis(spec.streams.trim_interval_ms.max(10));
+    let forget_every = Duration::from_millis(spec.streams.claim_interval_ms.max(10));
+    let tick = touch_every.min(trim_every).min(forget_every);
+    let (mut last_touch, mut last_trim, mut last_forget) =
+        (Instant::now(), Instant::now(), Instant::now());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = stop.cancelled() => return,
+        }
+        let Ok(mut conn) = redis.get().await else {
+            continue;
+        };
+        if last_touch.elapsed() >= touch_every {
+            last_touch = Instant::now();
+            let ids: Vec<String> = in_flight
+                .lock()
+                .expect("in-flight set")
+                .iter()
+                .cloned()
+                .collect();
+            for chunk in ids.chunks(2000) {
+                if let Err(e) =
+                    streams::touch(&mut conn, &spec.input, spec.stage, &spec.consumer, chunk).await
+                {
+                    debug!(stage = spec.stage, error = %e, "touch failed");
+                }
+            }
+        }
+        if last_trim.elapsed() >= trim_every {
+            last_trim = Instant::now();
+            match streams::trim_acknowledged(&mut conn, &spec.input).await {
+                Ok(n) if n > 0 => {
+                    debug!(stage = spec.stage, stream = %spec.input, trimmed = n, "trimmed")
+                }
+                Ok(_) => {}
+                Err(e) => debug!(stage = spec.stage, error = %e, "trim failed"),
+            }
+        }
+        if last_forget.elapsed() >= forget_every {
+            last_forget = Instant::now();
+            if let Ok(list) = streams::consumers(&mut conn, &spec.input, spec.stage).await {
+                for c in list {
+                    if c.name != spec.consumer
+                        && c.pending == 0
+                        && c.idle_ms >= spec.streams.forget_consumer_after_ms
+                    {
+                        info!(stage = spec.stage, consumer = %c.name, idle_ms = c.idle_ms, "removing a gone consumer that owns nothing");
+                        let _ = streams::remove_consumer_if_idle(
+                            &mut conn,
+                            &spec.input,
+                            spec.stage,
+                            &c.name,
+                        )
+                        .await;
+                    }
                 }
             }
         }

@@ -483,3 +483,181 @@ pub fn consumer_name(stage: &str) -> String {
         rand::random::<u16>()
     )
 }
+
+/// Resets the idle time of the entries this consumer still owns (XCLAIM … JUSTID, which does not
+/// count a delivery), so entries held through a long retry are not claimed by anyone else.
+const TOUCH_SCRIPT: &str = r#"
+local owned = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p > 0 then owned[#owned + 1] = ARGV[i] end
+end
+for k = 1, #owned, 4000 do
+  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+  for j = k, math.min(k + 3999, #owned) do args[#args + 1] = owned[j] end
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+end
+return #owned
+"#;
+
+static TOUCH: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(TOUCH_SCRIPT));
+
+/// Keeps `ids` (still owned by `consumer`) from looking idle; returns how many were touched.
+pub async fn touch<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    ids: &[String],
+) -> redis::RedisResult<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut inv = TOUCH.prepare_invoke();
+    inv.key(stream).arg(group).arg(consumer);
+    for id in ids {
+        inv.arg(id.as_str());
+    }
+    inv.invoke_async(conn).await
+}
+
+/// Trims `stream` up to the oldest entry some group still needs: its oldest pending entry, or,
+/// with nothing pending, its last delivered one (entries after it are not yet delivered). A
+/// stream without groups is left alone. Atomic, so no group moves while it decides.
+const TRIM_SCRIPT: &str = r#"
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok or #groups == 0 then return 0 end
+local function less(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local min = nil
+for _, g in ipairs(groups) do
+  local name, pending, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1]
+    elseif g[i] == 'pending' then pending = g[i + 1]
+    elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  local keep = last
+  if pending > 0 then keep = redis.call('XPENDING', KEYS[1], name)[2] end
+  if min == nil or less(keep, min) then min = keep end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', min)
+"#;
+
+static TRIM: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(TRIM_SCRIPT));
+
+/// Trims what every group of `stream` has acknowledged; returns the entries removed.
+pub async fn trim_acknowledged<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+) -> redis::RedisResult<u64> {
+    TRIM.key(stream).invoke_async(conn).await
+}
+
+/// The oldest entry `group` may still see again: its oldest pending entry, else its last
+/// delivered one. Every entry before it is acknowledged for good. None if the group is absent.
+pub async fn oldest_unacknowledged<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<Option<String>> {
+    let Some(info) = groups(conn, stream)
+        .await?
+        .into_iter()
+        .find(|g| g.name == group)
+    else {
+        return Ok(None);
+    };
+    if info.pending == 0 {
+        return Ok(Some(info.last_delivered_id));
+    }
+    let summary: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await?;
+    let Value::Array(mut parts) = summary else {
+        return Ok(Some(info.last_delivered_id));
+    };
+    parts.truncate(2);
+    Ok(parts
+        .pop()
+        .and_then(bulk_string)
+        .or(Some(info.last_delivered_id)))
+}
+
+/// One consumer of a group, from XINFO CONSUMERS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerInfo {
+    pub name: String,
+    /// Entries it holds unacknowledged.
+    pub pending: u64,
+    /// Milliseconds since it last read or claimed.
+    pub idle_ms: u64,
+}
+
+/// XINFO CONSUMERS of `group` on `stream`.
+pub async fn consumers<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+) -> redis::RedisResult<Vec<ConsumerInfo>> {
+    let reply: Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await?;
+    let Value::Array(list) = reply else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for c in list {
+        let pairs: Vec<(Value, Value)> = match c {
+            Value::Array(flat) => {
+                let mut it = flat.into_iter();
+                let mut v = Vec::new();
+                while let (Some(k), Some(val)) = (it.next(), it.next()) {
+                    v.push((k, val));
+                }
+                v
+            }
+            Value::Map(m) => m,
+            _ => continue,
+        };
+        let mut info = ConsumerInfo {
+            name: String::new(),
+            pending: 0,
+            idle_ms: 0,
+        };
+        for (k, v) in pairs {
+            let n = match &v {
+                Value::Int(n) => *n as u64,
+                _ => 0,
+            };
+            match bulk_string(k).as_deref() {
+                Some("name") => info.name = bulk_string(v).unwrap_or_default(),
+                Some("pending") => info.pending = n,
+                Some("idle") => info.idle_ms = n,
+                _ => {}
+            }
+        }
+        out.push(info);
+    }
+    Ok(out)
+}
+
+/// XLEN of `stream` (0 when it does not exist).
+pub async fn len<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+) -> redis::RedisResult<u64> {
+    redis::cmd("XLEN").arg(stream).query_async(conn).await
+}

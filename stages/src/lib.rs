@@ -145,6 +145,7 @@ pub async fn start(
                         limits: config.ingest.limits(),
                         workers: config.ingest.workers,
                         streams: config.streams.clone(),
+                        output_high_watermark: Some(config.ingest.max_rows_backlog),
                     };
                     tasks.spawn(run_loop(
                         Arc::new(stage),
@@ -159,6 +160,12 @@ pub async fn start(
                     let mut writer = connect_writer(schema, &input, &pg, config, &shutdown).await?;
                     writer.latency = stats.latency.clone();
                     writer.rows_written = stats.rows_written.clone();
+                    let writer = Arc::new(writer);
+                    tasks.spawn(prune_applied_frames(
+                        writer.clone(),
+                        redis.clone(),
+                        shutdown.clone(),
+                    ));
                     let spec = LoopSpec {
                         stage: BATCH_WRITER,
                         input,
@@ -167,9 +174,10 @@ pub async fn start(
                         limits: config.batch_writer.limits(),
                         workers: config.batch_writer.connections,
                         streams: config.streams.clone(),
+                        output_high_watermark: None,
                     };
                     tasks.spawn(run_loop(
-                        Arc::new(writer),
+                        writer,
                         spec,
                         redis.clone(),
                         shutdown.clone(),
@@ -190,6 +198,38 @@ pub async fn start(
         }
     }
     Ok(Running { tasks, stats })
+}
+
+/// How often each writer forgets applied frames that can no longer be redelivered.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Keeps `strata.applied_frames` small: frames acknowledged for good are forgotten.
+async fn prune_applied_frames(
+    writer: Arc<writer::BatchWriter>,
+    redis: deadpool_redis::Pool,
+    shutdown: CancellationToken,
+) -> Result<(), StageError> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        let Ok(mut conn) = redis.get().await else {
+            continue;
+        };
+        let oldest = streams::oldest_unacknowledged(&mut conn, writer.stream(), BATCH_WRITER).await;
+        if let Ok(Some(oldest)) = oldest {
+            match writer.prune_applied(&oldest).await {
+                Ok(n) if n > 0 => tracing::debug!(
+                    stream = writer.stream(),
+                    pruned = n,
+                    "pruned applied frames"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning applied frames failed"),
+            }
+        }
+    }
 }
 
 /// Builds a writer, waiting out PostgreSQL outages (but not a missing migration).

@@ -21,6 +21,8 @@ pub struct ProduceOptions {
     pub connections: usize,
     /// Show a progress bar (off when not on a terminal or in tests).
     pub progress: bool,
+    /// Back-pressure: wait while `telemetry:{T}` holds more entries than this.
+    pub max_len: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +103,7 @@ pub async fn produce(
             bar.clone(),
             next.clone(),
         );
-        let (count, rate) = (opts.count, opts.rate);
+        let (count, rate, max_len) = (opts.count, opts.rate, opts.max_len);
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
             let mut conn = redis.get().await?;
@@ -115,6 +117,12 @@ pub async fn produce(
                     // Pace so that event `from` is not sent before from/rate seconds.
                     let due = start + Duration::from_secs_f64(from as f64 / rate.max(1) as f64);
                     tokio::time::sleep_until(due.into()).await;
+                }
+                if let Some(limit) = max_len {
+                    // Entries leave the stream once every group acknowledged them (ingest trims).
+                    while strata_pipeline::streams::len(&mut *conn, &stream).await? > limit {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
                 let mut pipe = redis::pipe();
                 for seq in from..to {

@@ -80,6 +80,33 @@ impl BatchWriter {
         })
     }
 
+    /// The input stream (`rows:{T}`).
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Forgets applied frames older than `oldest`, the oldest frame the group may still
+    /// deliver again (every frame before it is acknowledged for good). Returns rows deleted.
+    pub async fn prune_applied(&self, oldest: &str) -> Result<u64, StageError> {
+        let Some((ms, seq)) = oldest
+            .split_once('-')
+            .and_then(|(m, s)| Some((m.parse::<i64>().ok()?, s.parse::<i64>().ok()?)))
+        else {
+            return Ok(0);
+        };
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {APPLIED_FRAMES} WHERE stream = $1
+                     AND (split_part(frame_id, '-', 1)::bigint, split_part(frame_id, '-', 2)::bigint) < ($2::bigint, $3::bigint)"
+                ),
+                &[&self.stream, &ms, &seq],
+            )
+            .await
+            .map_err(|e| StageError::from_postgres("pruning applied frames", e))
+    }
+
     /// Decodes every frame of the batch into COPY tuples in table column order. Entries that
     /// are not frames become dead letters.
     fn encode(
