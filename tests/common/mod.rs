@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -20,14 +22,14 @@ pub fn redis_url() -> String {
 }
 
 /// The server's `postgres` database, from which tests create and drop their own.
-fn admin_url() -> String {
+pub fn admin_url() -> String {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     with_db(&url, "postgres")
 }
 
 /// `url` with its database replaced by `db`.
-fn with_db(url: &str, db: &str) -> String {
+pub fn with_db(url: &str, db: &str) -> String {
     let mut cfg: tokio_postgres::Config = url.parse().expect("DATABASE_URL");
     cfg.dbname(db);
     let host = match cfg.get_hosts().first() {
@@ -54,6 +56,15 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn rand_suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
@@ -65,6 +76,8 @@ pub struct TestEnv {
     /// URL of that database.
     pub db_url: String,
     pub redis_url: String,
+    /// The database tests create and drop theirs from.
+    pub admin_url: String,
     /// The test's own table (the example schema's name plus a random suffix).
     pub table: String,
     /// Holds config.toml and schemas/.
@@ -78,14 +91,25 @@ impl TestEnv {
     /// A fresh environment for the example schema `example` (`metrics` or `ticks`), with
     /// `config_extra` appended to config.toml (fast claims and small batches by default).
     pub async fn new(example: &str, config_extra: &str) -> TestEnv {
+        Self::on_servers(example, config_extra, &redis_url(), &admin_url()).await
+    }
+
+    /// Like [`TestEnv::new`], on the given Redis and PostgreSQL (`admin` names a database to
+    /// create the test's own from).
+    pub async fn on_servers(
+        example: &str,
+        config_extra: &str,
+        redis_url: &str,
+        admin: &str,
+    ) -> TestEnv {
         let table = format!("{example}_{}", rand_suffix());
         let db = format!("strata_test_{}", rand_suffix());
-        let admin = connect(&admin_url()).await;
-        admin
+        connect(admin)
+            .await
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await
             .expect("create test database");
-        let db_url = with_db(&admin_url(), &db);
+        let db_url = with_db(admin, &db);
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("schemas")).unwrap();
         let src = std::fs::read_to_string(
@@ -104,8 +128,7 @@ impl TestEnv {
         )
         .unwrap();
         let config_text = format!(
-            "[redis]\nurl = \"{}\"\n[postgres]\nurl = \"{db_url}\"\n{}\n",
-            redis_url(),
+            "[redis]\nurl = \"{redis_url}\"\n[postgres]\nurl = \"{db_url}\"\n{}\n",
             if config_extra.is_empty() {
                 "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\n"
             } else {
@@ -118,11 +141,19 @@ impl TestEnv {
         TestEnv {
             db,
             db_url,
-            redis_url: redis_url(),
+            redis_url: redis_url.to_string(),
+            admin_url: admin.to_string(),
             table,
             dir,
             config,
             schema,
+        }
+    }
+
+    pub fn producer(&self) -> Producer {
+        Producer {
+            redis_url: self.redis_url.clone(),
+            input: self.input(),
         }
     }
 
@@ -244,6 +275,83 @@ impl TestEnv {
     }
 }
 
+/// XADDs known events to one stream, surviving Redis restarts.
+pub struct Producer {
+    pub redis_url: String,
+    pub input: String,
+}
+
+impl Producer {
+    /// XADDs events `from..to` at `rate` per second; each event's contents follow from its
+    /// sequence number: time = 1793491200000 + seq ms, value = seq × 0.5, tags = {"seq": seq}.
+    /// The entry ID is `<time>-0`, so after a Redis restart the producer resumes right after
+    /// the last entry Redis kept: nothing is sent twice, nothing skipped.
+    pub async fn produce_known(&self, from: u64, to: u64, rate: u64) {
+        const BASE_MS: u64 = 1_793_491_200_000;
+        let client = redis::Client::open(self.redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let start = Instant::now();
+        let mut seq = from;
+        while seq < to {
+            let end = (seq + 500).min(to);
+            let mut pipe = redis::pipe();
+            for i in seq..end {
+                pipe.cmd("XADD")
+                    .arg(&self.input)
+                    .arg(format!("{}-0", BASE_MS + i))
+                    .arg("time")
+                    .arg(BASE_MS + i)
+                    .arg("source")
+                    .arg(format!("s{}", i % 10))
+                    .arg("metric")
+                    .arg("m")
+                    .arg("value")
+                    .arg(i as f64 * 0.5)
+                    .arg("tags")
+                    .arg(format!("{{\"seq\":{i}}}"))
+                    .ignore();
+            }
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => seq = end,
+                Err(_) => {
+                    // Redis went away mid-batch: resume after the last entry it kept.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+                        continue;
+                    };
+                    let info: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+                        .arg("STREAM")
+                        .arg(&self.input)
+                        .query_async(&mut c)
+                        .await;
+                    conn = c;
+                    let Ok(info) = info else { continue };
+                    if let Some(last) = last_generated_ms(info) {
+                        seq = (last + 1 - BASE_MS).max(from);
+                    }
+                }
+            }
+            let due = start + Duration::from_secs_f64((seq - from) as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+}
+
+fn last_generated_ms(info: redis::Value) -> Option<u64> {
+    let redis::Value::Array(flat) = info else {
+        return None;
+    };
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        if let (redis::Value::BulkString(k), redis::Value::BulkString(v)) = (k, v) {
+            if k == b"last-generated-id" {
+                return String::from_utf8(v).ok()?.split('-').next()?.parse().ok();
+            }
+        }
+    }
+    None
+}
+
 /// Sends SIGTERM and waits for the exit status.
 pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     unsafe {
@@ -264,7 +372,12 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let (db, table, redis_url) = (self.db.clone(), self.table.clone(), self.redis_url.clone());
+        let (db, table, redis_url, admin) = (
+            self.db.clone(),
+            self.table.clone(),
+            self.redis_url.clone(),
+            self.admin_url.clone(),
+        );
         // Clean up on a thread of its own: Drop may run inside a runtime.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -272,7 +385,12 @@ impl Drop for TestEnv {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let admin = connect(&admin_url()).await;
+                let Ok((admin, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
                 let _ = admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                     .await;
