@@ -28,6 +28,9 @@ struct Cli {
     /// Log format (level from RUST_LOG, default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Admin endpoint address (/metrics, /healthz, /readyz); overrides [admin] listen.
+    #[arg(long, global = true, env = "STRATA_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -171,7 +174,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn load(cli: &Cli) -> Result<(Config, Vec<SchemaRef>), BoxError> {
     let explicit = cli.config != PathBuf::from("config.toml");
-    let config = Config::load(&cli.config, explicit)?;
+    let mut config = Config::load(&cli.config, explicit)?;
+    if let Some(listen) = &cli.admin_listen {
+        config.admin.listen = listen.clone();
+    }
     let schemas = schema::load_dir(&config.schemas_dir)?;
     Ok((config, schemas))
 }
@@ -279,6 +285,16 @@ async fn serve(
     kinds: &[StageKind],
 ) -> Result<(), BoxError> {
     let shutdown = strata_pipeline::shutdown::on_signals();
+    let metrics = strata_pipeline::observe::install();
+    let ready = strata_pipeline::admin::Readiness {
+        redis: strata_pipeline::db::redis_pool(config)?,
+        postgres: kinds
+            .iter()
+            .any(|k| *k != StageKind::Ingest)
+            .then(|| strata_pipeline::db::postgres_pool(config, 1))
+            .transpose()?,
+    };
+    strata_pipeline::admin::serve(&config.admin.listen, metrics, ready, shutdown.clone()).await?;
     let running = strata_stages::start(config, schemas, kinds, shutdown.clone()).await?;
     running.wait(&shutdown).await?;
     Ok(())

@@ -25,6 +25,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// The batch-writer stage (COPY into PostgreSQL).
     pub batch_writer: BatchWriterConfig,
+    /// The admin endpoint: /metrics, /healthz, /readyz.
+    pub admin: AdminConfig,
     /// Where archived chunks go.
     pub lake: LakeConfig,
     /// The chunk-watcher stage (finds closed chunks).
@@ -44,6 +46,7 @@ impl Default for Config {
             streams: StreamsConfig::default(),
             ingest: IngestConfig::default(),
             batch_writer: BatchWriterConfig::default(),
+            admin: AdminConfig::default(),
             lake: LakeConfig::default(),
             chunk_watcher: ChunkWatcherConfig::default(),
             archiver: ArchiverConfig::default(),
@@ -99,6 +102,22 @@ impl Default for PostgresConfig {
             url: "postgres://postgres@127.0.0.1:5432/strata".into(),
             timescaledb: TimescaleMode::Auto,
             pool_size: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin endpoint. Port 0 picks a free port (logged); if the port is taken
+    /// (another strata process on the box), a free one is used with a warning.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
         }
     }
 }

@@ -9,15 +9,19 @@
 //! - [`runner`]: the consumer loop (read, claim, batch, process, commit) and the [`runner::Stage`] trait.
 //! - [`error`]: errors carrying a [`error::RetryHint`] that decides delivery.
 //! - [`db`]: PostgreSQL connection pools.
-//! - [`latency`]: the end-to-end latency histogram.
+//! - [`latency`]: the end-to-end latency histogram (for summaries).
+//! - [`observe`]: metric names, the Prometheus recorder, per-loop metric handles.
+//! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` endpoint.
 //! - [`shutdown`]: SIGTERM/SIGINT → graceful stop.
 
+pub mod admin;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod frame;
 pub mod latency;
 pub mod lifecycle_config;
+pub mod observe;
 pub mod runner;
 pub mod schema;
 pub mod shutdown;

@@ -22,7 +22,11 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BatchLimits, StreamsConfig};
 use crate::error::{RetryHint, StageError};
+use crate::observe::{self, LoopMetrics};
 use crate::streams::{self, CommitStep, Entry, Fields};
+
+/// How a dead letter for too many deliveries starts (also its metric class).
+const MAX_DELIVERIES_PREFIX: &str = "delivered";
 
 /// A batch of entries handed to a stage.
 #[derive(Debug)]
@@ -119,6 +123,8 @@ pub async fn run_loop<S: Stage>(
     let stop = shutdown.child_token();
 
     let in_flight = InFlight::default();
+    let metrics = LoopMetrics::new(spec.stage, &spec.input);
+    crate::admin::RUNNING_LOOPS.fetch_add(1, Ordering::Relaxed);
     let reader = tokio::spawn(read_loop(
         spec.clone(),
         redis.clone(),
@@ -126,6 +132,7 @@ pub async fn run_loop<S: Stage>(
         read_tx,
         stats.clone(),
         in_flight.clone(),
+        metrics.clone(),
     ));
     let keeper = tokio::spawn(housekeeping(
         spec.clone(),
@@ -144,6 +151,7 @@ pub async fn run_loop<S: Stage>(
             stop: stop.clone(),
             stats: stats.clone(),
             in_flight: in_flight.clone(),
+            metrics: metrics.clone(),
         };
         let rx = batch_rx.clone();
         workers.push(tokio::spawn(async move {
@@ -170,6 +178,7 @@ pub async fn run_loop<S: Stage>(
     let _ = batcher.await;
     let _ = reader.await;
     let _ = keeper.await;
+    crate::admin::RUNNING_LOOPS.fetch_sub(1, Ordering::Relaxed);
     if let Ok(mut conn) = redis.get().await {
         if let Err(e) =
             streams::remove_consumer_if_idle(&mut conn, &spec.input, spec.stage, &spec.consumer)
@@ -215,6 +224,7 @@ async fn read_loop(
     tx: mpsc::Sender<Vec<Entry>>,
     stats: Arc<LoopStats>,
     in_flight: InFlight,
+    metrics: LoopMetrics,
 ) {
     let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
     let mut pressure = BackPressure::default();
@@ -270,6 +280,7 @@ async fn read_loop(
                         stats
                             .claimed
                             .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                        metrics.claimed.increment(entries.len() as u64);
                     }
                     Ok((entries, deleted))
                 }
@@ -308,6 +319,7 @@ async fn read_loop(
                     let _ = streams::ack(c, &spec.input, spec.stage, &deleted).await;
                 }
                 if !entries.is_empty() {
+                    metrics.read.increment(entries.len() as u64);
                     in_flight
                         .lock()
                         .expect("in-flight set")
@@ -404,6 +416,8 @@ struct Worker<S> {
     stats: Arc<LoopStats>,
     /// Entries read and not yet acknowledged.
     in_flight: InFlight,
+    /// Per-batch counters and histograms.
+    metrics: LoopMetrics,
 }
 
 impl<S: Stage> Worker<S> {
@@ -421,7 +435,7 @@ impl<S: Stage> Worker<S> {
                         entry: i,
                         fields: None,
                         error: format!(
-                            "delivered {} times, more than max_deliveries = {max}",
+                            "{MAX_DELIVERIES_PREFIX} {} times, more than max_deliveries = {max}",
                             over[i].deliveries
                         ),
                         sqlstate: None,
@@ -437,7 +451,13 @@ impl<S: Stage> Worker<S> {
         while let Some((mut batch, ready)) = todo.pop() {
             let result = match ready {
                 Some(outcome) => Ok(outcome),
-                None => self.stage.process(&batch).await,
+                None => {
+                    let rows: usize = batch.entries.iter().map(|e| self.stage.weight(e)).sum();
+                    let bytes: usize = batch.entries.iter().map(Entry::size).sum();
+                    self.metrics.batch_rows.record(rows as f64);
+                    self.metrics.batch_bytes.record(bytes as f64);
+                    self.stage.process(&batch).await
+                }
             };
             match result {
                 Ok(outcome) => {
@@ -457,6 +477,7 @@ impl<S: Stage> Worker<S> {
                 }
                 Err(e) => match e.hint {
                     RetryHint::Backoff => {
+                        self.metrics.retries.increment(1);
                         warn!(stage = self.spec.stage, error = %e, entries = batch.entries.len(), "transient failure, retrying");
                         if !backoff.wait(&self.stop).await {
                             return Ok(()); // shutdown: the entries stay pending
@@ -499,7 +520,12 @@ impl<S: Stage> Worker<S> {
         outcome: Outcome,
         backoff: &mut Backoff,
     ) -> Result<Vec<String>, StageError> {
+        let mut reasons = Vec::with_capacity(outcome.dead_letters.len());
         let dlq = streams::dlq_stream(&self.spec.input);
+        for d in &outcome.dead_letters {
+            let max = d.error.starts_with(MAX_DELIVERIES_PREFIX);
+            reasons.push(observe::dead_letter_reason(d.sqlstate.as_deref(), max));
+        }
         let dead_letters: Vec<Fields> = outcome
             .dead_letters
             .iter()
@@ -552,6 +578,10 @@ impl<S: Stage> Worker<S> {
                         self.stats
                             .dead_lettered
                             .fetch_add(step.dead_letters.len() as u64, Ordering::Relaxed);
+                        self.metrics.acked.increment(step.ids.len() as u64);
+                        for reason in &reasons {
+                            self.metrics.dead_lettered(reason, 1);
+                        }
                         if !step.dead_letters.is_empty() {
                             warn!(stage = self.spec.stage, count = step.dead_letters.len(), dlq = %dlq, "dead-lettered");
                         }
@@ -656,6 +686,16 @@ async fn housekeeping(
         }
         if last_trim.elapsed() >= trim_every {
             last_trim = Instant::now();
+            if let Ok(groups) = streams::groups(&mut conn, &spec.input).await {
+                for g in groups {
+                    let (lag, pending) = observe::group_gauges(&spec.input, &g.name);
+                    lag.set(g.lag.unwrap_or(0) as f64);
+                    pending.set(g.pending as f64);
+                }
+            }
+            if let Ok(n) = streams::len(&mut conn, &spec.input).await {
+                observe::stream_length(&spec.input).set(n as f64);
+            }
             match streams::trim_acknowledged(&mut conn, &spec.input).await {
                 Ok(n) if n > 0 => {
                     debug!(stage = spec.stage, stream = %spec.input, trimmed = n, "trimmed")

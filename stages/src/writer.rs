@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
 use strata_pipeline::frame::{CellRef, Frame, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
 use strata_pipeline::latency::LatencyHistogram;
+use strata_pipeline::observe::WriterMetrics;
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef};
 use strata_pipeline::streams::{Entry, Fields};
@@ -42,6 +43,8 @@ pub struct BatchWriter {
     pub latency: Arc<LatencyHistogram>,
     /// Rows committed.
     pub rows_written: Arc<AtomicU64>,
+    /// Prometheus handles: rows written, COPY duration, end-to-end latency.
+    metrics: WriterMetrics,
 }
 
 /// Rows of a batch encoded for COPY.
@@ -69,6 +72,7 @@ impl BatchWriter {
             ident(&schema.table),
             columns.join(", ")
         );
+        let metrics = WriterMetrics::new(&schema.table);
         Ok(Self {
             partitions: (partitioning == Partitioning::Native).then(KnownPartitions::default),
             schema,
@@ -77,6 +81,7 @@ impl BatchWriter {
             copy_sql,
             latency: Arc::default(),
             rows_written: Arc::default(),
+            metrics,
         })
     }
 
@@ -349,6 +354,7 @@ impl Stage for BatchWriter {
         }
         let pg = |context: &'static str| move |e| StageError::from_postgres(context, e);
         let mut client = self.pool.get().await?;
+        let began = std::time::Instant::now();
         let tx = client.transaction().await.map_err(pg("BEGIN"))?;
         let new: HashSet<String> = tx
             .query(
@@ -438,8 +444,10 @@ impl Stage for BatchWriter {
             .map_err(pg("storing dead letters"))?;
         }
         tx.commit().await.map_err(pg("COMMIT"))?;
+        self.metrics.copy_duration.record(began.elapsed().as_secs_f64());
         let committed = (written - bad.len()) as u64;
         self.rows_written.fetch_add(committed, Ordering::Relaxed);
+        self.metrics.rows_written.increment(committed);
         let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
         for (entry, _) in batch
             .entries
@@ -451,8 +459,9 @@ impl Stage for BatchWriter {
                 .field(FIRST_MS_FIELD)
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
                 .unwrap_or_else(|| entry.ms());
-            self.latency
-                .record(now_ms.saturating_sub(first_ms), self.weight(entry) as u64);
+            let waited_ms = now_ms.saturating_sub(first_ms);
+            self.latency.record(waited_ms, self.weight(entry) as u64);
+            self.metrics.latency.record(waited_ms as f64 / 1000.0);
         }
         Ok(outcome)
     }

@@ -1,0 +1,151 @@
+//! Metrics: every name in one place, a Prometheus recorder, and per-loop handles so the hot path
+//! records once per batch without building labels each time.
+//!
+//! Names follow `strata_<what>_<unit>`; labels are `stage`, `stream`, `table`, `group`, `reason`.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Entries read from a stage's input stream (XREADGROUP and XAUTOCLAIM).
+pub const ENTRIES_READ: &str = "strata_entries_read_total";
+/// Entries acknowledged after their outcome was applied.
+pub const ENTRIES_ACKED: &str = "strata_entries_acked_total";
+/// Entries (or rows) sent to a dead-letter stream, by reason class.
+pub const DEAD_LETTERS: &str = "strata_dead_letters_total";
+/// Entries taken over from other consumers by XAUTOCLAIM.
+pub const CLAIMED: &str = "strata_entries_claimed_total";
+/// Batches retried after a transient fault.
+pub const RETRIES: &str = "strata_retries_total";
+/// Rows per processed batch.
+pub const BATCH_ROWS: &str = "strata_batch_rows";
+/// Entry bytes per processed batch.
+pub const BATCH_BYTES: &str = "strata_batch_bytes";
+/// Rows committed to PostgreSQL.
+pub const ROWS_WRITTEN: &str = "strata_rows_written_total";
+/// Duration of one COPY transaction (BEGIN … COMMIT).
+pub const COPY_DURATION: &str = "strata_copy_duration_seconds";
+/// From the producer's XADD (the entry ID's time) to COMMIT, per frame.
+pub const END_TO_END_LATENCY: &str = "strata_end_to_end_latency_seconds";
+/// Entries of a stream not yet delivered to a group.
+pub const GROUP_LAG: &str = "strata_group_lag_entries";
+/// Entries of a stream delivered to a group and not acknowledged.
+pub const GROUP_PENDING: &str = "strata_group_pending_entries";
+/// Entries held in a stream (XLEN).
+pub const STREAM_LENGTH: &str = "strata_stream_length_entries";
+/// Duration of one object store upload (archiver).
+pub const UPLOAD_DURATION: &str = "strata_upload_duration_seconds";
+/// Bytes archived to the lake.
+pub const ARCHIVED_BYTES: &str = "strata_archived_bytes_total";
+/// Chunks by lifecycle state.
+pub const CHUNKS: &str = "strata_chunks";
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+const ROWS_BUCKETS: &[f64] = &[
+    1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 50000.0,
+];
+const BYTES_BUCKETS: &[f64] = &[
+    1024.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder for this process (once) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), ROWS_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_BYTES.into()), BYTES_BUCKETS)
+                })
+                .expect("bucket lists are not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // A second install (tests running stages twice in one process) keeps the first.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// The class of a dead letter, for the `reason` label.
+pub fn dead_letter_reason(sqlstate: Option<&str>, max_deliveries: bool) -> &'static str {
+    match sqlstate {
+        _ if max_deliveries => "max_deliveries",
+        Some(s) if s.starts_with("23") => "constraint",
+        Some(s) if s.starts_with("22") => "data",
+        Some(_) => "database",
+        None => "invalid_input",
+    }
+}
+
+/// Handles of one stage loop's metrics.
+#[derive(Clone)]
+pub struct LoopMetrics {
+    pub read: Counter,
+    pub acked: Counter,
+    pub claimed: Counter,
+    pub retries: Counter,
+    pub batch_rows: Histogram,
+    pub batch_bytes: Histogram,
+    /// Labels for dead letters, whose reason varies.
+    stage: &'static str,
+    stream: String,
+}
+
+impl LoopMetrics {
+    pub fn new(stage: &'static str, stream: &str) -> Self {
+        let labels = [("stage", stage.to_string()), ("stream", stream.to_string())];
+        Self {
+            read: counter!(ENTRIES_READ, &labels),
+            acked: counter!(ENTRIES_ACKED, &labels),
+            claimed: counter!(CLAIMED, &labels),
+            retries: counter!(RETRIES, &labels),
+            batch_rows: histogram!(BATCH_ROWS, &labels),
+            batch_bytes: histogram!(BATCH_BYTES, &labels),
+            stage,
+            stream: stream.to_string(),
+        }
+    }
+
+    pub fn dead_lettered(&self, reason: &'static str, n: u64) {
+        counter!(DEAD_LETTERS, "stage" => self.stage, "stream" => self.stream.clone(), "reason" => reason).increment(n);
+    }
+}
+
+/// Gauges of one stream and group, refreshed by housekeeping.
+pub fn group_gauges(stream: &str, group: &str) -> (Gauge, Gauge) {
+    let labels = [("stream", stream.to_string()), ("group", group.to_string())];
+    (gauge!(GROUP_LAG, &labels), gauge!(GROUP_PENDING, &labels))
+}
+
+/// The XLEN gauge of a stream.
+pub fn stream_length(stream: &str) -> Gauge {
+    gauge!(STREAM_LENGTH, "stream" => stream.to_string())
+}
+
+/// Handles of one table's writer metrics.
+#[derive(Clone)]
+pub struct WriterMetrics {
+    pub rows_written: Counter,
+    pub copy_duration: Histogram,
+    pub latency: Histogram,
+}
+
+impl WriterMetrics {
+    pub fn new(table: &str) -> Self {
+        let labels = [("table", table.to_string())];
+        Self {
+            rows_written: counter!(ROWS_WRITTEN, &labels),
+            copy_duration: histogram!(COPY_DURATION, &labels),
+            latency: histogram!(END_TO_END_LATENCY, &labels),
+        }
+    }
+}
