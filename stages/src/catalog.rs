@@ -30,7 +30,40 @@ CREATE TABLE IF NOT EXISTS strata.applied_frames (
     dead_letters jsonb,
     PRIMARY KEY (stream, frame_id)
 );
+CREATE TABLE IF NOT EXISTS strata.chunks (
+    id bigserial PRIMARY KEY,
+    table_name text NOT NULL,
+    chunk_schema text NOT NULL,
+    chunk text NOT NULL,
+    chunk_oid oid NOT NULL,
+    range_start timestamptz NOT NULL,
+    range_end timestamptz NOT NULL,
+    state text NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'archiving', 'archived', 'verified', 'dropped', 'failed')),
+    event_id text NOT NULL UNIQUE,
+    attempts integer NOT NULL DEFAULT 0,
+    verify_failures integer NOT NULL DEFAULT 0,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    emitted_at timestamptz NOT NULL DEFAULT now(),
+    archiving_at timestamptz,
+    archived_at timestamptz,
+    verified_at timestamptz,
+    dropped_at timestamptz,
+    failed_at timestamptz,
+    last_error text,
+    lake_path text,
+    rows bigint,
+    bytes bigint,
+    sha256 text,
+    UNIQUE (table_name, chunk_schema, chunk, chunk_oid)
+);
+CREATE INDEX IF NOT EXISTS chunks_open_idx ON strata.chunks (table_name, emitted_at)
+    WHERE state IN ('pending', 'archiving', 'archived');
 "#;
+
+/// The chunk lifecycle: one row per chunk (per incarnation: a partition dropped and made again
+/// for late rows is a new row), pending → archiving → archived → verified → dropped, or failed.
+pub const CHUNKS: &str = "strata.chunks";
 
 /// How a table's chunks are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

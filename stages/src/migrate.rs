@@ -254,6 +254,11 @@ async fn migrate_table(
             .await
             .map_err(sql(format!("creating index {name}")))?;
     }
+    if report.partitioning == Partitioning::Hypertable {
+        if let Some(after_us) = schema.policy.compress_after_us {
+            apply_compression_policy(client, schema, after_us).await?;
+        }
+    }
     client
         .execute(
             &format!(
@@ -296,4 +301,39 @@ async fn existing_partitioning(
             message: "exists but is neither partitioned nor a hypertable; rename it or choose another table name".into(),
         }),
     }
+}
+
+/// TimescaleDB only: enables compression on the hypertable (segmented by its first index's
+/// leading non-time column, ordered by time) and adds the policy compressing chunks older than
+/// `compress_after`. Idempotent. The archiver reads compressed chunks through the hypertable.
+async fn apply_compression_policy(
+    client: &tokio_postgres::Client,
+    schema: &Schema,
+    after_us: i64,
+) -> Result<(), MigrateError> {
+    let table = &schema.table;
+    let time = &schema.columns[schema.time_index].name;
+    let segment_by = schema
+        .indexes
+        .iter()
+        .filter_map(|i| i.columns.first())
+        .find(|c| *c != time)
+        .map(|c| format!(", timescaledb.compress_segmentby = '{c}'"))
+        .unwrap_or_default();
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {} SET (timescaledb.compress, timescaledb.compress_orderby = '{time} DESC'{segment_by})",
+            ident(table)
+        ))
+        .await
+        .map_err(sql(format!("enabling compression on {table}")))?;
+    client
+        .execute(
+            "SELECT add_compression_policy($1::regclass, compress_after => ($2::bigint * interval '1 microsecond'), if_not_exists => true)",
+            &[&ident(table), &after_us],
+        )
+        .await
+        .map_err(sql(format!("adding the compression policy of {table}")))?;
+    info!(table = %table, "compression policy applied");
+    Ok(())
 }

@@ -1,0 +1,327 @@
+//! The archiver stage: `archive:{T}` → one Parquet object per chunk in the lake →
+//! a confirmation on `archived:{T}`.
+//!
+//! Per event, in one PostgreSQL transaction that holds an advisory lock on the chunk's row (so two
+//! archivers never work on one chunk, and a crash releases it): check the row is still waiting
+//! for this event, record `archiving` with the new object key (on a second connection, so it is
+//! visible at once), COPY the chunk out and stream it to the lake, record `archived` with rows,
+//! bytes and SHA-256, COMMIT; the runner then forwards the confirmation and acknowledges the
+//! event in one atomic step. A redelivered event finds the row `archived` and forwards the same
+//! confirmation again without writing anything. Leftovers of an attempt that crashed (a complete
+//! but unrecorded object, local staging files) are removed before the next attempt.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use strata_pipeline::lifecycle_config::ArchiverConfig;
+use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
+use strata_pipeline::schema::SchemaRef;
+use strata_pipeline::streams::{Entry, Fields};
+use strata_pipeline::{RetryHint, StageError};
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use crate::catalog::{self, ident, Partitioning, CHUNKS};
+
+use super::events::{rfc3339_us, ArchivalConfirmation, ArchivalEvent, ArchivalStatus};
+use super::export::{export, footer, writer_properties, ExportError};
+use super::lake::{store_error, Lake, Upload};
+use super::registry::{self, ChunkRow, ChunkState};
+use super::COUNTERS;
+
+/// First key of the advisory lock an archiver holds on a chunk's row (the second is the row id).
+pub const LOCK_CLASS: i32 = 0x5354_4131; // "STA1"
+
+/// Archives the chunks of one table.
+pub struct Archiver {
+    /// The table's schema: the columns archived and their types.
+    pub schema: SchemaRef,
+    /// Connections of this stage (two per chunk in flight).
+    pub pool: deadpool_postgres::Pool,
+    /// Where archives go.
+    pub lake: Arc<Lake>,
+    /// Row groups, compression, parts.
+    pub config: ArchiverConfig,
+    /// Verification failures after which a chunk's event is dead-lettered instead of archived.
+    pub max_rearchives: u32,
+    /// How the table is partitioned, read once.
+    pub partitioning: OnceCell<Partitioning>,
+}
+
+impl Archiver {
+    async fn partitioning(&self) -> Result<Partitioning, StageError> {
+        self.partitioning
+            .get_or_try_init(|| async {
+                let client = self.pool.get().await?;
+                catalog::partitioning(&client, &self.schema.table).await
+            })
+            .await
+            .copied()
+    }
+
+    /// `COPY (SELECT <columns> FROM <chunk>) TO STDOUT (FORMAT binary)`, each column cast to its
+    /// schema type so the binary format is the one the decoder expects.
+    fn copy_sql(&self, row: &ChunkRow, partitioning: Partitioning) -> String {
+        let columns: Vec<String> = self
+            .schema
+            .columns
+            .iter()
+            .map(|c| format!("{}::{}", ident(&c.name), c.ty.sql()))
+            .collect();
+        let source = match partitioning {
+            Partitioning::Native => row.relation(),
+            // Through the hypertable, so compressed chunks are read transparently.
+            Partitioning::Hypertable => format!(
+                "{} WHERE {time} >= '{}'::timestamptz AND {time} < '{}'::timestamptz",
+                ident(&self.schema.table),
+                rfc3339_us(row.range_start_us),
+                rfc3339_us(row.range_end_us),
+                time = ident(&self.schema.columns[self.schema.time_index].name),
+            ),
+        };
+        format!(
+            "COPY (SELECT {} FROM {source}) TO STDOUT (FORMAT binary)",
+            columns.join(", ")
+        )
+    }
+
+    fn confirmation(&self, row: &ChunkRow) -> Fields {
+        let key = row.lake_path.clone().unwrap_or_default();
+        ArchivalConfirmation {
+            event_id: row.event_id.clone(),
+            chunk_id: row.id,
+            table: row.table_name.clone(),
+            chunk: row.display_name(),
+            status: ArchivalStatus::Archived,
+            completed_at_us: chrono::Utc::now().timestamp_micros(),
+            lakehouse_path: self.lake.url(&key),
+            rows: row.rows.unwrap_or(0),
+            bytes: row.bytes.unwrap_or(0),
+            sha256: row.sha256.clone().unwrap_or_default(),
+            error_message: String::new(),
+        }
+        .to_fields()
+    }
+
+    /// Handles one event: `Ok(Some(confirmation))` to forward, `Ok(None)` to just acknowledge.
+    async fn handle(&self, entry: &Entry) -> Result<Option<Fields>, StageError> {
+        let table = &self.schema.table;
+        let event = ArchivalEvent::from_entry(entry).map_err(|e| {
+            StageError::dead_letter(format!("archival event {} for `{table}`: {e}", entry.id))
+        })?;
+        if event.table != *table {
+            return Err(StageError::dead_letter(format!(
+                "archival event {} names table `{}` but arrived on the stream of `{table}`",
+                entry.id, event.table
+            )));
+        }
+        let result = self.archive(&event).await;
+        if let Err(e) = &result {
+            if e.hint == RetryHint::DeadLetter {
+                COUNTERS.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                match self.pool.get().await {
+                    Ok(client) => {
+                        if let Err(me) = registry::mark_failed(
+                            &client,
+                            event.chunk_id,
+                            &event.event_id,
+                            &e.message,
+                        )
+                        .await
+                        {
+                            warn!(table = %table, chunk = %event.chunk, error = %me, "could not record the failure");
+                        }
+                    }
+                    Err(pe) => {
+                        warn!(table = %table, chunk = %event.chunk, error = %pe, "could not record the failure")
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    async fn archive(&self, event: &ArchivalEvent) -> Result<Option<Fields>, StageError> {
+        let table = &self.schema.table;
+        let chunk = &event.chunk;
+        let pg = |what: &str| {
+            let context = format!("archiving chunk {chunk} of `{table}`: {what}");
+            move |e| StageError::from_postgres(&context, e)
+        };
+        let partitioning = self.partitioning().await?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(pg("BEGIN"))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}",
+            self.config.lock_timeout_ms
+        ))
+        .await
+        .map_err(pg("SET lock_timeout"))?;
+        let key2 = (event.chunk_id % i32::MAX as i64) as i32;
+        let locked: bool = tx
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock($1, $2)",
+                &[&LOCK_CLASS, &key2],
+            )
+            .await
+            .map_err(pg("locking the chunk"))?
+            .get(0);
+        if !locked {
+            return Err(StageError::backoff(format!(
+                "chunk {chunk} of `{table}` is being archived by another archiver"
+            )));
+        }
+        let row = registry::load(&tx, event.chunk_id).await?.ok_or_else(|| {
+            StageError::dead_letter(format!(
+                "chunk {chunk} of `{table}`: no row {} in {CHUNKS}",
+                event.chunk_id
+            ))
+        })?;
+        if row.event_id != event.event_id {
+            info!(table = %table, chunk = %chunk, event_id = %event.event_id, "superseded archival event; ignoring it");
+            return Ok(None);
+        }
+        match row.state {
+            ChunkState::Archived => return Ok(Some(self.confirmation(&row))),
+            ChunkState::Verified | ChunkState::Dropped | ChunkState::Failed => return Ok(None),
+            ChunkState::Pending | ChunkState::Archiving => {}
+        }
+        if row.verify_failures as u32 > self.max_rearchives {
+            return Err(StageError::dead_letter(format!(
+                "chunk {chunk} of `{table}`: its archive failed verification {} times, more than [confirmer] max_rearchives = {} (last: {}); the chunk stays in PostgreSQL",
+                row.verify_failures,
+                self.max_rearchives,
+                row.last_error.as_deref().unwrap_or("unknown")
+            )));
+        }
+        let exists = tx
+            .query_opt(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1 AND c.relname = $2 AND n.nspname = $3",
+                &[&row.chunk_oid, &row.chunk, &row.chunk_schema],
+            )
+            .await
+            .map_err(pg("looking up the chunk"))?
+            .is_some();
+        if !exists {
+            return Err(StageError::dead_letter(format!(
+                "chunk {chunk} of `{table}` no longer exists (dropped outside strata?); nothing to archive"
+            )));
+        }
+        if let (ChunkState::Archiving, Some(previous)) = (row.state, &row.lake_path) {
+            info!(table = %table, chunk = %chunk, path = %previous, "removing what an interrupted attempt left");
+            self.lake
+                .discard(previous)
+                .await
+                .map_err(|e| store_error(&format!("removing {previous}"), e))?;
+        }
+        let key = self.lake.new_key(table, &row.chunk, row.range_start_us);
+        {
+            let c2 = self.pool.get().await?;
+            c2.execute(
+                &format!("UPDATE {CHUNKS} SET state = 'archiving', archiving_at = now(), attempts = attempts + 1, lake_path = $3 WHERE id = $1 AND event_id = $2"),
+                &[&row.id, &row.event_id, &key],
+            )
+            .await
+            .map_err(pg("recording the attempt"))?;
+        }
+        info!(table = %table, chunk = %chunk, path = %key, attempt = row.attempts + 1, "archiving chunk");
+        let started = std::time::Instant::now();
+        let copy = tx
+            .copy_out(&self.copy_sql(&row, partitioning))
+            .await
+            .map_err(pg("COPY"))?;
+        let kv = footer(
+            table,
+            &row.display_name(),
+            &rfc3339_us(row.range_start_us),
+            &rfc3339_us(row.range_end_us),
+        );
+        let props = writer_properties(&self.schema, &self.config, kv)
+            .map_err(|e| StageError::fatal(format!("[archiver] settings: {e}")))?;
+        let upload = Upload::new(
+            self.lake.store.clone(),
+            &key,
+            self.config.part_size_bytes,
+            self.config.max_concurrent_parts,
+        );
+        let exported = export(copy, &self.schema, props, self.config.batch_rows, upload)
+            .await
+            .map_err(|e| {
+                let context = format!("archiving chunk {chunk} of `{table}` to {key}");
+                match e {
+                    ExportError::Postgres(e) => StageError::from_postgres(&context, e),
+                    ExportError::Store(e) => store_error(&context, e),
+                    ExportError::Encoder(m) => StageError::backoff(format!("{context}: {m}")),
+                    other => StageError::dead_letter(format!("{context}: {}", error_chain(&other))),
+                }
+            })?;
+        let rows = exported.rows as i64;
+        let bytes = exported.bytes as i64;
+        tx.execute(
+            &format!("UPDATE {CHUNKS} SET state = 'archived', archived_at = now(), rows = $3, bytes = $4, sha256 = $5, lake_path = $6, last_error = NULL WHERE id = $1 AND event_id = $2"),
+            &[&row.id, &row.event_id, &rows, &bytes, &exported.sha256, &key],
+        )
+        .await
+        .map_err(pg("recording the archive"))?;
+        tx.commit().await.map_err(pg("COMMIT"))?;
+        COUNTERS.archived.fetch_add(1, Ordering::Relaxed);
+        COUNTERS
+            .archived_rows
+            .fetch_add(exported.rows, Ordering::Relaxed);
+        COUNTERS
+            .archived_bytes
+            .fetch_add(exported.bytes, Ordering::Relaxed);
+        info!(
+            table = %table,
+            chunk = %chunk,
+            path = %key,
+            rows,
+            bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "archived chunk"
+        );
+        let done = ChunkRow {
+            state: ChunkState::Archived,
+            lake_path: Some(key),
+            rows: Some(rows),
+            bytes: Some(bytes),
+            sha256: Some(exported.sha256),
+            ..row
+        };
+        Ok(Some(self.confirmation(&done)))
+    }
+}
+
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+impl Stage for Archiver {
+    async fn process(&self, batch: &Batch) -> Result<Outcome, StageError> {
+        let mut outcome = Outcome::default();
+        for (i, entry) in batch.entries.iter().enumerate() {
+            match self.handle(entry).await {
+                Ok(Some(fields)) => outcome.forward.push(fields),
+                Ok(None) => {}
+                Err(e) if e.hint == RetryHint::DeadLetter => {
+                    outcome.dead_letters.push(DeadLetter {
+                        entry: i,
+                        fields: None,
+                        error: e.message,
+                        sqlstate: e.sqlstate,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,481 @@
+//! The confirmer stage: `archived:{T}` → the archive read back and checked → the chunk marked
+//! verified and, if the table's policy says so, dropped.
+//!
+//! Checks, in order: the object exists and has the size the archiver recorded; (with
+//! `verify_sha256`) its content hashes to the recorded SHA-256; its Parquet footer parses, its
+//! row count equals the recorded one, the row groups add up, `strata.*` footer keys name this
+//! table and chunk; its Arrow schema equals the chunk's columns in PostgreSQL (names and types);
+//! and the chunk's `count(*)` equals the row count. Only then is the row `verified`. Dropping
+//! happens in one transaction that locks the chunk, counts it again (late rows may have arrived),
+//! detaches and drops it (native) or calls `drop_chunks` (TimescaleDB), and records `dropped`.
+//!
+//! A failed check never drops anything: the object moves to `<prefix>/_rejected/`, the row goes
+//! back to `pending` with a new event id and one more `verify_failures`, and a new archival event
+//! is forwarded to `archive:{T}`. Past `[confirmer] max_rearchives` the archiver dead-letters
+//! that event to `archive:{T}:dlq`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use object_store::path::Path;
+use object_store::ObjectStoreExt;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::file::metadata::ParquetMetaDataReader;
+use strata_pipeline::lifecycle_config::ConfirmerConfig;
+use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
+use strata_pipeline::schema::SchemaRef;
+use strata_pipeline::streams::{Entry, Fields};
+use strata_pipeline::{RetryHint, StageError};
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use crate::catalog::{self, ident, Partitioning, CHUNKS};
+
+use super::archiver::error_chain;
+use super::columnar::{arrow_type, column_type_from_sql};
+use super::events::{rfc3339_us, ArchivalConfirmation, ArchivalStatus};
+use super::export::{META_CHUNK, META_ROWS, META_TABLE};
+use super::lake::{store_error, Lake};
+use super::registry::{self, ChunkRow, ChunkState, ROW_COLUMNS};
+use super::COUNTERS;
+
+/// Verifies archives of one table and drops their chunks.
+pub struct Confirmer {
+    /// The table's schema.
+    pub schema: SchemaRef,
+    /// Connections of this stage.
+    pub pool: deadpool_postgres::Pool,
+    /// Where archives are.
+    pub lake: Arc<Lake>,
+    /// What to verify, how often to re-archive.
+    pub config: ConfirmerConfig,
+    /// How the table is partitioned, read once.
+    pub partitioning: OnceCell<Partitioning>,
+}
+
+/// The outcome of checking one archive.
+enum Check {
+    /// Everything matches.
+    Good,
+    /// A deterministic mismatch: the archive must not be trusted.
+    Bad(String),
+}
+
+impl Confirmer {
+    async fn partitioning(&self) -> Result<Partitioning, StageError> {
+        self.partitioning
+            .get_or_try_init(|| async {
+                let client = self.pool.get().await?;
+                catalog::partitioning(&client, &self.schema.table).await
+            })
+            .await
+            .copied()
+    }
+
+    async fn handle(&self, entry: &Entry) -> Result<Option<Fields>, StageError> {
+        let table = &self.schema.table;
+        let conf = ArchivalConfirmation::from_entry(entry).map_err(|e| {
+            StageError::dead_letter(format!(
+                "archival confirmation {} for `{table}`: {e}",
+                entry.id
+            ))
+        })?;
+        let client = self.pool.get().await?;
+        let Some(row) = registry::load(&client, conf.chunk_id).await? else {
+            return Err(StageError::dead_letter(format!(
+                "archival confirmation {} for `{table}`: no row {} in {CHUNKS}",
+                entry.id, conf.chunk_id
+            )));
+        };
+        drop(client);
+        if row.event_id != conf.event_id {
+            info!(table = %table, chunk = %row.display_name(), "confirmation of a superseded archive; ignoring it");
+            return Ok(None);
+        }
+        let drop_after = self.schema.policy.drop_after_archive;
+        match (row.state, conf.status) {
+            (ChunkState::Archived, ArchivalStatus::Archived) => {}
+            (ChunkState::Verified, _) if drop_after => return self.drop_chunk(&row).await,
+            (_, ArchivalStatus::Failed) => {
+                warn!(table = %table, chunk = %row.display_name(), error = %conf.error_message, "archiver reported a failure");
+                return Ok(None);
+            }
+            _ => return Ok(None),
+        }
+        match self.check(&row).await? {
+            Check::Bad(reason) => return self.rearchive(&row, &reason).await,
+            Check::Good => {}
+        }
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                &format!("UPDATE {CHUNKS} SET state = 'verified', verified_at = now(), last_error = NULL WHERE id = $1 AND event_id = $2 AND state = 'archived'"),
+                &[&row.id, &row.event_id],
+            )
+            .await
+            .map_err(|e| StageError::from_postgres(&format!("marking chunk {} of `{table}` verified", row.display_name()), e))?;
+        drop(client);
+        COUNTERS.verified.fetch_add(1, Ordering::Relaxed);
+        info!(table = %table, chunk = %row.display_name(), rows = row.rows.unwrap_or(0), "archive verified");
+        if drop_after {
+            return self.drop_chunk(&row).await;
+        }
+        Ok(None)
+    }
+
+    /// Reads the archive back and compares it with the chunk. Transient faults are errors;
+    /// mismatches are [`Check::Bad`].
+    async fn check(&self, row: &ChunkRow) -> Result<Check, StageError> {
+        let chunk = row.display_name();
+        let table = &self.schema.table;
+        let (Some(key), Some(rows), Some(bytes), Some(sha)) =
+            (&row.lake_path, row.rows, row.bytes, &row.sha256)
+        else {
+            return Ok(Check::Bad("the archive is not fully recorded".into()));
+        };
+        let path = Path::from(key.as_str());
+        let context = |what: &str| format!("verifying chunk {chunk} of `{table}`: {what} {key}");
+        let meta = match self.lake.store.head(&path).await {
+            Ok(m) => m,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Ok(Check::Bad(format!("the object {key} does not exist")))
+            }
+            Err(e) => return Err(store_error(&context("HEAD"), e)),
+        };
+        if meta.size != bytes as u64 {
+            return Ok(Check::Bad(format!(
+                "the object {key} is {} bytes, the archiver wrote {bytes}",
+                meta.size
+            )));
+        }
+        if self.config.verify_sha256 {
+            let (got, size) = match self.lake.digest(key).await {
+                Ok(d) => d,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Ok(Check::Bad(format!("the object {key} does not exist")))
+                }
+                Err(e) => return Err(store_error(&context("reading"), e)),
+            };
+            if got != *sha || size != bytes as u64 {
+                return Ok(Check::Bad(format!(
+                    "the object {key} has SHA-256 {got} ({size} bytes), the archiver wrote {sha} ({bytes} bytes)"
+                )));
+            }
+        }
+        let footer = match self.read_footer(&path, meta.size).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(reason)) => {
+                return Ok(Check::Bad(format!(
+                    "the object {key} has no readable Parquet footer: {reason}"
+                )))
+            }
+            Err(e) => return Err(store_error(&context("reading the footer of"), e)),
+        };
+        let file = footer.metadata().file_metadata();
+        if file.num_rows() != rows {
+            return Ok(Check::Bad(format!(
+                "the object {key} holds {} rows, the archiver wrote {rows}",
+                file.num_rows()
+            )));
+        }
+        let in_groups: i64 = footer
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .sum();
+        if in_groups != rows {
+            return Ok(Check::Bad(format!(
+                "the row groups of {key} hold {in_groups} rows, its footer says {rows}"
+            )));
+        }
+        let kv = |name: &str| {
+            file.key_value_metadata()
+                .and_then(|kvs| kvs.iter().find(|k| k.key == name))
+                .and_then(|k| k.value.clone())
+        };
+        for (name, want) in [
+            (META_TABLE, table.clone()),
+            (META_CHUNK, chunk.clone()),
+            (META_ROWS, rows.to_string()),
+        ] {
+            if kv(name).as_deref() != Some(want.as_str()) {
+                return Ok(Check::Bad(format!(
+                    "the footer of {key} has {name} = {:?}, expected {want:?}",
+                    kv(name)
+                )));
+            }
+        }
+        // The chunk in PostgreSQL: its columns and its row count.
+        let partitioning = self.partitioning().await?;
+        let client = self.pool.get().await?;
+        let pg = |what: &str| {
+            let context = format!("verifying chunk {chunk} of `{table}`: {what}");
+            move |e| StageError::from_postgres(&context, e)
+        };
+        let columns = client
+            .query(
+                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                &[&row.chunk_oid],
+            )
+            .await
+            .map_err(pg("reading its columns"))?;
+        if columns.is_empty() {
+            return Err(StageError::dead_letter(format!(
+                "chunk {chunk} of `{table}` no longer exists; nothing to verify against"
+            )));
+        }
+        let file_fields = footer.schema().fields();
+        let pg_fields: Vec<(String, String)> =
+            columns.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if pg_fields.len() != file_fields.len() {
+            return Ok(Check::Bad(format!(
+                "the object {key} has {} columns, the chunk has {}",
+                file_fields.len(),
+                pg_fields.len()
+            )));
+        }
+        for ((name, sql_type), field) in pg_fields.iter().zip(file_fields.iter()) {
+            let want = column_type_from_sql(sql_type).map(arrow_type);
+            if field.name() != name || want.as_ref() != Some(field.data_type()) {
+                return Ok(Check::Bad(format!(
+                    "column `{}` of {key} is {}, the chunk's column `{name}` is {sql_type}",
+                    field.name(),
+                    field.data_type()
+                )));
+            }
+        }
+        let count = self.count(&client, row, partitioning).await?;
+        if count != rows {
+            return Ok(Check::Bad(format!(
+                "the chunk holds {count} rows now, the archive {rows} (rows arrived late?)"
+            )));
+        }
+        Ok(Check::Good)
+    }
+
+    /// Reads and decodes the Parquet footer of the object at `path` (`size` bytes): two ranged
+    /// reads, the 8-byte tail then the metadata. `Ok(Err(reason))` when it is not valid Parquet.
+    async fn read_footer(
+        &self,
+        path: &Path,
+        size: u64,
+    ) -> Result<Result<ArrowReaderMetadata, String>, object_store::Error> {
+        if size < 12 {
+            return Ok(Err(format!("{size} bytes is too small for Parquet")));
+        }
+        let tail = self.lake.store.get_range(path, size - 8..size).await?;
+        if &tail[4..] != b"PAR1" {
+            return Ok(Err("the file does not end with PAR1".into()));
+        }
+        let len = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as u64;
+        if len + 12 > size {
+            return Ok(Err(format!(
+                "footer length {len} does not fit in {size} bytes"
+            )));
+        }
+        let buf = self
+            .lake
+            .store
+            .get_range(path, size - 8 - len..size - 8)
+            .await?;
+        Ok(ParquetMetaDataReader::decode_metadata(&buf)
+            .and_then(|m| ArrowReaderMetadata::try_new(Arc::new(m), ArrowReaderOptions::new()))
+            .map_err(|e| error_chain(&e)))
+    }
+
+    async fn count(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        row: &ChunkRow,
+        partitioning: Partitioning,
+    ) -> Result<i64, StageError> {
+        let r = match partitioning {
+            Partitioning::Native => {
+                client
+                    .query_one(&format!("SELECT count(*) FROM {}", row.relation()), &[])
+                    .await
+            }
+            Partitioning::Hypertable => {
+                let time = ident(&self.schema.columns[self.schema.time_index].name);
+                client
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FROM {} WHERE {time} >= $1::text::timestamptz AND {time} < $2::text::timestamptz",
+                            ident(&self.schema.table)
+                        ),
+                        &[&rfc3339_us(row.range_start_us), &rfc3339_us(row.range_end_us)],
+                    )
+                    .await
+            }
+        };
+        r.map(|r| r.get(0)).map_err(|e| {
+            StageError::from_postgres(
+                &format!(
+                    "counting chunk {} of `{}`",
+                    row.display_name(),
+                    self.schema.table
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Drops a verified chunk, counting it again under its lock first.
+    async fn drop_chunk(&self, row: &ChunkRow) -> Result<Option<Fields>, StageError> {
+        let table = &self.schema.table;
+        let chunk = row.display_name();
+        let pg = |what: &str| {
+            let context = format!("dropping chunk {chunk} of `{table}`: {what}");
+            move |e| StageError::from_postgres(&context, e)
+        };
+        let partitioning = self.partitioning().await?;
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await.map_err(pg("BEGIN"))?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}",
+            self.config.lock_timeout_ms
+        ))
+        .await
+        .map_err(pg("SET lock_timeout"))?;
+        let same = tx
+            .query_opt(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1 AND c.relname = $2 AND n.nspname = $3",
+                &[&row.chunk_oid, &row.chunk, &row.chunk_schema],
+            )
+            .await
+            .map_err(pg("looking it up"))?
+            .is_some();
+        if !same {
+            tx.execute(
+                &format!("UPDATE {CHUNKS} SET state = 'dropped', dropped_at = now(), last_error = 'the chunk was gone when strata came to drop it' WHERE id = $1 AND event_id = $2"),
+                &[&row.id, &row.event_id],
+            )
+            .await
+            .map_err(pg("recording it"))?;
+            tx.commit().await.map_err(pg("COMMIT"))?;
+            warn!(table = %table, chunk = %chunk, "verified chunk was already gone");
+            return Ok(None);
+        }
+        tx.batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            row.relation()
+        ))
+        .await
+        .map_err(pg("locking it"))?;
+        let count = self.count(&tx, row, partitioning).await?;
+        let rows = row.rows.unwrap_or(-1);
+        if count != rows {
+            drop(tx);
+            return self
+                .rearchive(
+                    row,
+                    &format!(
+                        "the chunk holds {count} rows now, the archive {rows} (rows arrived late)"
+                    ),
+                )
+                .await;
+        }
+        match partitioning {
+            Partitioning::Native => {
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {} DETACH PARTITION {}; DROP TABLE {};",
+                    ident(table),
+                    row.relation(),
+                    row.relation()
+                ))
+                .await
+                .map_err(pg("DETACH and DROP"))?;
+            }
+            Partitioning::Hypertable => {
+                let dropped: Vec<String> = tx
+                    .query(
+                        "SELECT drop_chunks($1::regclass, older_than => $2::text::timestamptz, newer_than => $3::text::timestamptz)::text",
+                        &[&ident(table), &rfc3339_us(row.range_end_us), &rfc3339_us(row.range_start_us)],
+                    )
+                    .await
+                    .map_err(pg("drop_chunks"))?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let name = format!("{}.{}", row.chunk_schema, row.chunk);
+                if !dropped
+                    .iter()
+                    .any(|d| d == &name || d.ends_with(&format!(".{}", row.chunk)))
+                {
+                    return Err(StageError::dead_letter(format!(
+                        "dropping chunk {chunk} of `{table}`: drop_chunks dropped {dropped:?}, not this chunk"
+                    )));
+                }
+            }
+        }
+        tx.execute(
+            &format!("UPDATE {CHUNKS} SET state = 'dropped', dropped_at = now() WHERE id = $1 AND event_id = $2"),
+            &[&row.id, &row.event_id],
+        )
+        .await
+        .map_err(pg("recording it"))?;
+        tx.commit().await.map_err(pg("COMMIT"))?;
+        COUNTERS.dropped.fetch_add(1, Ordering::Relaxed);
+        info!(table = %table, chunk = %chunk, rows, "dropped chunk; its archive is the only copy now");
+        Ok(None)
+    }
+
+    /// The archive failed a check: move it aside, send the chunk back to `pending` with a new
+    /// event, and forward that event to `archive:{T}`.
+    async fn rearchive(&self, row: &ChunkRow, reason: &str) -> Result<Option<Fields>, StageError> {
+        let table = &self.schema.table;
+        let chunk = row.display_name();
+        let mut moved = None;
+        if let Some(key) = &row.lake_path {
+            moved =
+                self.lake.reject(key).await.map_err(|e| {
+                    store_error(&format!("moving the rejected archive {key} aside"), e)
+                })?;
+        }
+        let client = self.pool.get().await?;
+        let updated = client
+            .query_opt(
+                &format!("UPDATE {CHUNKS} SET state = 'pending', event_id = $3, verify_failures = verify_failures + 1, last_error = $4, emitted_at = now(), lake_path = NULL, rows = NULL, bytes = NULL, sha256 = NULL WHERE id = $1 AND event_id = $2 RETURNING {ROW_COLUMNS}"),
+                &[&row.id, &row.event_id, &uuid::Uuid::new_v4().to_string(), &reason],
+            )
+            .await
+            .map_err(|e| StageError::from_postgres(&format!("sending chunk {chunk} of `{table}` back to archiving"), e))?;
+        let Some(updated) = updated else {
+            return Ok(None); // another confirmer got there first
+        };
+        let updated = ChunkRow::from_row(&updated)?;
+        COUNTERS.verify_failures.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            table = %table,
+            chunk = %chunk,
+            reason = %reason,
+            rejected_object = moved.as_deref().unwrap_or("-"),
+            failures = updated.verify_failures,
+            "archive failed verification; nothing dropped, archiving again"
+        );
+        Ok(Some(updated.event().to_fields()))
+    }
+}
+
+impl Stage for Confirmer {
+    async fn process(&self, batch: &Batch) -> Result<Outcome, StageError> {
+        let mut outcome = Outcome::default();
+        for (i, entry) in batch.entries.iter().enumerate() {
+            match self.handle(entry).await {
+                Ok(Some(fields)) => outcome.forward.push(fields),
+                Ok(None) => {}
+                Err(e) if e.hint == RetryHint::DeadLetter => {
+                    outcome.dead_letters.push(DeadLetter {
+                        entry: i,
+                        fields: None,
+                        error: e.message,
+                        sqlstate: e.sqlstate,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(outcome)
+    }
+}
