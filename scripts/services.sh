@@ -62,8 +62,10 @@ ensure_postgres() {
   log "PostgreSQL: DATABASE_URL=$DATABASE_URL"
 }
 
-# Test-only tools: the crash tests start their own redis-server and PostgreSQL (initdb, pg_ctl).
+# Test-only tools: the crash tests start their own redis-server and PostgreSQL (initdb, pg_ctl);
+# the observability tests scrape with a real Prometheus.
 ensure_test_tools() {
   command -v redis-server >/dev/null || apt_install redis-server
   [ -n "$(pg_bin)" ] || apt_install postgresql
+  command -v prometheus >/dev/null || apt_install prometheus
 }
