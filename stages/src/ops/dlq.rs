@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use strata_pipeline::config::Config;
 use strata_pipeline::frame::FRAME_FIELD;
 use strata_pipeline::schema::{self, SchemaRef, MSGPACK_FIELD};
@@ -34,7 +34,7 @@ use strata_pipeline::streams::{
     self, Entry, Fields, DLQ_DELIVERIES, DLQ_ERROR, DLQ_SOURCE_ID, DLQ_SQLSTATE, DLQ_STAGE,
 };
 
-use super::render::{bytes_json, fields_json};
+use super::render::{bytes_json, fields_json, Ordered, Rendered};
 use super::{check_id, redis_info, OpsError, StreamKind, StreamName, STREAM_FORMS};
 
 /// What to do with dead letters.
@@ -197,7 +197,9 @@ pub async fn dlq(
     match opts.action {
         DlqAction::List => {
             for d in &letters {
-                writeln!(out, "{}", Value::Object(list_json(&name, d)))?;
+                let line =
+                    serde_json::to_string(&list_line(&name, d)).map_err(std::io::Error::from)?;
+                writeln!(out, "{line}")?;
             }
             out.flush()?;
             let total = redis_info::xlen(&mut conn, &dlq_key).await?;
@@ -300,24 +302,42 @@ fn msgpack_with_time(packed: &[u8], time_col: &str, time: &str) -> Option<Vec<u8
     Some(buf)
 }
 
-/// A dead letter as one JSON object for `list`.
-fn list_json(name: &StreamName, d: &DeadLetter) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("id".into(), Value::String(d.id.clone()));
-    for (k, v) in &d.added {
-        let value = match k.as_str() {
-            DLQ_DELIVERIES => std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .map(Value::from)
-                .unwrap_or_else(|| bytes_json(v)),
-            _ => bytes_json(v),
-        };
-        m.insert(k.clone(), value);
+/// One line of `list`.
+#[derive(Debug, serde::Serialize)]
+struct ListLine {
+    /// The dead letter's own ID (what `--id` takes).
+    id: String,
+    /// `error`, `stage`, `source_id`, `deliveries` (a number), `sqlstate`.
+    #[serde(flatten)]
+    added: Ordered<Value>,
+    /// Where `replay` would send it.
+    replay_to: String,
+    /// What `replay` would send (before restoring a missing time).
+    fields: Ordered<Rendered>,
+}
+
+fn list_line(name: &StreamName, d: &DeadLetter) -> ListLine {
+    let added = d
+        .added
+        .iter()
+        .map(|(k, v)| {
+            let value = match k.as_str() {
+                DLQ_DELIVERIES => std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(Value::from)
+                    .unwrap_or_else(|| bytes_json(v)),
+                _ => bytes_json(v),
+            };
+            (k.clone(), value)
+        })
+        .collect();
+    ListLine {
+        id: d.id.clone(),
+        added,
+        replay_to: replay_target(name, d),
+        fields: fields_json(&d.original),
     }
-    m.insert("replay_to".into(), Value::String(replay_target(name, d)));
-    m.insert("fields".into(), Value::Object(fields_json(&d.original)));
-    m
 }
 
 async fn replay<C: redis::aio::ConnectionLike>(

@@ -5,13 +5,12 @@
 //! Works for every stream strata writes: `telemetry:{T}`, `rows:{T}`, `archive:{T}`,
 //! `archived:{T}` and their `:dlq` streams. Any other existing stream can be inspected too.
 
-use serde_json::{json, Value};
 use strata_pipeline::config::Config;
 use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams::Entry;
 
 use super::redis_info;
-use super::render::fields_json;
+use super::render::{fields_json, Ordered, Rendered};
 use super::{check_id, OpsError, StreamName, STREAM_FORMS};
 
 /// Options of `strata inspect`.
@@ -70,13 +69,26 @@ pub async fn inspect(
     let start = opts.from.as_deref().unwrap_or("-");
     let entries = redis_info::xrange(&mut conn, &opts.stream, start, "+", opts.count).await?;
     for entry in &entries {
-        writeln!(out, "{}", entry_json(entry))?;
+        let line = serde_json::to_string(&entry_json(entry)).map_err(std::io::Error::from)?;
+        writeln!(out, "{line}")?;
     }
     out.flush()?;
     Ok(())
 }
 
+/// One line of `inspect`: the entry's ID first, then its fields in order.
+#[derive(Debug, serde::Serialize)]
+pub struct EntryJson<'a> {
+    /// The stream ID.
+    pub id: &'a str,
+    /// The fields, rendered.
+    pub fields: Ordered<Rendered>,
+}
+
 /// One entry as `{"id": …, "fields": {…}}`.
-pub fn entry_json(entry: &Entry) -> Value {
-    json!({ "id": entry.id, "fields": fields_json(&entry.fields) })
+pub fn entry_json(entry: &Entry) -> EntryJson<'_> {
+    EntryJson {
+        id: &entry.id,
+        fields: fields_json(&entry.fields),
+    }
 }

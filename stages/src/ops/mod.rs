@@ -21,12 +21,12 @@ use strata_pipeline::streams;
 pub enum OpsError {
     #[error("Redis command failed")]
     Redis(#[from] redis::RedisError),
-    #[error("cannot reach Redis at {url}")]
+    #[error("cannot reach Redis at {url}: {reason}")]
     RedisConnect {
         /// The server asked for, without its password.
         url: String,
-        #[source]
-        source: redis::RedisError,
+        /// Redis's error (kept as text: its source would repeat it).
+        reason: String,
     },
     #[error("no Redis connection")]
     RedisPool(#[from] deadpool_redis::PoolError),

@@ -13,9 +13,9 @@ use super::{redact_url, OpsError};
 /// One connection to the configured Redis, checked with PING; a failure names the server.
 pub async fn connect(config: &Config) -> Result<MultiplexedConnection, OpsError> {
     let url = redact_url(&config.redis.url);
-    let fail = |source| OpsError::RedisConnect {
+    let fail = |e: redis::RedisError| OpsError::RedisConnect {
         url: url.clone(),
-        source,
+        reason: e.to_string(),
     };
     let client = redis::Client::open(config.redis.url.as_str()).map_err(fail)?;
     let cfg = redis::AsyncConnectionConfig::new()

@@ -10,15 +10,75 @@
 //!
 //! So a value is a JSON string exactly when it was text, and an object otherwise.
 
-use serde_json::{json, Map, Value};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::{json, Value};
 use strata_pipeline::frame::{Frame, FRAME_FIELD};
 use strata_pipeline::schema::MSGPACK_FIELD;
 
 /// Largest decompressed frame decoded (the writer's limit too).
 const MAX_FRAME_BYTES: usize = 256 << 20;
 
-/// The fields of an entry as a JSON object (a repeated field name keeps its last value).
-pub fn fields_json(fields: &[(String, Vec<u8>)]) -> Map<String, Value> {
+/// A JSON object that keeps its keys in the order given, as the entry had them (serde_json's
+/// own map sorts them). A repeated key keeps its first place and its last value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ordered<V>(pub Vec<(String, V)>);
+
+impl<V> Ordered<V> {
+    /// Adds `key`, or replaces its value in place.
+    pub fn insert(&mut self, key: String, value: V) {
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((key, value)),
+        }
+    }
+}
+
+impl<V> FromIterator<(String, V)> for Ordered<V> {
+    fn from_iter<I: IntoIterator<Item = (String, V)>>(iter: I) -> Self {
+        let mut o = Ordered(Vec::new());
+        for (k, v) in iter {
+            o.insert(k, v);
+        }
+        o
+    }
+}
+
+impl<V: Serialize> Serialize for Ordered<V> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// One rendered field value.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Rendered {
+    /// Text, MessagePack, binary or an undecodable frame.
+    Value(Value),
+    /// A decoded frame.
+    Frame {
+        /// Column names, in frame order.
+        columns: Vec<String>,
+        /// Their SQL types.
+        types: Vec<&'static str>,
+        /// One object per row, keys in column order.
+        rows: Vec<Ordered<Value>>,
+    },
+}
+
+impl Rendered {
+    /// As a plain JSON value (for tests and callers that do not care about key order).
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// The fields of an entry as a JSON object, in the entry's order.
+pub fn fields_json(fields: &[(String, Vec<u8>)]) -> Ordered<Rendered> {
     fields
         .iter()
         .map(|(k, v)| (k.clone(), field_json(k, v)))
@@ -26,11 +86,11 @@ pub fn fields_json(fields: &[(String, Vec<u8>)]) -> Map<String, Value> {
 }
 
 /// One field value as JSON, decoding frames and MessagePack by field name.
-pub fn field_json(name: &str, value: &[u8]) -> Value {
+pub fn field_json(name: &str, value: &[u8]) -> Rendered {
     match name {
         FRAME_FIELD => frame_json(value),
-        MSGPACK_FIELD => msgpack_json(value),
-        _ => bytes_json(value),
+        MSGPACK_FIELD => Rendered::Value(msgpack_json(value)),
+        _ => Rendered::Value(bytes_json(value)),
     }
 }
 
@@ -53,33 +113,31 @@ fn undecodable(value: &[u8], error: String) -> Value {
 }
 
 /// A frame decoded into its columns and rows.
-pub fn frame_json(value: &[u8]) -> Value {
+pub fn frame_json(value: &[u8]) -> Rendered {
     let frame = match Frame::decode(value, MAX_FRAME_BYTES) {
         Ok(f) => f,
-        Err(e) => return undecodable(value, e.to_string()),
+        Err(e) => return Rendered::Value(undecodable(value, e.to_string())),
     };
     let rows = match frame.to_cells() {
         Ok(rows) => rows,
-        Err(e) => return undecodable(value, e.to_string()),
+        Err(e) => return Rendered::Value(undecodable(value, e.to_string())),
     };
-    let rows: Vec<Value> = rows
+    let rows = rows
         .iter()
         .map(|cells| {
-            Value::Object(
-                frame
-                    .columns
-                    .iter()
-                    .zip(cells)
-                    .map(|((name, _), cell)| (name.clone(), cell.to_json()))
-                    .collect(),
-            )
+            frame
+                .columns
+                .iter()
+                .zip(cells)
+                .map(|((name, _), cell)| (name.clone(), cell.to_json()))
+                .collect()
         })
         .collect();
-    json!({
-        "columns": frame.columns.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-        "types": frame.columns.iter().map(|(_, t)| t.sql()).collect::<Vec<_>>(),
-        "rows": rows,
-    })
+    Rendered::Frame {
+        columns: frame.columns.iter().map(|(n, _)| n.clone()).collect(),
+        types: frame.columns.iter().map(|(_, t)| t.sql()).collect(),
+        rows,
+    }
 }
 
 /// A MessagePack payload as `{"msgpack": value}`, or as bytes with the decoding error.
@@ -178,12 +236,12 @@ mod tests {
 
     #[test]
     fn values_are_strings_when_text_and_objects_otherwise() {
-        assert_eq!(field_json("value", b"12.5"), json!("12.5"));
+        assert_eq!(field_json("value", b"12.5").to_value(), json!("12.5"));
         assert_eq!(
-            field_json("value", b"\xff\x00"),
+            field_json("value", b"\xff\x00").to_value(),
             json!({"base64": "/wA=", "bytes": 2})
         );
-        let bad = field_json("frame", b"not zstd");
+        let bad = field_json("frame", b"not zstd").to_value();
         assert_eq!(bad["bytes"], 8);
         assert!(bad["error"].as_str().unwrap().contains("zstd"), "{bad}");
         let mut packed = Vec::new();
@@ -193,11 +251,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            field_json("msgpack", &packed),
+            field_json("msgpack", &packed).to_value(),
             json!({"msgpack": {"value": 7}})
         );
-        assert!(field_json("msgpack", b"\xdc\x00\x20ab")
-            .get("error")
-            .is_some());
+        let bad = field_json("msgpack", b"\xdc\x00\x20ab").to_value();
+        assert!(bad.get("error").is_some(), "{bad}");
+        // Keys keep the entry's order; a repeated key keeps its first place.
+        let fields = [("z", "1"), ("a", "2"), ("z", "3")]
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()));
+        assert_eq!(
+            serde_json::to_string(&fields_json(&fields)).unwrap(),
+            r#"{"z":"3","a":"2"}"#
+        );
     }
 }

@@ -738,7 +738,11 @@ fn render_table(t: &TableStatus, p: Paint) -> String {
         None => p.dim("rows in the last minute: n/a"),
     });
     facts.push(if t.dead_letters > 0 {
-        p.red(&format!("{} dead letters", t.dead_letters))
+        p.red(&format!(
+            "{} dead letter{}",
+            t.dead_letters,
+            if t.dead_letters == 1 { "" } else { "s" }
+        ))
     } else {
         p.green("no dead letters")
     });
