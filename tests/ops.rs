@@ -7,7 +7,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::TestEnv;
 use serde_json::{json, Value};
@@ -89,7 +89,13 @@ async fn inspect_lines(
         from: from.map(str::to_string),
     };
     let mut out = Vec::new();
-    inspect(&env.config, &[env.schema.clone()], &opts, &mut out).await?;
+    inspect(
+        &env.config,
+        std::slice::from_ref(&env.schema),
+        &opts,
+        &mut out,
+    )
+    .await?;
     Ok(json_lines(&String::from_utf8(out).unwrap()))
 }
 
@@ -328,7 +334,7 @@ async fn status_reports_postgres_down_and_fails_clearly_without_redis() {
     config.redis.url = format!("redis://127.0.0.1:{closed}");
     let err = status(
         &config,
-        &[env.schema.clone()],
+        std::slice::from_ref(&env.schema),
         &StatusOptions::default(),
         &mut Vec::new(),
     )
@@ -350,7 +356,9 @@ async fn the_binary_prints_plain_aligned_status_when_piped() {
         .await;
     let running = start(&env.config, &env.schema, &[StageKind::Ingest]).await;
     let mut conn = env.redis().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
     while xlen(&env, &streams::dlq_stream(&env.input())).await < 1 {
+        assert!(Instant::now() < deadline, "ingest dead-lettered nothing");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(running).await;
@@ -470,10 +478,12 @@ async fn inspect_decodes_frames_back_into_the_rows_sent() {
 
     let running = start(&env.config, &env.schema, &[StageKind::Ingest]).await;
     let mut conn = env.redis().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !streams::drained(&mut conn, &env.input(), streams::INGEST)
         .await
         .unwrap()
     {
+        assert!(Instant::now() < deadline, "ingest did not drain");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(running).await;
@@ -602,7 +612,7 @@ async fn dead_letters_replayed_after_a_schema_fix_land_with_their_original_time(
 
     // The fix: a nullable `unit` column, migrated in place; ingest restarted with it.
     let schema = with_column(&env, "\n[[columns]]\nname = \"unit\"\ntype = \"text\"\n");
-    strata_stages::migrate::migrate(&env.config, &[schema.clone()])
+    strata_stages::migrate::migrate(&env.config, std::slice::from_ref(&schema))
         .await
         .unwrap();
     let summary = run_dlq(&env.config, DlqAction::Replay, &env.input(), None)
