@@ -6,6 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use strata_pipeline::config::TracingConfig;
 use strata_pipeline::schema::{self, SchemaRef};
 use strata_pipeline::{streams, Config};
 use strata_stages::ops::dlq::{dlq, DlqAction, DlqOptions};
@@ -139,35 +142,89 @@ struct DlqArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let (config, schemas) = match load(&cli) {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(e.as_ref()),
+    };
+    let provider = init_logging(cli.log_format, &config.tracing);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli, config, schemas));
+    if let Some(p) = provider {
+        // Flush the spans still batched.
+        let _ = p.shutdown();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut source = e.source();
-            while let Some(s) = source {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                source = s.source();
-            }
-            eprintln!("strata: {msg}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e.as_ref()),
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Prints an error with its chain of causes.
+fn fail(e: &(dyn std::error::Error + 'static)) -> ExitCode {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    eprintln!("strata: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Logs to stderr (text or JSON, level from RUST_LOG) and, when `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// (or `…_TRACES_ENDPOINT`) is set, exports spans over OTLP/HTTP.
+fn init_logging(format: LogFormat, tracing_config: &TracingConfig) -> Option<SdkTracerProvider> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,tokio_postgres=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+    let provider = otel_provider(tracing_config);
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("strata")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry
+            .with(fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
+            .init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
+    provider
+}
+
+fn otel_provider(tracing_config: &TracingConfig) -> Option<SdkTracerProvider> {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
+    if !(set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        || std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        return None;
+    }
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("strata: OpenTelemetry exporter disabled: {e}");
+            return None;
+        }
+    };
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if !set("OTEL_SERVICE_NAME") {
+        resource = resource.with_service_name("strata");
+    }
+    let mut builder = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build());
+    if !set("OTEL_TRACES_SAMPLER") {
+        let ratio = tracing_config.sample_ratio.clamp(0.0, 1.0);
+        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio,
+        ))));
+    }
+    strata_pipeline::trace::set_enabled();
+    Some(builder.build())
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -182,8 +239,7 @@ fn load(cli: &Cli) -> Result<(Config, Vec<SchemaRef>), BoxError> {
     Ok((config, schemas))
 }
 
-async fn run(cli: Cli) -> Result<(), BoxError> {
-    let (config, schemas) = load(&cli)?;
+async fn run(cli: Cli, config: Config, schemas: Vec<SchemaRef>) -> Result<(), BoxError> {
     match &cli.command {
         Command::Migrate => {
             for r in strata_stages::migrate::migrate(&config, &schemas).await? {

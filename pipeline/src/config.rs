@@ -27,6 +27,8 @@ pub struct Config {
     pub batch_writer: BatchWriterConfig,
     /// The admin endpoint: /metrics, /healthz, /readyz.
     pub admin: AdminConfig,
+    /// OpenTelemetry sampling (the exporter itself is configured by the standard OTEL_* variables).
+    pub tracing: TracingConfig,
     /// Where archived chunks go.
     pub lake: LakeConfig,
     /// The chunk-watcher stage (finds closed chunks).
@@ -47,6 +49,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             batch_writer: BatchWriterConfig::default(),
             admin: AdminConfig::default(),
+            tracing: TracingConfig::default(),
             lake: LakeConfig::default(),
             chunk_watcher: ChunkWatcherConfig::default(),
             archiver: ArchiverConfig::default(),
@@ -102,6 +105,25 @@ impl Default for PostgresConfig {
             url: "postgres://postgres@127.0.0.1:5432/strata".into(),
             timescaledb: TimescaleMode::Auto,
             pool_size: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Share of batch spans without a producer traceparent that are exported (0.0 to 1.0);
+    /// `OTEL_TRACES_SAMPLER` overrides it.
+    pub sample_ratio: f64,
+    /// Per batch, at most this many events carrying a traceparent get spans of their own.
+    pub max_event_spans_per_batch: usize,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            sample_ratio: 0.01,
+            max_event_spans_per_batch: 16,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`latency`]: the end-to-end latency histogram (for summaries).
 //! - [`observe`]: metric names, the Prometheus recorder, per-loop metric handles.
 //! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` endpoint.
+//! - [`trace`]: W3C trace context carried across the streams.
 //! - [`shutdown`]: SIGTERM/SIGINT → graceful stop.
 
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod runner;
 pub mod schema;
 pub mod shutdown;
 pub mod streams;
+pub mod trace;
 
 pub use config::Config;
 pub use error::{ConfigError, RetryHint, StageError};

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{BatchLimits, StreamsConfig};
 use crate::error::{RetryHint, StageError};
@@ -456,7 +456,8 @@ impl<S: Stage> Worker<S> {
                     let bytes: usize = batch.entries.iter().map(Entry::size).sum();
                     self.metrics.batch_rows.record(rows as f64);
                     self.metrics.batch_bytes.record(bytes as f64);
-                    self.stage.process(&batch).await
+                    let span = tracing::info_span!("process", stage = self.spec.stage, stream = %self.spec.input, entries = batch.entries.len(), rows);
+                    self.stage.process(&batch).instrument(span).await
                 }
             };
             match result {

@@ -5,6 +5,7 @@ use strata_pipeline::frame::{FrameBuilder, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIE
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef, UnknownFields, MSGPACK_FIELD, TRACEPARENT_FIELD};
 use strata_pipeline::streams::Entry;
+use strata_pipeline::trace::{self, TRACEPARENTS_FIELD};
 use strata_pipeline::StageError;
 
 /// Validates `telemetry:{T}` entries into frames.
@@ -15,6 +16,8 @@ pub struct Ingest {
     pub max_event_bytes: usize,
     /// zstd level of the frames.
     pub zstd_level: i32,
+    /// Per batch, at most this many traced events get spans.
+    pub max_event_spans: usize,
 }
 
 impl Stage for Ingest {
@@ -23,6 +26,7 @@ impl Stage for Ingest {
         let mut outcome = Outcome::default();
         let mut first_ms = u64::MAX;
         let mut rows = Vec::new();
+        let mut traced = Vec::new();
         for (i, entry) in batch.entries.iter().enumerate() {
             rows.clear();
             match self.validate(entry, &mut rows) {
@@ -31,6 +35,9 @@ impl Stage for Ingest {
                         frame.push_row(row);
                     }
                     first_ms = first_ms.min(entry.ms());
+                    if let Some(tp) = self.event_span(entry, traced.len()) {
+                        traced.push(tp);
+                    }
                 }
                 Err(error) => outcome.dead_letters.push(DeadLetter {
                     entry: i,
@@ -50,12 +57,32 @@ impl Stage for Ingest {
                 ),
                 (FRAME_FIELD.to_string(), frame.finish(self.zstd_level)),
             ]);
+            if !traced.is_empty() {
+                let fields = &mut outcome.forward[0];
+                fields.push((
+                    TRACEPARENTS_FIELD.to_string(),
+                    traced.join(" ").into_bytes(),
+                ));
+            }
         }
         Ok(outcome)
     }
 }
 
 impl Ingest {
+    /// For an entry carrying a `traceparent`, records an `ingest.event` span under it and
+    /// returns that span's traceparent, for the writer to continue the trace.
+    fn event_span(&self, entry: &Entry, traced_so_far: usize) -> Option<String> {
+        if !trace::enabled() || traced_so_far >= self.max_event_spans {
+            return None;
+        }
+        let parent = std::str::from_utf8(entry.field(TRACEPARENT_FIELD)?).ok()?;
+        let span =
+            tracing::info_span!("ingest.event", table = %self.schema.table, entry_id = %entry.id);
+        trace::set_remote_parent(&span, parent);
+        trace::traceparent(&span)
+    }
+
     /// Turns one entry into rows (one, or one per map of a MessagePack array), or says which
     /// field is wrong and why.
     pub fn validate(&self, entry: &Entry, rows: &mut Vec<Vec<Cell>>) -> Result<(), String> {
@@ -233,6 +260,7 @@ type = "float8"
             schema: Arc::new(schema),
             max_event_bytes: 200,
             zstd_level: 1,
+            max_event_spans: 0,
         }
     }
 

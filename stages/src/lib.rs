@@ -136,6 +136,7 @@ pub async fn start(
                         schema: schema.clone(),
                         max_event_bytes: config.ingest.max_event_bytes,
                         zstd_level: config.ingest.zstd_level,
+                        max_event_spans: config.tracing.max_event_spans_per_batch,
                     };
                     let spec = LoopSpec {
                         stage: INGEST,
@@ -158,6 +159,7 @@ pub async fn start(
                 StageKind::BatchWriter => {
                     let input = streams::rows_stream(table);
                     let mut writer = connect_writer(schema, &input, &pg, config, &shutdown).await?;
+                    writer.max_event_spans = config.tracing.max_event_spans_per_batch;
                     writer.latency = stats.latency.clone();
                     writer.rows_written = stats.rows_written.clone();
                     let writer = Arc::new(writer);

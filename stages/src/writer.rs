@@ -19,6 +19,7 @@ use strata_pipeline::observe::WriterMetrics;
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef};
 use strata_pipeline::streams::{Entry, Fields};
+use strata_pipeline::trace::TRACEPARENTS_FIELD;
 use strata_pipeline::StageError;
 
 use crate::catalog::{self, ident, KnownPartitions, Partitioning, APPLIED_FRAMES};
@@ -45,6 +46,8 @@ pub struct BatchWriter {
     pub rows_written: Arc<AtomicU64>,
     /// Prometheus handles: rows written, COPY duration, end-to-end latency.
     metrics: WriterMetrics,
+    /// Per batch, at most this many traced events get a COPY span.
+    pub max_event_spans: usize,
 }
 
 /// Rows of a batch encoded for COPY.
@@ -82,6 +85,7 @@ impl BatchWriter {
             latency: Arc::default(),
             rows_written: Arc::default(),
             metrics,
+            max_event_spans: 0,
         })
     }
 
@@ -406,6 +410,24 @@ impl Stage for BatchWriter {
                 }
             }
         }
+        // One COPY span under each traced event's ingest span, open until COMMIT.
+        let spans: Vec<tracing::Span> = if strata_pipeline::trace::enabled() {
+            batch
+                .entries
+                .iter()
+                .filter(|e| new.contains(&e.id))
+                .filter_map(|e| std::str::from_utf8(e.field(TRACEPARENTS_FIELD)?).ok())
+                .flat_map(str::split_whitespace)
+                .take(self.max_event_spans)
+                .map(|tp| {
+                    let span = tracing::info_span!("batch_writer.copy", table = %self.schema.table);
+                    strata_pipeline::trace::set_remote_parent(&span, tp);
+                    span
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let rows: Vec<usize> = (0..enc.rows.len())
             .filter(|&r| new.contains(&batch.entries[enc.rows[r].1].id))
             .collect();
@@ -444,7 +466,10 @@ impl Stage for BatchWriter {
             .map_err(pg("storing dead letters"))?;
         }
         tx.commit().await.map_err(pg("COMMIT"))?;
-        self.metrics.copy_duration.record(began.elapsed().as_secs_f64());
+        self.metrics
+            .copy_duration
+            .record(began.elapsed().as_secs_f64());
+        drop(spans);
         let committed = (written - bad.len()) as u64;
         self.rows_written.fetch_add(committed, Ordering::Relaxed);
         self.metrics.rows_written.increment(committed);
