@@ -329,7 +329,7 @@ async fn apply_compression_policy(
         .map_err(sql(format!("enabling compression on {table}")))?;
     client
         .execute(
-            "SELECT add_compression_policy($1::regclass, compress_after => ($2::bigint * interval '1 microsecond'), if_not_exists => true)",
+            "SELECT add_compression_policy($1::text::regclass, compress_after => ($2::bigint * interval '1 microsecond'), if_not_exists => true)",
             &[&ident(table), &after_us],
         )
         .await

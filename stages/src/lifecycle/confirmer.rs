@@ -390,7 +390,7 @@ impl Confirmer {
             Partitioning::Hypertable => {
                 let dropped: Vec<String> = tx
                     .query(
-                        "SELECT drop_chunks($1::regclass, older_than => $2::text::timestamptz, newer_than => $3::text::timestamptz)::text",
+                        "SELECT drop_chunks($1::text::regclass, older_than => $2::text::timestamptz, newer_than => $3::text::timestamptz)::text",
                         &[&ident(table), &rfc3339_us(row.range_end_us), &rfc3339_us(row.range_start_us)],
                     )
                     .await

@@ -43,6 +43,8 @@ use crate::StageKind;
 pub mod deps {
     pub use arrow_array;
     pub use arrow_schema;
+    pub use bytes;
+    pub use futures_util;
     pub use object_store;
     pub use parquet;
     pub use sha2;

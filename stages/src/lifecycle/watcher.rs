@@ -117,7 +117,7 @@ impl Watcher {
                          JOIN pg_class c ON c.oid = i.inhrelid
                          JOIN pg_namespace n ON n.oid = c.relnamespace
                          CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)') AS b
-                         WHERE i.inhparent = $2::regclass
+                         WHERE i.inhparent = $2::text::regclass
                            AND b[2]::timestamptz <= now() - $3::bigint * interval '1 microsecond'
                          ORDER BY 5
                          ON CONFLICT DO NOTHING

@@ -1,0 +1,828 @@
+//! The chunk lifecycle against real Redis, PostgreSQL and object stores: closed chunks are
+//! archived to Parquet, read back, verified and dropped; the files equal the source rows exactly;
+//! a killed archiver leaves nothing visible and a restart finishes; corrupt or truncated archives
+//! are caught and nothing is dropped; late rows for a dropped range become a second file; several
+//! watchers emit each chunk once. The same scenarios run on local disk, S3 (moto) and Azure
+//! Blob (Azurite); TimescaleDB's path runs where the extension exists.
+
+mod common;
+mod lifecycle_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use lifecycle_support::{Backend, BackendKind};
+use strata_pipeline::schema::Schema;
+use strata_pipeline::streams;
+use strata_stages::lifecycle::deps::arrow_array::cast::AsArray;
+use strata_stages::lifecycle::deps::arrow_array::types::{Float64Type, TimestampMicrosecondType};
+use strata_stages::lifecycle::deps::arrow_array::Array;
+use strata_stages::lifecycle::deps::arrow_schema::{DataType, TimeUnit};
+use strata_stages::lifecycle::deps::bytes::Bytes;
+use strata_stages::lifecycle::deps::futures_util::{self, StreamExt};
+use strata_stages::lifecycle::deps::object_store::path::Path;
+use strata_stages::lifecycle::deps::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use strata_stages::lifecycle::deps::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use strata_stages::lifecycle::deps::parquet::file::reader::{FileReader, SerializedFileReader};
+use strata_stages::lifecycle::lake::Lake;
+use strata_stages::StageKind;
+use tokio_util::sync::CancellationToken;
+
+const HOUR_US: i64 = 3_600_000_000;
+
+const STREAMS: &str = "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\n[chunk_watcher]\ninterval_ms = 200\nreemit_after_ms = 600000\n";
+
+/// One scenario's world: a TestEnv whose table has 1-hour chunks archived once they ended an
+/// hour ago (and dropped once verified), the lake, and cleanup of the lifecycle streams.
+struct Lc {
+    env: TestEnv,
+    lake: Lake,
+}
+
+impl Drop for Lc {
+    fn drop(&mut self) {
+        let (table, url) = (self.env.table.clone(), self.env.redis_url.clone());
+        let _ = std::thread::spawn(move || {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            if let Ok(mut conn) = client.get_connection() {
+                let a = streams::archive_stream(&table);
+                let b = streams::archived_stream(&table);
+                let keys = [streams::dlq_stream(&a), streams::dlq_stream(&b), a, b];
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+            }
+        })
+        .join();
+    }
+}
+
+async fn setup(backend: &Backend, extra: &str) -> Lc {
+    let config = format!("{STREAMS}{extra}{}", backend.lake_toml);
+    let mut env = TestEnv::new("metrics", &config).await;
+    let path = env
+        .dir
+        .path()
+        .join("schemas")
+        .join(format!("{}.toml", env.table));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("chunk_interval = \"1 day\"", "chunk_interval = \"1 hour\"")
+        .replace("archive_after = \"7 days\"", "archive_after = \"1 hour\"");
+    assert!(text.contains("\"1 hour\"") && text.contains("drop_after_archive = true"));
+    std::fs::write(&path, &text).unwrap();
+    env.schema = Arc::new(Schema::from_toml("test", &text).unwrap());
+    env.migrate().await;
+    let lake = Lake::open(&env.config.lake).expect("open the lake");
+    Lc { env, lake }
+}
+
+/// Runs `kinds` in this process until the returned token is cancelled.
+async fn start(
+    env: &TestEnv,
+    kinds: &[StageKind],
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let running = strata_stages::start(&env.config, &[env.schema.clone()], kinds, stop.clone())
+        .await
+        .expect("start stages");
+    let s = stop.clone();
+    let handle = tokio::spawn(async move { running.wait(&s).await.expect("stages failed") });
+    (stop, handle)
+}
+
+async fn stop(running: (CancellationToken, tokio::task::JoinHandle<()>)) {
+    running.0.cancel();
+    running.1.await.unwrap();
+}
+
+const LIFECYCLE: [StageKind; 3] = [
+    StageKind::ChunkWatcher,
+    StageKind::Archiver,
+    StageKind::Confirmer,
+];
+
+/// A row of `strata.chunks`, as the tests look at it.
+#[derive(Debug, Clone)]
+struct Chunk {
+    chunk: String,
+    range_start_us: i64,
+    state: String,
+    verify_failures: i32,
+    lake_path: Option<String>,
+    rows: Option<i64>,
+    sha256: Option<String>,
+    last_error: Option<String>,
+}
+
+async fn chunks(env: &TestEnv) -> Vec<Chunk> {
+    env.pg()
+        .await
+        .query(
+            "SELECT chunk, (extract(epoch from range_start) * 1000000)::bigint, state, verify_failures, lake_path, rows, sha256, last_error FROM strata.chunks WHERE table_name = $1 ORDER BY id",
+            &[&env.table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| Chunk {
+            chunk: r.get(0),
+            range_start_us: r.get(1),
+            state: r.get(2),
+            verify_failures: r.get(3),
+            lake_path: r.get(4),
+            rows: r.get(5),
+            sha256: r.get(6),
+            last_error: r.get(7),
+        })
+        .collect()
+}
+
+/// Waits until the table's chunks satisfy `done`.
+async fn wait_chunks(
+    env: &TestEnv,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&[Chunk]) -> bool,
+) -> Vec<Chunk> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = chunks(env).await;
+        if done(&c) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {c:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn states(c: &[Chunk]) -> Vec<&str> {
+    c.iter().map(|c| c.state.as_str()).collect()
+}
+
+/// Objects under `<prefix>/<folder>/`, sorted by key.
+async fn objects(lake: &Lake, backend: &Backend, folder: &str) -> Vec<(String, Bytes)> {
+    let prefix = Path::from(format!("{}/{folder}", backend.prefix));
+    let mut keys: Vec<String> = lake
+        .store
+        .list(Some(&prefix))
+        .map(|m| m.unwrap().location.to_string())
+        .collect()
+        .await;
+    keys.sort();
+    let mut out = Vec::new();
+    for k in keys {
+        let bytes = lake
+            .store
+            .get(&Path::from(k.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        out.push((k, bytes));
+    }
+    out
+}
+
+/// A metrics row: time (µs), source, metric, value (bits, so NaN and -0 compare exactly), tags.
+type Row = (i64, String, String, u64, Option<String>);
+
+async fn pg_rows(env: &TestEnv, filter: &str) -> Vec<Row> {
+    let mut rows: Vec<Row> = env
+        .pg()
+        .await
+        .query(
+            &format!(
+                "SELECT (extract(epoch from time) * 1000000)::bigint, source, metric, value, tags::text FROM {} {filter}",
+                env.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get::<_, f64>(3).to_bits(), r.get(4)))
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Every row of a Parquet file, checking the Arrow types on the way.
+fn parquet_rows(bytes: &Bytes) -> Vec<Row> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).unwrap();
+    let schema = builder.schema().clone();
+    let types: Vec<(&str, &DataType, bool)> = schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().as_str(), f.data_type(), f.is_nullable()))
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            (
+                "time",
+                &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false
+            ),
+            ("source", &DataType::Utf8, false),
+            ("metric", &DataType::Utf8, false),
+            ("value", &DataType::Float64, false),
+            ("tags", &DataType::Utf8, true),
+        ]
+    );
+    let mut rows = Vec::new();
+    for batch in builder.build().unwrap() {
+        let b = batch.unwrap();
+        let time = b.column(0).as_primitive::<TimestampMicrosecondType>();
+        let source = b.column(1).as_string::<i32>();
+        let metric = b.column(2).as_string::<i32>();
+        let value = b.column(3).as_primitive::<Float64Type>();
+        let tags = b.column(4).as_string::<i32>();
+        for i in 0..b.num_rows() {
+            rows.push((
+                time.value(i),
+                source.value(i).to_string(),
+                metric.value(i).to_string(),
+                value.value(i).to_bits(),
+                (!tags.is_null(i)).then(|| tags.value(i).to_string()),
+            ));
+        }
+    }
+    rows
+}
+
+/// Footer key-value metadata of a Parquet file.
+fn footer(bytes: &Bytes) -> (i64, Vec<(String, String)>) {
+    let reader = SerializedFileReader::new(bytes.clone()).unwrap();
+    let meta = reader.metadata().file_metadata();
+    let kv = meta
+        .key_value_metadata()
+        .map(|kvs| {
+            kvs.iter()
+                .filter(|k| k.key.starts_with("strata."))
+                .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    (meta.num_rows(), kv)
+}
+
+fn rfc3339(us: i64) -> String {
+    strata_stages::lifecycle::events::rfc3339_us(us)
+}
+
+/// The start of the current hour, in µs.
+fn this_hour() -> i64 {
+    let now = chrono::Utc::now().timestamp_micros();
+    now - now.rem_euclid(HOUR_US)
+}
+
+async fn xlen(env: &TestEnv, key: &str) -> i64 {
+    let mut conn = env.redis().await;
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Creates the partition starting at `start_us` and fills it with `n` rows by SQL (for volumes
+/// the hot path would take long to carry in a debug build); `random` makes the text and values
+/// incompressible, so the archive is large.
+async fn fill_chunk(env: &TestEnv, start_us: i64, n: i64) {
+    let mut client = env.pg().await;
+    strata_stages::catalog::create_partition(&mut client, &env.schema, start_us)
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {} (time, source, metric, value, tags)
+                 SELECT to_timestamp($1::bigint / 1e6 + i * (3000.0 / $2::bigint)), 'host-' || (i % 97), md5(i::text || random()::text), random(),
+                        CASE WHEN i % 3 = 0 THEN NULL ELSE jsonb_build_object('i', i) END
+                 FROM generate_series(0, $2::bigint - 1) AS i",
+                env.table
+            ),
+            &[&start_us, &n],
+        )
+        .await
+        .unwrap();
+}
+
+/// Events of three hours land through the hot path; the three closed chunks are archived,
+/// verified and dropped; the files equal the rows exactly, types included. Then late rows for
+/// the first (dropped) hour land in a new partition, which becomes a second file.
+async fn full_lifecycle_and_late_data(backend: &Backend) {
+    let lc = setup(backend, "").await;
+    let env = &lc.env;
+    let base_ms = (this_hour() - 5 * HOUR_US) / 1000;
+    let mut conn = env.redis().await;
+    let mut pipe = redis::pipe();
+    let specials = ["NaN", "-0", "1e308", "5e-324", "-inf"];
+    for i in 0..900i64 {
+        let value = if (i as usize) < specials.len() {
+            specials[i as usize].to_string()
+        } else {
+            format!("{}", i as f64 * 0.25 - 100.0)
+        };
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(env.input())
+            .arg("*")
+            .arg("time")
+            .arg(base_ms + i * 12_000 + i % 7)
+            .arg("source")
+            .arg(format!("host-{}-ü✓", i % 5))
+            .arg("metric")
+            .arg(if i % 2 == 0 { "cpu.user" } else { "mem" })
+            .arg("value")
+            .arg(value);
+        if i % 4 != 0 {
+            cmd.arg("tags").arg(format!(
+                "{{\"seq\":{i},\"tag\":\"ä\\n\",\"nested\":[1,{{\"x\":null}}]}}"
+            ));
+        }
+        pipe.add_command(cmd).ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    let hot = start(env, &StageKind::HOT_PATH).await;
+    env.wait_landed(900, Duration::from_secs(60)).await;
+    stop(hot).await;
+    let source = pg_rows(env, "").await;
+    assert_eq!(source.len(), 900);
+
+    let lifecycle = start(env, &LIFECYCLE).await;
+    let done = wait_chunks(
+        env,
+        "3 chunks archived, verified and dropped",
+        Duration::from_secs(90),
+        |c| c.len() == 3 && c.iter().all(|c| c.state == "dropped"),
+    )
+    .await;
+    stop(lifecycle).await;
+    assert_eq!(env.count().await, 0, "every closed chunk was dropped");
+    let h0 = this_hour() - 5 * HOUR_US;
+    for (i, c) in done.iter().enumerate() {
+        assert_eq!(c.range_start_us, h0 + i as i64 * HOUR_US);
+        assert_eq!(c.verify_failures, 0);
+    }
+    let partitions: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = $1::text::regclass",
+            &[&env.table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        partitions, 2,
+        "only the premade current and next hours remain"
+    );
+
+    let files = objects(&lc.lake, backend, &env.table).await;
+    assert_eq!(
+        files.len(),
+        3,
+        "one file per chunk: {:?}",
+        files.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    let mut archived = Vec::new();
+    for ((key, bytes), c) in files.iter().zip(&done) {
+        let date = chrono::DateTime::from_timestamp_micros(c.range_start_us)
+            .unwrap()
+            .format("%Y-%m-%d");
+        assert!(
+            key.starts_with(&format!(
+                "{}/{}/date={date}/{}-",
+                backend.prefix, env.table, c.chunk
+            )) && key.ends_with(".parquet"),
+            "{key}"
+        );
+        assert_eq!(c.lake_path.as_deref(), Some(key.as_str()));
+        let (rows, kv) = footer(bytes);
+        assert_eq!(Some(rows), c.rows);
+        assert_eq!(
+            kv,
+            vec![
+                ("strata.table".to_string(), env.table.clone()),
+                ("strata.chunk".to_string(), c.chunk.clone()),
+                ("strata.range_start".to_string(), rfc3339(c.range_start_us)),
+                (
+                    "strata.range_end".to_string(),
+                    rfc3339(c.range_start_us + HOUR_US)
+                ),
+                ("strata.rows".to_string(), rows.to_string()),
+            ]
+        );
+        let sha = strata_stages::lifecycle::lake::hex(
+            &<strata_stages::lifecycle::deps::sha2::Sha256 as strata_stages::lifecycle::deps::sha2::Digest>::digest(bytes),
+        );
+        assert_eq!(c.sha256.as_deref(), Some(sha.as_str()));
+        let rows_in_file = parquet_rows(bytes);
+        assert!(rows_in_file
+            .iter()
+            .all(|r| r.0 >= c.range_start_us && r.0 < c.range_start_us + HOUR_US));
+        archived.extend(rows_in_file);
+    }
+    archived.sort();
+    assert_eq!(
+        archived, source,
+        "the archives hold exactly the source rows"
+    );
+
+    // Late rows for the first hour, after its chunk was dropped: a new partition, a second file.
+    let hot = start(env, &StageKind::HOT_PATH).await;
+    for (i, t) in [base_ms + 1_000, base_ms + 2_000].iter().enumerate() {
+        env.xadd(&[
+            ("time", t.to_string().as_bytes()),
+            ("source", b"late"),
+            ("metric", b"m"),
+            ("value", i.to_string().as_bytes()),
+        ])
+        .await;
+    }
+    env.wait_landed(2, Duration::from_secs(60)).await;
+    stop(hot).await;
+    let late = pg_rows(env, "").await;
+    let lifecycle = start(env, &LIFECYCLE).await;
+    let after = wait_chunks(
+        env,
+        "the late chunk archived and dropped",
+        Duration::from_secs(60),
+        |c| c.len() == 4 && c.iter().all(|c| c.state == "dropped"),
+    )
+    .await;
+    stop(lifecycle).await;
+    assert_eq!(
+        after[3].chunk, done[0].chunk,
+        "same partition name, new incarnation"
+    );
+    assert_eq!(after[3].rows, Some(2));
+    let files_after = objects(&lc.lake, backend, &env.table).await;
+    assert_eq!(files_after.len(), 4);
+    for (key, bytes) in &files {
+        let still = files_after
+            .iter()
+            .find(|(k, _)| k == key)
+            .expect("first archives kept");
+        assert_eq!(&still.1, bytes, "no archive is ever overwritten");
+    }
+    let second = files_after
+        .iter()
+        .find(|(k, _)| Some(k.as_str()) == after[3].lake_path.as_deref())
+        .unwrap();
+    assert_eq!(parquet_rows(&second.1), late);
+    assert!(env.dead_letters(&env.rows()).await.is_empty());
+}
+
+/// SIGKILL of a `strata archiver` process in the middle of a multipart upload: nothing visible,
+/// nothing dropped; a restarted archiver (after the claim delay) finishes and the chunk is
+/// dropped with exactly one file.
+async fn killed_archiver_leaves_nothing_and_a_restart_finishes(backend: &Backend) {
+    let lc = setup(
+        backend,
+        "[archiver]\npart_size_bytes = 5242880\nrow_group_rows = 16384\nbatch_rows = 4096\n",
+    )
+    .await;
+    let env = &lc.env;
+    let h0 = this_hour() - 4 * HOUR_US;
+    let n = 300_000;
+    fill_chunk(env, h0, n).await;
+    let watcher = start(env, &[StageKind::ChunkWatcher]).await;
+    wait_chunks(env, "the chunk recorded", Duration::from_secs(30), |c| {
+        c.len() == 1
+    })
+    .await;
+    stop(watcher).await;
+
+    let mut archiver = env.spawn(&["archiver"], "archiver1.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = chunks(env).await;
+        assert!(
+            c[0].state == "pending" || c[0].state == "archiving",
+            "the archiver finished before it could be killed (make the chunk larger): {c:?}\n{}",
+            env.log("archiver1.log")
+        );
+        if c[0].state == "archiving" && backend.upload_in_progress() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no upload in progress within 120 s: {}",
+            env.log("archiver1.log")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    archiver.kill().unwrap(); // SIGKILL, mid-upload
+    archiver.wait().unwrap();
+    let c = chunks(env).await;
+    assert_eq!(
+        states(&c),
+        ["archiving"],
+        "killed before recording the archive"
+    );
+    assert!(
+        objects(&lc.lake, backend, &env.table).await.is_empty(),
+        "no partial object is visible"
+    );
+    assert_eq!(env.count().await, n, "nothing dropped");
+
+    let lifecycle = start(env, &[StageKind::Archiver, StageKind::Confirmer]).await;
+    let done = wait_chunks(
+        env,
+        "the restarted archiver to finish",
+        Duration::from_secs(180),
+        |c| c[0].state == "dropped",
+    )
+    .await;
+    stop(lifecycle).await;
+    let files = objects(&lc.lake, backend, &env.table).await;
+    assert_eq!(files.len(), 1, "exactly one archive");
+    assert_eq!(Some(files[0].0.as_str()), done[0].lake_path.as_deref());
+    assert_eq!(footer(&files[0].1).0, n);
+    assert_eq!(env.count().await, 0);
+    assert!(
+        backend.local_staging_files().is_empty(),
+        "staging files of the killed upload were removed: {:?}",
+        backend.local_staging_files()
+    );
+}
+
+/// A corrupted and a truncated archive are caught by the confirmer: nothing is dropped, the
+/// objects move to `_rejected/`, the chunks are archived again; one that keeps failing past
+/// `max_rearchives` ends in `archive:{T}:dlq`, still in PostgreSQL.
+async fn corrupt_or_truncated_archives_are_caught(backend: &Backend) {
+    let lc = setup(backend, "[confirmer]\nmax_rearchives = 1\n").await;
+    let env = &lc.env;
+    let h0 = this_hour() - 4 * HOUR_US;
+    fill_chunk(env, h0, 1000).await;
+    fill_chunk(env, h0 + HOUR_US, 1000).await;
+    let count = |start: i64| {
+        let table = env.table.clone();
+        async move {
+            env.pg()
+                .await
+                .query_one(
+                    &format!("SELECT count(*) FROM {table} WHERE time >= to_timestamp($1::bigint / 1e6) AND time < to_timestamp($1::bigint / 1e6 + 3600)"),
+                    &[&start],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+
+    let running = start(env, &[StageKind::ChunkWatcher, StageKind::Archiver]).await;
+    let c = wait_chunks(env, "both chunks archived", Duration::from_secs(60), |c| {
+        c.len() == 2 && c.iter().all(|c| c.state == "archived")
+    })
+    .await;
+    stop(running).await;
+    let (a, b) = (
+        Path::from(c[0].lake_path.clone().unwrap()),
+        Path::from(c[1].lake_path.clone().unwrap()),
+    );
+    let corrupt = |bytes: Bytes| {
+        let mut v = bytes.to_vec();
+        let mid = v.len() / 2;
+        v[mid] ^= 0xff;
+        v
+    };
+    let truncate = |bytes: Bytes| bytes[..bytes.len() / 2].to_vec();
+    let get = |p: Path| {
+        let store = lc.lake.store.clone();
+        async move { store.get(&p).await.unwrap().bytes().await.unwrap() }
+    };
+    let bytes_a = get(a.clone()).await;
+    lc.lake
+        .store
+        .put(&a, PutPayload::from(corrupt(bytes_a)))
+        .await
+        .unwrap();
+    let bytes_b = get(b.clone()).await;
+    lc.lake
+        .store
+        .put(&b, PutPayload::from(truncate(bytes_b)))
+        .await
+        .unwrap();
+
+    let running = start(env, &[StageKind::Confirmer]).await;
+    let c = wait_chunks(
+        env,
+        "both archives rejected",
+        Duration::from_secs(60),
+        |c| {
+            c.iter()
+                .all(|c| c.state == "pending" && c.verify_failures == 1)
+        },
+    )
+    .await;
+    stop(running).await;
+    assert!(
+        c[0].last_error.as_deref().unwrap().contains("SHA-256"),
+        "{:?}",
+        c[0].last_error
+    );
+    assert!(
+        c[1].last_error.as_deref().unwrap().contains("bytes"),
+        "{:?}",
+        c[1].last_error
+    );
+    assert_eq!(
+        (count(h0).await, count(h0 + HOUR_US).await),
+        (1000, 1000),
+        "nothing dropped"
+    );
+    assert!(objects(&lc.lake, backend, &env.table).await.is_empty());
+    assert_eq!(objects(&lc.lake, backend, "_rejected").await.len(), 2);
+    assert_eq!(
+        xlen(env, &streams::archive_stream(&env.table)).await,
+        4,
+        "one new archival event per rejected archive"
+    );
+
+    let running = start(env, &[StageKind::Archiver]).await;
+    let c = wait_chunks(env, "both archived again", Duration::from_secs(60), |c| {
+        c.iter().all(|c| c.state == "archived")
+    })
+    .await;
+    stop(running).await;
+    let b = Path::from(c[1].lake_path.clone().unwrap());
+    let bytes_b = get(b.clone()).await;
+    lc.lake
+        .store
+        .put(&b, PutPayload::from(truncate(bytes_b)))
+        .await
+        .unwrap();
+
+    let running = start(env, &[StageKind::Archiver, StageKind::Confirmer]).await;
+    let c = wait_chunks(env, "A dropped, B given up", Duration::from_secs(60), |c| {
+        states(c) == ["dropped", "failed"]
+    })
+    .await;
+    stop(running).await;
+    assert_eq!(count(h0).await, 0);
+    assert_eq!(
+        count(h0 + HOUR_US).await,
+        1000,
+        "a chunk whose archive keeps failing stays"
+    );
+    let dlq = env.dead_letters(&streams::archive_stream(&env.table)).await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    let field = |name: &str| {
+        dlq[0]
+            .1
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("chunk"), c[1].chunk);
+    assert_eq!(field("stage"), "archiver");
+    assert!(
+        field("error").contains("failed verification 2 times"),
+        "{}",
+        field("error")
+    );
+    assert_eq!(objects(&lc.lake, backend, &env.table).await.len(), 1);
+    assert_eq!(objects(&lc.lake, backend, "_rejected").await.len(), 3);
+}
+
+async fn suite(kind: BackendKind) {
+    let backend = Backend::start(kind);
+    full_lifecycle_and_late_data(&backend).await;
+    killed_archiver_leaves_nothing_and_a_restart_finishes(&backend).await;
+    corrupt_or_truncated_archives_are_caught(&backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_on_local_disk() {
+    suite(BackendKind::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_on_s3_moto() {
+    suite(BackendKind::S3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_on_azure_azurite() {
+    suite(BackendKind::Azure).await;
+}
+
+/// Several watchers scanning at once emit each closed chunk exactly once, and create the
+/// current and next partitions ahead of time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_watchers_emit_each_chunk_once() {
+    let backend = Backend::start(BackendKind::Local);
+    let lc = setup(&backend, "").await;
+    let env = &lc.env;
+    let h0 = this_hour() - 6 * HOUR_US;
+    for k in 0..3 {
+        fill_chunk(env, h0 + k * HOUR_US, 10).await;
+    }
+    let watchers: Vec<_> = (0..3)
+        .map(|_| strata_stages::lifecycle::watcher::Watcher {
+            schema: env.schema.clone(),
+            pg: strata_pipeline::db::postgres_pool(&env.config, 2).unwrap(),
+            redis: strata_pipeline::db::redis_pool(&env.config).unwrap(),
+            config: env.config.chunk_watcher.clone(),
+        })
+        .collect();
+    for _ in 0..3 {
+        let scans = futures_util::future::join_all(watchers.iter().map(|w| w.scan())).await;
+        for s in scans {
+            s.expect("scan");
+        }
+    }
+    assert_eq!(xlen(env, &streams::archive_stream(&env.table)).await, 3);
+    assert_eq!(states(&chunks(env).await), ["pending"; 3]);
+    let names: Vec<String> = env
+        .pg()
+        .await
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = $1::text::regclass ORDER BY 1",
+            &[&env.table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for start in [this_hour(), this_hour() + HOUR_US] {
+        let name = strata_stages::catalog::partition_name(&env.table, start);
+        assert!(names.contains(&name), "{name} premade: {names:?}");
+    }
+}
+
+/// The TimescaleDB path: hypertable chunks from timescaledb_information.chunks, archived,
+/// verified and dropped with drop_chunks. Skipped where the extension is not installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timescaledb_chunks_are_archived_and_dropped() {
+    let probe = common::TestEnv::new("metrics", STREAMS).await;
+    let available = probe
+        .pg()
+        .await
+        .query_opt(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_some();
+    drop(probe);
+    if !available {
+        eprintln!("SKIP timescaledb_chunks_are_archived_and_dropped: the timescaledb extension is not installed on this PostgreSQL (the native-partition suite covers the same lifecycle)");
+        return;
+    }
+    let backend = Backend::start(BackendKind::Local);
+    let lc = setup(&backend, "").await;
+    let env = &lc.env;
+    let pg = env.pg().await;
+    let hyper: bool = pg
+        .query_one(
+            "SELECT partitioning = 'hypertable' FROM strata.tables WHERE name = $1",
+            &[&env.table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if !hyper {
+        eprintln!("SKIP timescaledb_chunks_are_archived_and_dropped: timescaledb is installed but could not be loaded (shared_preload_libraries?)");
+        return;
+    }
+    let h0 = this_hour() - 5 * HOUR_US;
+    pg.execute(
+        &format!(
+            "INSERT INTO {} (time, source, metric, value) SELECT to_timestamp($1::bigint / 1e6 + i * 36), 'h', 'm', i FROM generate_series(0, 299) AS i",
+            env.table
+        ),
+        &[&h0],
+    )
+    .await
+    .unwrap();
+    let source = pg_rows(env, "").await;
+    let lifecycle = start(env, &LIFECYCLE).await;
+    let done = wait_chunks(
+        env,
+        "3 hypertable chunks dropped",
+        Duration::from_secs(90),
+        |c| c.len() == 3 && c.iter().all(|c| c.state == "dropped"),
+    )
+    .await;
+    stop(lifecycle).await;
+    assert_eq!(env.count().await, 0);
+    let mut archived: Vec<Row> = objects(&lc.lake, &backend, &env.table)
+        .await
+        .iter()
+        .flat_map(|(_, b)| parquet_rows(b))
+        .collect();
+    archived.sort();
+    assert_eq!(archived, source);
+    assert_eq!(done.len(), 3);
+}
