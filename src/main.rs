@@ -341,16 +341,19 @@ async fn serve(
     kinds: &[StageKind],
 ) -> Result<(), BoxError> {
     let shutdown = strata_pipeline::shutdown::on_signals();
-    let metrics = strata_pipeline::observe::install();
-    let ready = strata_pipeline::admin::Readiness {
-        redis: strata_pipeline::db::redis_pool(config)?,
-        postgres: kinds
-            .iter()
-            .any(|k| *k != StageKind::Ingest)
-            .then(|| strata_pipeline::db::postgres_pool(config, 1))
-            .transpose()?,
-    };
-    strata_pipeline::admin::serve(&config.admin.listen, metrics, ready, shutdown.clone()).await?;
+    if config.admin.enabled {
+        let metrics = strata_pipeline::observe::install();
+        let ready = strata_pipeline::admin::Readiness {
+            redis: strata_pipeline::db::redis_pool(config)?,
+            postgres: kinds
+                .iter()
+                .any(|k| *k != StageKind::Ingest)
+                .then(|| strata_pipeline::db::postgres_pool(config, 1))
+                .transpose()?,
+        };
+        strata_pipeline::admin::serve(&config.admin.listen, metrics, ready, shutdown.clone())
+            .await?;
+    }
     let running = strata_stages::start(config, schemas, kinds, shutdown.clone()).await?;
     running.wait(&shutdown).await?;
     Ok(())

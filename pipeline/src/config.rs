@@ -131,6 +131,8 @@ impl Default for TracingConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
+    /// Serve the endpoint and record metrics (off: no recorder, metrics calls cost nothing).
+    pub enabled: bool,
     /// Address of the admin endpoint. Port 0 picks a free port (logged); if the port is taken
     /// (another strata process on the box), a free one is used with a warning.
     pub listen: String,
@@ -139,6 +141,7 @@ pub struct AdminConfig {
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             listen: "127.0.0.1:9464".into(),
         }
     }
@@ -236,6 +239,9 @@ pub struct BatchWriterConfig {
     pub linger_ms: u64,
     /// COPY transactions in flight at once per table, each on its own connection.
     pub connections: usize,
+    /// Record applied frame IDs with the rows, so a redelivered frame is never written twice.
+    /// Turning it off gives that guarantee up; it exists to measure what it costs.
+    pub exactly_once: bool,
 }
 
 impl Default for BatchWriterConfig {
@@ -245,6 +251,7 @@ impl Default for BatchWriterConfig {
             max_batch_bytes: 16 << 20,
             linger_ms: 200,
             connections: 2,
+            exactly_once: true,
         }
     }
 }

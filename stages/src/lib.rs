@@ -160,6 +160,7 @@ pub async fn start(
                     let input = streams::rows_stream(table);
                     let mut writer = connect_writer(schema, &input, &pg, config, &shutdown).await?;
                     writer.max_event_spans = config.tracing.max_event_spans_per_batch;
+                    writer.exactly_once = config.batch_writer.exactly_once;
                     writer.latency = stats.latency.clone();
                     writer.rows_written = stats.rows_written.clone();
                     let writer = Arc::new(writer);

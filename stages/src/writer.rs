@@ -48,6 +48,8 @@ pub struct BatchWriter {
     metrics: WriterMetrics,
     /// Per batch, at most this many traced events get a COPY span.
     pub max_event_spans: usize,
+    /// Record applied frame IDs (off only to measure what exactly-once costs).
+    pub exactly_once: bool,
 }
 
 /// Rows of a batch encoded for COPY.
@@ -86,6 +88,7 @@ impl BatchWriter {
             rows_written: Arc::default(),
             metrics,
             max_event_spans: 0,
+            exactly_once: true,
         })
     }
 
@@ -360,8 +363,8 @@ impl Stage for BatchWriter {
         let mut client = self.pool.get().await?;
         let began = std::time::Instant::now();
         let tx = client.transaction().await.map_err(pg("BEGIN"))?;
-        let new: HashSet<String> = tx
-            .query(
+        let new: HashSet<String> = if self.exactly_once {
+            tx.query(
                 &format!("INSERT INTO {APPLIED_FRAMES} (stream, frame_id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING frame_id"),
                 &[&self.stream, &ids],
             )
@@ -369,7 +372,10 @@ impl Stage for BatchWriter {
             .map_err(pg("recording applied frames"))?
             .iter()
             .map(|r| r.get(0))
-            .collect();
+            .collect()
+        } else {
+            ids.iter().map(|id| id.to_string()).collect()
+        };
         let index_of: HashMap<&str, usize> = batch
             .entries
             .iter()
