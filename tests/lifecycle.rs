@@ -82,9 +82,14 @@ async fn start(
     kinds: &[StageKind],
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
-    let running = strata_stages::start(&env.config, &[env.schema.clone()], kinds, stop.clone())
-        .await
-        .expect("start stages");
+    let running = strata_stages::start(
+        &env.config,
+        std::slice::from_ref(&env.schema),
+        kinds,
+        stop.clone(),
+    )
+    .await
+    .expect("start stages");
     let s = stop.clone();
     let handle = tokio::spawn(async move { running.wait(&s).await.expect("stages failed") });
     (stop, handle)

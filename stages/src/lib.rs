@@ -46,7 +46,13 @@ impl StageKind {
     /// The hot path, in order.
     pub const HOT_PATH: [StageKind; 2] = [StageKind::Ingest, StageKind::BatchWriter];
     /// Every stage: what `strata run` starts.
-    pub const ALL: &'static [StageKind] = &[StageKind::Ingest, StageKind::BatchWriter];
+    pub const ALL: &'static [StageKind] = &[
+        StageKind::Ingest,
+        StageKind::BatchWriter,
+        StageKind::ChunkWatcher,
+        StageKind::Archiver,
+        StageKind::Confirmer,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

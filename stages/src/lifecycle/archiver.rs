@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use strata_pipeline::lifecycle_config::ArchiverConfig;
+use strata_pipeline::observe;
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams::{Entry, Fields};
@@ -265,6 +266,10 @@ impl Archiver {
         .map_err(pg("recording the archive"))?;
         tx.commit().await.map_err(pg("COMMIT"))?;
         COUNTERS.archived.fetch_add(1, Ordering::Relaxed);
+        let labels = [("table", table.clone())];
+        metrics::histogram!(observe::UPLOAD_DURATION, &labels)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(observe::ARCHIVED_BYTES, &labels).increment(exported.bytes);
         COUNTERS
             .archived_rows
             .fetch_add(exported.rows, Ordering::Relaxed);

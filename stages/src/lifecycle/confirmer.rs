@@ -417,6 +417,7 @@ impl Confirmer {
         .map_err(pg("recording it"))?;
         tx.commit().await.map_err(pg("COMMIT"))?;
         COUNTERS.dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(super::CHUNKS_DROPPED, "table" => table.clone()).increment(1);
         info!(table = %table, chunk = %chunk, rows, "dropped chunk; its archive is the only copy now");
         Ok(None)
     }
@@ -446,6 +447,7 @@ impl Confirmer {
         };
         let updated = ChunkRow::from_row(&updated)?;
         COUNTERS.verify_failures.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(super::VERIFY_FAILURES, "table" => table.clone()).increment(1);
         warn!(
             table = %table,
             chunk = %chunk,

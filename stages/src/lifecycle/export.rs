@@ -171,7 +171,6 @@ fn encode(
     writer.append_key_value_metadata(KeyValue::new(META_ROWS.to_string(), rows.to_string()));
     writer.finish()?;
     hand_over(&mut writer)?;
-    drop(hand_over);
     Ok((rows, hex(&hasher.finalize())))
 }
 

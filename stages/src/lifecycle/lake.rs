@@ -80,7 +80,11 @@ impl Lake {
                         path: config.path.display().to_string(),
                         source,
                     })?;
-                let store = LocalFileSystem::new_with_prefix(&root).map_err(build)?;
+                // fsync: the chunk is dropped once its archive is verified, so the file must
+                // survive a power loss like an object in a cloud store does.
+                let store = LocalFileSystem::new_with_prefix(&root)
+                    .map_err(build)?
+                    .with_fsync(true);
                 (
                     Arc::new(store),
                     format!("file://{}", root.display()),

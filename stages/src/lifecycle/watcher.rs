@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use strata_pipeline::lifecycle_config::ChunkWatcherConfig;
+use strata_pipeline::observe;
 use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams;
 use strata_pipeline::{RetryHint, StageError};
@@ -158,7 +159,31 @@ impl Watcher {
             )
             .await
             .map_err(pg("finding chunks to emit again"))?;
+        let by_state = client
+            .query(
+                &format!(
+                    "SELECT state, count(*) FROM {CHUNKS} WHERE table_name = $1 GROUP BY state"
+                ),
+                &[table],
+            )
+            .await
+            .map_err(pg("counting chunks by state"))?;
         drop(client);
+        for state in [
+            "pending",
+            "archiving",
+            "archived",
+            "verified",
+            "dropped",
+            "failed",
+        ] {
+            let n = by_state
+                .iter()
+                .find(|r| r.get::<_, &str>(0) == state)
+                .map_or(0, |r| r.get::<_, i64>(1));
+            metrics::gauge!(observe::CHUNKS, "table" => table.clone(), "state" => state)
+                .set(n as f64);
+        }
         let new_rows: Vec<ChunkRow> = new_rows
             .iter()
             .map(ChunkRow::from_row)
