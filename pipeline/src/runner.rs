@@ -368,13 +368,7 @@ async fn batch_loop<S: Stage>(
                     bytes += e.size();
                     current.push(e);
                     if rows >= limits.max_batch_rows || bytes >= limits.max_batch_bytes {
-                        if tx
-                            .send(Batch {
-                                entries: std::mem::take(&mut current),
-                            })
-                            .await
-                            .is_err()
-                        {
+                        if !flush(&tx, &mut current).await {
                             return;
                         }
                         (rows, bytes, deadline) = (0, 0, None);
@@ -386,13 +380,7 @@ async fn batch_loop<S: Stage>(
             }
         }
         if !current.is_empty() && deadline.is_some_and(|d| d <= Instant::now()) {
-            if tx
-                .send(Batch {
-                    entries: std::mem::take(&mut current),
-                })
-                .await
-                .is_err()
-            {
+            if !flush(&tx, &mut current).await {
                 return;
             }
             (rows, bytes, deadline) = (0, 0, None);
@@ -401,6 +389,15 @@ async fn batch_loop<S: Stage>(
     if !current.is_empty() {
         let _ = tx.send(Batch { entries: current }).await;
     }
+}
+
+/// Hands the gathered entries to the workers; false once they are gone.
+async fn flush(tx: &mpsc::Sender<Batch>, current: &mut Vec<Entry>) -> bool {
+    tx.send(Batch {
+        entries: std::mem::take(current),
+    })
+    .await
+    .is_ok()
 }
 
 struct Worker<S> {

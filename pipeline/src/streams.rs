@@ -121,6 +121,22 @@ pub fn parse_entries(value: Value, deliveries: u64) -> (Vec<Entry>, Vec<String>)
     (entries, deleted)
 }
 
+/// A reply of field/value pairs (a flat RESP2 array or a RESP3 map) as pairs.
+fn field_pairs(v: Value) -> Option<Vec<(Value, Value)>> {
+    match v {
+        Value::Array(flat) => {
+            let mut it = flat.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(val)) = (it.next(), it.next()) {
+                pairs.push((k, val));
+            }
+            Some(pairs)
+        }
+        Value::Map(m) => Some(m),
+        _ => None,
+    }
+}
+
 fn bulk_bytes(v: Value) -> Option<Vec<u8>> {
     match v {
         Value::BulkString(b) => Some(b),
@@ -405,17 +421,8 @@ pub async fn groups<C: redis::aio::ConnectionLike>(
     };
     for g in groups {
         let mut info = GroupInfo::default();
-        let pairs: Vec<(Value, Value)> = match g {
-            Value::Array(flat) => {
-                let mut it = flat.into_iter();
-                let mut v = Vec::new();
-                while let (Some(k), Some(val)) = (it.next(), it.next()) {
-                    v.push((k, val));
-                }
-                v
-            }
-            Value::Map(m) => m,
-            _ => continue,
+        let Some(pairs) = field_pairs(g) else {
+            continue;
         };
         for (k, v) in pairs {
             let key = bulk_string(k).unwrap_or_default();
@@ -620,17 +627,8 @@ pub async fn consumers<C: redis::aio::ConnectionLike>(
     };
     let mut out = Vec::new();
     for c in list {
-        let pairs: Vec<(Value, Value)> = match c {
-            Value::Array(flat) => {
-                let mut it = flat.into_iter();
-                let mut v = Vec::new();
-                while let (Some(k), Some(val)) = (it.next(), it.next()) {
-                    v.push((k, val));
-                }
-                v
-            }
-            Value::Map(m) => m,
-            _ => continue,
+        let Some(pairs) = field_pairs(c) else {
+            continue;
         };
         let mut info = ConsumerInfo {
             name: String::new(),
