@@ -182,9 +182,24 @@ impl Archiver {
             info!(table = %table, chunk = %chunk, event_id = %event.event_id, "superseded archival event; ignoring it");
             return Ok(None);
         }
+        let mut row = row;
         match row.state {
             ChunkState::Archived => return Ok(Some(self.confirmation(&row))),
-            ChunkState::Verified | ChunkState::Dropped | ChunkState::Failed => return Ok(None),
+            ChunkState::Verified | ChunkState::Dropped => return Ok(None),
+            ChunkState::Failed => {
+                // Nothing re-emits a failed chunk's event but `strata dlq replay`: the operator
+                // fixed the cause, so the chunk gets a fresh verification budget.
+                info!(table = %table, chunk = %chunk, "archival event of a failed chunk replayed; archiving it again");
+                let c2 = self.pool.get().await?;
+                c2.execute(
+                    &format!("UPDATE {CHUNKS} SET state = 'pending', verify_failures = 0, failed_at = NULL WHERE id = $1 AND event_id = $2 AND state = 'failed'"),
+                    &[&row.id, &row.event_id],
+                )
+                .await
+                .map_err(pg("resetting the failed chunk"))?;
+                row.state = ChunkState::Pending;
+                row.verify_failures = 0;
+            }
             ChunkState::Pending | ChunkState::Archiving => {}
         }
         if row.verify_failures as u32 > self.max_rearchives {
