@@ -133,7 +133,7 @@ impl Default for ArchiverConfig {
         Self {
             workers: 1,
             row_group_rows: 1_048_576,
-            row_group_bytes: 128 << 20,
+            row_group_bytes: 64 << 20,
             batch_rows: 65_536,
             zstd_level: 3,
             part_size_bytes: 16 << 20,
