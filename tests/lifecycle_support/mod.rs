@@ -4,8 +4,9 @@
 //! - S3: moto's server (`moto_server`, from PyPI `moto[server]`);
 //! - Azure Blob: Azurite (`azurite-blob`, from npm `azurite`).
 //!
-//! A missing server binary is installed on the spot (pip / npm into `~/.cache/strata/azurite`);
-//! if that fails the test fails with the command to run. Every test uses its own bucket or
+//! A server binary missing from PATH is looked for, or installed on the spot, under
+//! `$STRATA_TOOLS_DIR` (default `~/.cache/strata`): moto in the virtualenv `moto/`, Azurite with
+//! `npm install --prefix azurite/`. If that fails the test fails with the command to run. Every test uses its own bucket or
 //! container with a random name, on its own server process.
 
 #![allow(dead_code)]
@@ -97,31 +98,53 @@ fn on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
-/// `moto_server`, installed with pip if missing.
-fn moto_server() -> PathBuf {
-    if let Some(p) = on_path("moto_server") {
-        return p;
-    }
-    eprintln!("moto_server not found: installing moto[server] with pip");
-    let ok = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "moto[server]"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    on_path("moto_server").filter(|_| ok).unwrap_or_else(|| {
-        panic!("the S3 tests need moto's server: run `python3 -m pip install 'moto[server]'` (PyPI), then rerun")
-    })
-}
-
-/// Where the tests install Azurite when it is not on PATH.
-fn azurite_prefix() -> PathBuf {
+/// Where the tests install tools missing from PATH: `$STRATA_TOOLS_DIR`, else
+/// `~/.cache/strata`.
+fn tools_dir() -> PathBuf {
     std::env::var_os("STRATA_TOOLS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
                 .join(".cache/strata")
         })
-        .join("azurite")
+}
+
+/// `moto_server`: on PATH, or in the tools' virtualenv, else installed there with pip.
+fn moto_server() -> PathBuf {
+    if let Some(p) = on_path("moto_server") {
+        return p;
+    }
+    let venv = tools_dir().join("moto");
+    let bin = venv.join("bin/moto_server");
+    if bin.is_file() {
+        return bin;
+    }
+    eprintln!(
+        "moto_server not found: installing moto[server] with pip into {}",
+        venv.display()
+    );
+    let ok = Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "moto[server]"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if ok && bin.is_file() {
+        return bin;
+    }
+    panic!(
+        "the S3 tests need moto's server: run `python3 -m venv {0} && {0}/bin/pip install 'moto[server]'` (or put moto_server on PATH), then rerun",
+        venv.display()
+    )
+}
+
+/// Where the tests install Azurite when it is not on PATH.
+fn azurite_prefix() -> PathBuf {
+    tools_dir().join("azurite")
 }
 
 /// `azurite-blob`, installed with npm if missing.
