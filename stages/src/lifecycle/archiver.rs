@@ -332,6 +332,25 @@ impl Stage for Archiver {
                 Ok(Some(fields)) => outcome.forward.push(fields),
                 Ok(None) => {}
                 Err(e) if e.hint == RetryHint::DeadLetter => {
+                    // Tell the confirmer's stream too: a `failed` confirmation with the reason.
+                    if let Ok(event) = ArchivalEvent::from_entry(entry) {
+                        outcome.forward.push(
+                            ArchivalConfirmation {
+                                event_id: event.event_id,
+                                chunk_id: event.chunk_id,
+                                table: event.table,
+                                chunk: event.chunk,
+                                status: ArchivalStatus::Failed,
+                                completed_at_us: chrono::Utc::now().timestamp_micros(),
+                                lakehouse_path: String::new(),
+                                rows: 0,
+                                bytes: 0,
+                                sha256: String::new(),
+                                error_message: e.message.clone(),
+                            }
+                            .to_fields(),
+                        );
+                    }
                     outcome.dead_letters.push(DeadLetter {
                         entry: i,
                         fields: None,
