@@ -830,6 +830,64 @@ async fn several_watchers_emit_each_chunk_once() {
     }
 }
 
+/// Rows that arrive for a chunk after it was archived but before it is dropped make the
+/// confirmer's count differ: nothing is dropped, the chunk is archived again with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_rows_before_the_drop_are_archived_again() {
+    let backend = Backend::start(BackendKind::Local);
+    let lc = setup(&backend, "").await;
+    let env = &lc.env;
+    let h0 = this_hour() - 4 * HOUR_US;
+    fill_chunk(env, h0, 500).await;
+    let running = start(env, &[StageKind::ChunkWatcher, StageKind::Archiver]).await;
+    wait_chunks(env, "the chunk archived", Duration::from_secs(60), |c| {
+        states(c) == ["archived"]
+    })
+    .await;
+    stop(running).await;
+    env.pg()
+        .await
+        .execute(
+            &format!(
+                "INSERT INTO {} (time, source, metric, value) VALUES (to_timestamp($1::bigint / 1e6 + 1), 'late', 'm', 1)",
+                env.table
+            ),
+            &[&h0],
+        )
+        .await
+        .unwrap();
+    let running = start(env, &[StageKind::Confirmer]).await;
+    let c = wait_chunks(env, "the archive rejected", Duration::from_secs(60), |c| {
+        c[0].verify_failures == 1
+    })
+    .await;
+    stop(running).await;
+    assert_eq!(c[0].state, "pending");
+    assert!(
+        c[0].last_error
+            .as_deref()
+            .unwrap()
+            .contains("501 rows now, the archive 500"),
+        "{:?}",
+        c[0].last_error
+    );
+    assert_eq!(env.count().await, 501, "nothing dropped");
+    let running = start(env, &LIFECYCLE).await;
+    let c = wait_chunks(
+        env,
+        "the chunk archived again and dropped",
+        Duration::from_secs(60),
+        |c| states(c) == ["dropped"],
+    )
+    .await;
+    stop(running).await;
+    assert_eq!(c[0].rows, Some(501));
+    let files = objects(&lc.lake, &backend, &env.table).await;
+    assert_eq!(files.len(), 1, "the stale archive was moved aside");
+    assert_eq!(footer(&files[0].1).0, 501);
+    assert_eq!(objects(&lc.lake, &backend, "_rejected").await.len(), 1);
+}
+
 /// The TimescaleDB path: hypertable chunks from timescaledb_information.chunks, archived,
 /// verified and dropped with drop_chunks. Skipped where the extension is not installed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
