@@ -52,10 +52,15 @@ pub mod deps {
 
 /// What a lifecycle stage of one table is started with.
 pub struct Context<'a> {
+    /// The whole configuration (`[lake]`, `[chunk_watcher]`, `[archiver]`, `[confirmer]`).
     pub config: &'a Config,
+    /// The table and its lifecycle policy.
     pub schema: &'a SchemaRef,
+    /// The process's Redis pool (the watcher's XADDs, the stage loops).
     pub redis: &'a deadpool_redis::Pool,
+    /// The process's PostgreSQL pool (the watcher; archiver and confirmer make their own).
     pub pg: &'a deadpool_postgres::Pool,
+    /// Fires on SIGTERM/SIGINT: stop after the work in flight.
     pub shutdown: &'a CancellationToken,
 }
 
