@@ -322,7 +322,7 @@ async fn fill_chunk(env: &TestEnv, start_us: i64, n: i64) {
         .execute(
             &format!(
                 "INSERT INTO {} (time, source, metric, value, tags)
-                 SELECT to_timestamp($1::bigint / 1e6 + i * (3000.0 / $2::bigint)), 'host-' || (i % 97), md5(i::text || random()::text), random(),
+                 SELECT to_timestamp($1::bigint / 1e6 + i * (3000.0 / greatest($2::bigint, 1))), 'host-' || (i % 97), md5(i::text || random()::text), random(),
                         CASE WHEN i % 3 = 0 THEN NULL ELSE jsonb_build_object('i', i) END
                  FROM generate_series(0, $2::bigint - 1) AS i",
                 env.table
@@ -886,6 +886,30 @@ async fn late_rows_before_the_drop_are_archived_again() {
     assert_eq!(files.len(), 1, "the stale archive was moved aside");
     assert_eq!(footer(&files[0].1).0, 501);
     assert_eq!(objects(&lc.lake, &backend, "_rejected").await.len(), 1);
+}
+
+/// A closed partition that never got a row (made ahead of time) is archived as a valid
+/// Parquet file of zero rows, verified and dropped like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_chunk_is_archived_as_an_empty_file() {
+    let backend = Backend::start(BackendKind::Local);
+    let lc = setup(&backend, "").await;
+    let env = &lc.env;
+    fill_chunk(env, this_hour() - 3 * HOUR_US, 0).await;
+    let running = start(env, &LIFECYCLE).await;
+    let c = wait_chunks(
+        env,
+        "the empty chunk dropped",
+        Duration::from_secs(60),
+        |c| states(c) == ["dropped"],
+    )
+    .await;
+    stop(running).await;
+    assert_eq!(c[0].rows, Some(0));
+    let files = objects(&lc.lake, &backend, &env.table).await;
+    assert_eq!(files.len(), 1);
+    assert_eq!(footer(&files[0].1).0, 0);
+    assert!(parquet_rows(&files[0].1).is_empty());
 }
 
 /// The TimescaleDB path: hypertable chunks from timescaledb_information.chunks, archived,
