@@ -25,7 +25,7 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 ensure_toolchain() {
   if ! command -v cargo >/dev/null; then
-    log "cargo not found: install Rust 1.85 or newer (https://rustup.rs), then run this again"
+    log "cargo not found: install Rust 1.88 or newer (https://rustup.rs), then run this again"
     return 1
   fi
   command -v cc >/dev/null || apt_install build-essential
@@ -68,4 +68,17 @@ ensure_test_tools() {
   command -v redis-server >/dev/null || apt_install redis-server
   [ -n "$(pg_bin)" ] || apt_install postgresql
   command -v prometheus >/dev/null || apt_install prometheus
+  # Object store servers for the lifecycle suite: moto (S3, PyPI) and Azurite (Azure, npm),
+  # installed under ~/.cache/strata where the tests look for them.
+  local tools="${STRATA_TOOLS_DIR:-$HOME/.cache/strata}"
+  if ! command -v moto_server >/dev/null && [ ! -x "$tools/moto/bin/moto_server" ]; then
+    python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3 python3-venv
+    log "installing moto[server] into $tools/moto"
+    python3 -m venv "$tools/moto" && "$tools/moto/bin/pip" install --quiet 'moto[server]'
+  fi
+  if ! command -v azurite-blob >/dev/null && [ ! -x "$tools/azurite/node_modules/.bin/azurite-blob" ]; then
+    command -v npm >/dev/null || apt_install nodejs npm
+    log "installing azurite into $tools/azurite"
+    npm install --no-audit --no-fund --silent --prefix "$tools/azurite" azurite
+  fi
 }

@@ -370,7 +370,6 @@ async fn full_lifecycle_and_late_data(backend: &Backend) {
     let () = pipe.query_async(&mut conn).await.unwrap();
     let hot = start(env, &StageKind::HOT_PATH).await;
     env.wait_landed(900, Duration::from_secs(60)).await;
-    stop(hot).await;
     let source = pg_rows(env, "").await;
     assert_eq!(source.len(), 900);
 
@@ -456,7 +455,6 @@ async fn full_lifecycle_and_late_data(backend: &Backend) {
     );
 
     // Late rows for the first hour, after its chunk was dropped: a new partition, a second file.
-    let hot = start(env, &StageKind::HOT_PATH).await;
     for (i, t) in [base_ms + 1_000, base_ms + 2_000].iter().enumerate() {
         env.xadd(&[
             ("time", t.to_string().as_bytes()),

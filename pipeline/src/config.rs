@@ -294,9 +294,12 @@ impl Config {
                 })
             }
         };
-        if config.schemas_dir.is_relative() {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                config.schemas_dir = dir.join(&config.schemas_dir);
+        // Relative paths in the file are relative to the file.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            for p in [&mut config.schemas_dir, &mut config.lake.path] {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
             }
         }
         config.apply_env(|k| std::env::var(k).ok());

@@ -41,8 +41,7 @@ impl LakeBackend {
 pub struct LakeConfig {
     /// The object store: `local`, `s3`, `azure` or `gcs`.
     pub backend: LakeBackend,
-    /// `local` only: the lake's root folder, created if missing (relative to the working
-    /// directory).
+    /// `local` only: the lake's root folder, created if missing (relative to the config file).
     pub path: PathBuf,
     /// `s3` and `gcs`: the bucket.
     pub bucket: Option<String>,

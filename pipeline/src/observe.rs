@@ -40,6 +40,11 @@ pub const UPLOAD_DURATION: &str = "strata_upload_duration_seconds";
 pub const ARCHIVED_BYTES: &str = "strata_archived_bytes_total";
 /// Chunks by lifecycle state.
 pub const CHUNKS: &str = "strata_chunks";
+/// Archives that failed verification (each sends its chunk back to archiving), by table.
+/// Dead-lettered archival events are counted by `strata_dead_letters_total{stage="archiver"}`.
+pub const VERIFY_FAILURES: &str = "strata_archive_verify_failures_total";
+/// Chunks dropped after their archive was verified, by table.
+pub const CHUNKS_DROPPED: &str = "strata_chunks_dropped_total";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,

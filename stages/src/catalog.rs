@@ -160,6 +160,15 @@ pub struct KnownPartitions {
 }
 
 impl KnownPartitions {
+    /// Forgets every partition: a chunk archived and dropped by the lifecycle may receive late
+    /// rows, and its partition must then be created again.
+    pub fn forget_all(&self) {
+        self.starts
+            .lock()
+            .expect("partition cache poisoned")
+            .clear();
+    }
+
     /// Creates whichever of `starts` this process has not seen yet.
     pub async fn ensure(
         &self,

@@ -291,6 +291,17 @@ impl BatchWriter {
             sp("SAVEPOINT strata_copy").await?;
             match self.copy(tx, enc, &set).await {
                 Ok(()) => sp("RELEASE SAVEPOINT strata_copy").await?,
+                Err(e) if missing_partition(&e) => {
+                    // A partition this process created (or saw) was dropped since: the chunk
+                    // lifecycle archived it. Forget the cache; the retry creates it again.
+                    if let Some(known) = &self.partitions {
+                        known.forget_all();
+                    }
+                    return Err(StageError::backoff(format!(
+                        "{} (the partition was dropped after archiving; creating it again)",
+                        e.message
+                    )));
+                }
                 Err(e) if e.hint == strata_pipeline::RetryHint::DeadLetter => {
                     sp("ROLLBACK TO SAVEPOINT strata_copy").await?;
                     if set.len() == 1 {
@@ -324,6 +335,12 @@ impl BatchWriter {
             .map(|((name, _), c)| (name.clone(), c.to_text().into_bytes()))
             .collect()
     }
+}
+
+/// PostgreSQL found no partition for a row (SQLSTATE 23514 with this message; a CHECK
+/// violation has the same code and another message).
+fn missing_partition(e: &StageError) -> bool {
+    e.sqlstate.as_deref() == Some("23514") && e.message.contains("no partition of relation")
 }
 
 /// A dead letter as stored with its frame ID in `strata.applied_frames`.

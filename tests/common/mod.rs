@@ -118,22 +118,36 @@ impl TestEnv {
                 .join(format!("{example}.toml")),
         )
         .unwrap();
-        let text = src.replace(
-            &format!("table = \"{example}\""),
-            &format!("table = \"{table}\""),
-        );
+        // The example's lifecycle policy is dropped: test data is dated weeks back and a test
+        // running `strata run` must not see its chunks archived under it. Lifecycle tests set
+        // their own policy.
+        let text: String = src
+            .replace(
+                &format!("table = \"{example}\""),
+                &format!("table = \"{table}\""),
+            )
+            .lines()
+            .filter(|l| !l.starts_with("archive_after") && !l.starts_with("drop_after_archive"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         std::fs::write(
             dir.path().join("schemas").join(format!("{table}.toml")),
             &text,
         )
         .unwrap();
+        let extra = if config_extra.is_empty() {
+            "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\n"
+        } else {
+            config_extra
+        };
+        // The lake stays inside the test's folder unless the test brings its own.
+        let lake = if extra.contains("[lake]") {
+            String::new()
+        } else {
+            format!("[lake]\npath = \"{}\"\n", dir.path().join("lake").display())
+        };
         let config_text = format!(
-            "[redis]\nurl = \"{redis_url}\"\n[postgres]\nurl = \"{db_url}\"\n{}\n",
-            if config_extra.is_empty() {
-                "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\n"
-            } else {
-                config_extra
-            }
+            "[redis]\nurl = \"{redis_url}\"\n[postgres]\nurl = \"{db_url}\"\n{lake}{extra}\n"
         );
         std::fs::write(dir.path().join("config.toml"), config_text).unwrap();
         let config = Config::load(&dir.path().join("config.toml"), true).expect("config");

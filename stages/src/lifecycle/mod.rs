@@ -107,12 +107,7 @@ impl Counters {
 /// The lifecycle counters of this process.
 pub static COUNTERS: Counters = Counters::new();
 
-/// Archives that failed verification (each sends its chunk back to archiving), by table.
-/// (Dead-lettered archival events are counted by the runner's `strata_dead_letters_total`
-/// with `stage="archiver"`.)
-pub const VERIFY_FAILURES: &str = "strata_archive_verify_failures_total";
-/// Chunks dropped after their archive was verified, by table.
-pub const CHUNKS_DROPPED: &str = "strata_chunks_dropped_total";
+pub use strata_pipeline::observe::{CHUNKS_DROPPED, VERIFY_FAILURES};
 
 /// One entry per batch: each event is a whole chunk, processed and acknowledged on its own.
 const ONE_AT_A_TIME: BatchLimits = BatchLimits {
