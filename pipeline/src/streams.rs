@@ -312,15 +312,24 @@ pub async fn ack<C: redis::aio::ConnectionLike>(
 /// written and the moved IDs are returned.
 const COMMIT_SCRIPT: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
-local n = tonumber(ARGV[3])
+local n = tonumber(ARGV[5])
 local lost = {}
-for k = 4, 3 + n do
-  local id = ARGV[k]
-  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
-  if #p == 0 then lost[#lost + 1] = id end
+if n > 0 then
+  -- One range query for the batch (ARGV[3] and ARGV[4] are its smallest and largest ID);
+  -- an ID it did not return (beyond the count, or moved) is checked on its own.
+  local owned = {}
+  for _, e in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[3], ARGV[4], 2 * n, consumer)) do
+    owned[e[1]] = true
+  end
+  for k = 6, 5 + n do
+    local id = ARGV[k]
+    if not owned[id] and #redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer) == 0 then
+      lost[#lost + 1] = id
+    end
+  end
 end
 if #lost > 0 then return lost end
-local i = 4 + n
+local i = 6 + n
 for _, key in ipairs({KEYS[2], KEYS[3]}) do
   local m = tonumber(ARGV[i]); i = i + 1
   for e = 1, m do
@@ -329,8 +338,8 @@ for _, key in ipairs({KEYS[2], KEYS[3]}) do
     i = i + 2 * np
   end
 end
-for k = 4, 3 + n, 4000 do
-  redis.call('XACK', KEYS[1], group, unpack(ARGV, k, math.min(k + 3999, 3 + n)))
+for k = 6, 5 + n, 4000 do
+  redis.call('XACK', KEYS[1], group, unpack(ARGV, k, math.min(k + 3999, 5 + n)))
 end
 return {}
 "#;
@@ -367,7 +376,27 @@ impl CommitStep<'_> {
     ) -> redis::RedisResult<Vec<String>> {
         let mut inv = SCRIPT.prepare_invoke();
         inv.key(self.input).key(self.output).key(self.dlq);
-        inv.arg(self.group).arg(self.consumer).arg(self.ids.len());
+        let key = |id: &str| -> (u64, u64) {
+            let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+            (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+        };
+        let lo = self
+            .ids
+            .iter()
+            .copied()
+            .min_by_key(|id| key(id))
+            .unwrap_or("0-0");
+        let hi = self
+            .ids
+            .iter()
+            .copied()
+            .max_by_key(|id| key(id))
+            .unwrap_or("0-0");
+        inv.arg(self.group)
+            .arg(self.consumer)
+            .arg(lo)
+            .arg(hi)
+            .arg(self.ids.len());
         for id in &self.ids {
             inv.arg(*id);
         }
