@@ -281,6 +281,10 @@ async fn main() {
         "phase", "batch-writer RSS MiB", "ingest RSS MiB"
     );
     for p in ["load", "outage", "recovery", "drain"] {
+        if !samples.iter().any(|s| s.1 == p) {
+            println!("{p:<10} {:>22} {:>22}", "(no samples)", "");
+            continue;
+        }
         let (wmax, wlast) = stat(p, |s| s.2);
         let (imax, ilast) = stat(p, |s| s.3);
         println!(
