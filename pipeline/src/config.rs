@@ -206,8 +206,10 @@ pub struct IngestConfig {
     pub linger_ms: u64,
     /// An entry whose fields and values add up to more bytes than this is dead-lettered.
     pub max_event_bytes: usize,
-    /// Batches validated at once per table.
+    /// Batches validated at once per consumer.
     pub workers: usize,
+    /// Consumers per table in each ingest process, each reading on its own connection.
+    pub consumers: usize,
     /// zstd level of frames (1 is fast and already compact).
     pub zstd_level: i32,
     /// Back-pressure: while `rows:{T}` holds more entries (frames) than this, ingest stops reading.
@@ -222,6 +224,7 @@ impl Default for IngestConfig {
             linger_ms: 20,
             max_event_bytes: 64 << 10,
             workers: 2,
+            consumers: 1,
             zstd_level: 1,
             max_rows_backlog: 1_000,
         }
@@ -332,9 +335,13 @@ impl Config {
                 )));
             }
         }
-        if self.batch_writer.connections == 0 || self.ingest.workers == 0 {
+        if self.batch_writer.connections == 0
+            || self.ingest.workers == 0
+            || self.ingest.consumers == 0
+        {
             return Err(invalid(
-                "[batch_writer] connections and [ingest] workers must be > 0".into(),
+                "[batch_writer] connections, [ingest] workers and [ingest] consumers must be > 0"
+                    .into(),
             ));
         }
         if self.streams.read_count == 0 {

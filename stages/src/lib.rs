@@ -114,12 +114,10 @@ pub async fn start(
     let stats = ProcessStats::default();
     let loops_per_table: usize = kinds
         .iter()
-        .map(|k| {
-            1 + if *k == StageKind::Ingest {
-                config.ingest.workers
-            } else {
-                config.batch_writer.connections
-            }
+        .map(|k| match k {
+            StageKind::Ingest => config.ingest.consumers * (1 + config.ingest.workers),
+            StageKind::BatchWriter => 1 + config.batch_writer.connections,
+            _ => 2,
         })
         .sum();
     let mut redis_config = config.clone();
@@ -138,29 +136,32 @@ pub async fn start(
             let table = &schema.table;
             match kind {
                 StageKind::Ingest => {
-                    let stage = ingest::Ingest {
+                    let stage = Arc::new(ingest::Ingest {
                         schema: schema.clone(),
                         max_event_bytes: config.ingest.max_event_bytes,
                         zstd_level: config.ingest.zstd_level,
                         max_event_spans: config.tracing.max_event_spans_per_batch,
-                    };
-                    let spec = LoopSpec {
-                        stage: INGEST,
-                        input: streams::telemetry_stream(table),
-                        output: Some(streams::rows_stream(table)),
-                        consumer: streams::consumer_name(INGEST),
-                        limits: config.ingest.limits(),
-                        workers: config.ingest.workers,
-                        streams: config.streams.clone(),
-                        output_high_watermark: Some(config.ingest.max_rows_backlog),
-                    };
-                    tasks.spawn(run_loop(
-                        Arc::new(stage),
-                        spec,
-                        redis.clone(),
-                        shutdown.clone(),
-                        stats.ingest.clone(),
-                    ));
+                    });
+                    // Several consumers per process read (and parse) in parallel.
+                    for _ in 0..config.ingest.consumers {
+                        let spec = LoopSpec {
+                            stage: INGEST,
+                            input: streams::telemetry_stream(table),
+                            output: Some(streams::rows_stream(table)),
+                            consumer: streams::consumer_name(INGEST),
+                            limits: config.ingest.limits(),
+                            workers: config.ingest.workers,
+                            streams: config.streams.clone(),
+                            output_high_watermark: Some(config.ingest.max_rows_backlog),
+                        };
+                        tasks.spawn(run_loop(
+                            stage.clone(),
+                            spec,
+                            redis.clone(),
+                            shutdown.clone(),
+                            stats.ingest.clone(),
+                        ));
+                    }
                 }
                 StageKind::BatchWriter => {
                     let input = streams::rows_stream(table);
