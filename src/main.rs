@@ -230,7 +230,7 @@ fn otel_provider(tracing_config: &TracingConfig) -> Option<SdkTracerProvider> {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn load(cli: &Cli) -> Result<(Config, Vec<SchemaRef>), BoxError> {
-    let explicit = cli.config != PathBuf::from("config.toml");
+    let explicit = cli.config.as_path() != std::path::Path::new("config.toml");
     let mut config = Config::load(&cli.config, explicit)?;
     if let Some(listen) = &cli.admin_listen {
         config.admin.listen = listen.clone();

@@ -179,7 +179,7 @@ async fn a_dead_consumers_entries_are_claimed_and_the_consumer_forgotten() {
     let stop = CancellationToken::new();
     let running = strata_stages::start(
         &env.config,
-        &[env.schema.clone()],
+        std::slice::from_ref(&env.schema),
         &StageKind::HOT_PATH,
         stop.clone(),
     )
@@ -245,7 +245,7 @@ async fn an_entry_delivered_more_than_max_deliveries_is_dead_lettered_with_the_r
     let stop = CancellationToken::new();
     let running = strata_stages::start(
         &env.config,
-        &[env.schema.clone()],
+        std::slice::from_ref(&env.schema),
         &StageKind::HOT_PATH,
         stop.clone(),
     )
@@ -287,7 +287,7 @@ async fn trimming_keeps_streams_bounded_while_a_lagging_group_gets_every_entry()
     let stop = CancellationToken::new();
     let running = strata_stages::start(
         &env.config,
-        &[env.schema.clone()],
+        std::slice::from_ref(&env.schema),
         &StageKind::HOT_PATH,
         stop.clone(),
     )

@@ -17,9 +17,14 @@ async fn start(
     kinds: &[StageKind],
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
-    let running = strata_stages::start(&env.config, &[env.schema.clone()], kinds, stop.clone())
-        .await
-        .expect("start stages");
+    let running = strata_stages::start(
+        &env.config,
+        std::slice::from_ref(&env.schema),
+        kinds,
+        stop.clone(),
+    )
+    .await
+    .expect("start stages");
     let s = stop.clone();
     let handle = tokio::spawn(async move { running.wait(&s).await.expect("stages failed") });
     (stop, handle)
@@ -307,7 +312,9 @@ async fn bad_input_is_dead_lettered_with_the_reason_and_the_rest_lands() {
     .await;
     env.migrate().await;
     let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(2000));
-    let cases: Vec<(Vec<(&str, Vec<u8>)>, &str)> = vec![
+    // (the event's fields, what its dead letter's `error` must say)
+    type Case<'a> = (Vec<(&'a str, Vec<u8>)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec![
                 ("source", b"h".to_vec()),

@@ -29,12 +29,12 @@ async fn migrate_is_idempotent_and_creates_the_database() {
     let fresh = format!("{}_new", env.db);
     env.config.postgres.url = env.db_url.replace(&env.db, &fresh);
     env.config.postgres.timescaledb = TimescaleMode::Off;
-    let first = migrate(&env.config, &[env.schema.clone()])
+    let first = migrate(&env.config, std::slice::from_ref(&env.schema))
         .await
         .expect("first migrate");
     assert!(first[0].created);
     assert_eq!(first[0].partitioning, Partitioning::Native);
-    let second = migrate(&env.config, &[env.schema.clone()])
+    let second = migrate(&env.config, std::slice::from_ref(&env.schema))
         .await
         .expect("second migrate");
     assert!(!second[0].created && second[0].added_columns.is_empty());
@@ -81,7 +81,9 @@ async fn a_new_nullable_column_migrates_in_place_and_a_required_one_is_refused()
     .unwrap();
 
     let schema = with_column(&env, "\n[[columns]]\nname = \"unit\"\ntype = \"text\"\n");
-    let report = migrate(&env.config, &[schema.clone()]).await.unwrap();
+    let report = migrate(&env.config, std::slice::from_ref(&schema))
+        .await
+        .unwrap();
     assert_eq!(report[0].added_columns, vec!["unit".to_string()]);
     let (n, unit): (i64, Option<String>) = {
         let r = pg
@@ -121,7 +123,7 @@ async fn timescaledb_hypertable_where_the_extension_exists() {
     if !available {
         eprintln!("SKIP timescaledb_hypertable_where_the_extension_exists: the timescaledb extension is not installed on this PostgreSQL server");
         env.config.postgres.timescaledb = TimescaleMode::Require;
-        let err = migrate(&env.config, &[env.schema.clone()])
+        let err = migrate(&env.config, std::slice::from_ref(&env.schema))
             .await
             .unwrap_err()
             .to_string();
@@ -132,7 +134,9 @@ async fn timescaledb_hypertable_where_the_extension_exists() {
         return;
     }
     env.config.postgres.timescaledb = TimescaleMode::Require;
-    let report = migrate(&env.config, &[env.schema.clone()]).await.unwrap();
+    let report = migrate(&env.config, std::slice::from_ref(&env.schema))
+        .await
+        .unwrap();
     assert_eq!(report[0].partitioning, Partitioning::Hypertable);
     let n: i64 = pg
         .query_one(

@@ -194,7 +194,7 @@ async fn migrate_table(
                 .map_err(sql(format!("creating {table}")))?;
             client
                 .execute(
-                    &format!("SELECT create_hypertable($1::text::regclass, $2::name, chunk_time_interval => ($3::bigint * interval '1 microsecond'), if_not_exists => true)"),
+                    &"SELECT create_hypertable($1::text::regclass, $2::name, chunk_time_interval => ($3::bigint * interval '1 microsecond'), if_not_exists => true)".to_string(),
                     &[&ident(table), &schema.columns[schema.time_index].name, &schema.chunk_interval_us],
                 )
                 .await

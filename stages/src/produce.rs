@@ -63,7 +63,7 @@ pub fn synthesize(schema: &Schema, seq: u64, rng: &mut impl Rng) -> Vec<(String,
                 ColumnType::Float8 => format!("{:.3}", rng.random_range(0.0..1000.0)),
                 ColumnType::Int8 => rng.random_range(0..1_000_000i64).to_string(),
                 ColumnType::Int4 => rng.random_range(0..10_000i32).to_string(),
-                ColumnType::Bool => (seq % 2 == 0).to_string(),
+                ColumnType::Bool => seq.is_multiple_of(2).to_string(),
                 ColumnType::Jsonb => format!("{{\"region\":\"eu-{}\",\"seq\":{seq}}}", seq % 3),
             };
             (c.name.clone(), v)

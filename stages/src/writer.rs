@@ -184,8 +184,7 @@ impl BatchWriter {
                 enc.rows.push((start..enc.buf.len(), i, row_no));
                 row_no += 1;
             }
-            drop(it);
-            drop(cells);
+            drop(cells); // it borrows `frame`, which moves below
             if let Some((row, col)) = bad_row {
                 // A frame whose cells do not fit their columns is not a frame ingest wrote.
                 enc.rows.truncate(frame_start);

@@ -196,7 +196,7 @@ impl TestEnv {
     }
 
     pub async fn migrate(&self) {
-        strata_stages::migrate::migrate(&self.config, &[self.schema.clone()])
+        strata_stages::migrate::migrate(&self.config, std::slice::from_ref(&self.schema))
             .await
             .expect("migrate");
     }
