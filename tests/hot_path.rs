@@ -5,30 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestEnv;
+use common::{start, TestEnv};
 use strata_pipeline::runner::{Batch, Stage};
 use strata_pipeline::streams;
 use strata_stages::StageKind;
-use tokio_util::sync::CancellationToken;
-
-/// Runs `kinds` in this process until the returned token is cancelled.
-async fn start(
-    env: &TestEnv,
-    kinds: &[StageKind],
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let stop = CancellationToken::new();
-    let running = strata_stages::start(
-        &env.config,
-        std::slice::from_ref(&env.schema),
-        kinds,
-        stop.clone(),
-    )
-    .await
-    .expect("start stages");
-    let s = stop.clone();
-    let handle = tokio::spawn(async move { running.wait(&s).await.expect("stages failed") });
-    (stop, handle)
-}
 
 fn msgpack(v: rmpv::Value) -> Vec<u8> {
     let mut buf = Vec::new();

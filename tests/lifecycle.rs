@@ -11,7 +11,7 @@ mod lifecycle_support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
+use common::{start, stop, TestEnv};
 use lifecycle_support::{Backend, BackendKind};
 use strata_pipeline::schema::Schema;
 use strata_pipeline::streams;
@@ -27,7 +27,6 @@ use strata_stages::lifecycle::deps::parquet::arrow::arrow_reader::ParquetRecordB
 use strata_stages::lifecycle::deps::parquet::file::reader::{FileReader, SerializedFileReader};
 use strata_stages::lifecycle::lake::Lake;
 use strata_stages::StageKind;
-use tokio_util::sync::CancellationToken;
 
 const HOUR_US: i64 = 3_600_000_000;
 
@@ -90,30 +89,6 @@ async fn setup(backend: &Backend, extra: &str) -> Lc {
     env.migrate().await;
     let lake = Lake::open(&env.config.lake).expect("open the lake");
     Lc { env, lake }
-}
-
-/// Runs `kinds` in this process until the returned token is cancelled.
-async fn start(
-    env: &TestEnv,
-    kinds: &[StageKind],
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let stop = CancellationToken::new();
-    let running = strata_stages::start(
-        &env.config,
-        std::slice::from_ref(&env.schema),
-        kinds,
-        stop.clone(),
-    )
-    .await
-    .expect("start stages");
-    let s = stop.clone();
-    let handle = tokio::spawn(async move { running.wait(&s).await.expect("stages failed") });
-    (stop, handle)
-}
-
-async fn stop(running: (CancellationToken, tokio::task::JoinHandle<()>)) {
-    running.0.cancel();
-    running.1.await.unwrap();
 }
 
 const LIFECYCLE: [StageKind; 3] = [

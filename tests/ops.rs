@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
+use common::{start_stages as start, stop, TestEnv};
 use serde_json::{json, Value};
 use strata_pipeline::schema::{Schema, SchemaRef};
 use strata_pipeline::streams;
@@ -19,27 +19,6 @@ use strata_stages::ops::inspect::{inspect, InspectOptions};
 use strata_stages::ops::status::{status, StatusOptions};
 use strata_stages::ops::OpsError;
 use strata_stages::StageKind;
-use tokio_util::sync::CancellationToken;
-
-/// Runs `kinds` for `schema` in this process until the returned token is cancelled.
-async fn start(
-    config: &Config,
-    schema: &SchemaRef,
-    kinds: &[StageKind],
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let stop = CancellationToken::new();
-    let running = strata_stages::start(config, std::slice::from_ref(schema), kinds, stop.clone())
-        .await
-        .expect("start stages");
-    let s = stop.clone();
-    let handle = tokio::spawn(async move { running.wait(&s).await.expect("stages failed") });
-    (stop, handle)
-}
-
-async fn stop(running: (CancellationToken, tokio::task::JoinHandle<()>)) {
-    running.0.cancel();
-    running.1.await.unwrap();
-}
 
 /// `strata dlq …` through the library, returning what it printed.
 async fn run_dlq(

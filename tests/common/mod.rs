@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use strata_pipeline::schema::{Schema, SchemaRef};
 use strata_pipeline::streams;
 use strata_pipeline::Config;
+use strata_stages::StageKind;
+use tokio_util::sync::CancellationToken;
 
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -287,6 +289,31 @@ impl TestEnv {
     pub fn log(&self, log_name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(log_name)).unwrap_or_default()
     }
+}
+
+/// Stages running inside the test process: the token that stops them and the task awaiting them.
+pub type InProcess = (CancellationToken, tokio::task::JoinHandle<()>);
+
+/// Runs `kinds` for `schema` in this process until [`stop`].
+pub async fn start_stages(config: &Config, schema: &SchemaRef, kinds: &[StageKind]) -> InProcess {
+    let stop = CancellationToken::new();
+    let running = strata_stages::start(config, std::slice::from_ref(schema), kinds, stop.clone())
+        .await
+        .expect("start stages");
+    let s = stop.clone();
+    let handle = tokio::spawn(async move { running.wait(&s).await.expect("stages failed") });
+    (stop, handle)
+}
+
+/// Runs `kinds` for the environment's table in this process until [`stop`].
+pub async fn start(env: &TestEnv, kinds: &[StageKind]) -> InProcess {
+    start_stages(&env.config, &env.schema, kinds).await
+}
+
+/// Stops stages started by [`start`] and waits for them to finish.
+pub async fn stop(running: InProcess) {
+    running.0.cancel();
+    running.1.await.unwrap();
 }
 
 /// XADDs known events to one stream, surviving Redis restarts.
