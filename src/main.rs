@@ -441,7 +441,10 @@ async fn demo(
     );
     println!("dead letters: {dead}");
     println!("where to look:");
-    println!("  table:        psql \"$DATABASE_URL\" -c 'SELECT count(*), max(time) FROM {table}'");
+    println!(
+        "  table:        psql '{}' -c 'SELECT count(*), max(time) FROM {table}'",
+        config.postgres.url
+    );
     println!("  streams:      redis-cli XINFO GROUPS '{input}'; redis-cli XINFO GROUPS '{rows}'");
     println!(
         "  dead letters: redis-cli XRANGE '{}' - + COUNT 10; redis-cli XRANGE '{}' - + COUNT 10",
