@@ -437,9 +437,16 @@ impl Drop for TestEnv {
                     .await;
                 if let Ok(client) = redis::Client::open(redis_url.as_str()) {
                     if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                        let t = streams::telemetry_stream(&table);
-                        let r = streams::rows_stream(&table);
-                        let keys = [streams::dlq_stream(&t), streams::dlq_stream(&r), t, r];
+                        // Every stream of the table, and each one's dead letters.
+                        let keys: Vec<String> = [
+                            streams::telemetry_stream(&table),
+                            streams::rows_stream(&table),
+                            streams::archive_stream(&table),
+                            streams::archived_stream(&table),
+                        ]
+                        .into_iter()
+                        .flat_map(|s| [streams::dlq_stream(&s), s])
+                        .collect();
                         let _: redis::RedisResult<()> =
                             redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
                     }
