@@ -140,7 +140,13 @@ pub async fn run_loop<S: Stage>(
         stop.clone(),
         in_flight.clone(),
     ));
-    let batcher = tokio::spawn(batch_loop(stage.clone(), spec.limits, read_rx, batch_tx));
+    let batcher = tokio::spawn(batch_loop(
+        stage.clone(),
+        spec.limits,
+        read_rx,
+        batch_tx,
+        metrics.clone(),
+    ));
     let batch_rx = Arc::new(Mutex::new(batch_rx));
     let mut workers = Vec::new();
     for _ in 0..spec.workers {
@@ -343,8 +349,20 @@ async fn batch_loop<S: Stage>(
     limits: BatchLimits,
     mut rx: mpsc::Receiver<Vec<Entry>>,
     tx: mpsc::Sender<Batch>,
+    metrics: LoopMetrics,
 ) {
     let linger = Duration::from_millis(limits.linger_ms);
+    // Hands the gathered entries to the workers (false once they are gone) and records the
+    // batch's size, once per batch.
+    let flush = |current: &mut Vec<Entry>, rows: usize, bytes: usize| {
+        metrics.batch_rows.record(rows as f64);
+        metrics.batch_bytes.record(bytes as f64);
+        let batch = Batch {
+            entries: std::mem::take(current),
+        };
+        let tx = tx.clone();
+        async move { tx.send(batch).await.is_ok() }
+    };
     let mut current: Vec<Entry> = Vec::new();
     let (mut rows, mut bytes) = (0usize, 0usize);
     let mut deadline: Option<Instant> = None;
@@ -368,7 +386,7 @@ async fn batch_loop<S: Stage>(
                     bytes += e.size();
                     current.push(e);
                     if rows >= limits.max_batch_rows || bytes >= limits.max_batch_bytes {
-                        if !flush(&tx, &mut current).await {
+                        if !flush(&mut current, rows, bytes).await {
                             return;
                         }
                         (rows, bytes, deadline) = (0, 0, None);
@@ -380,24 +398,15 @@ async fn batch_loop<S: Stage>(
             }
         }
         if !current.is_empty() && deadline.is_some_and(|d| d <= Instant::now()) {
-            if !flush(&tx, &mut current).await {
+            if !flush(&mut current, rows, bytes).await {
                 return;
             }
             (rows, bytes, deadline) = (0, 0, None);
         }
     }
     if !current.is_empty() {
-        let _ = tx.send(Batch { entries: current }).await;
+        flush(&mut current, rows, bytes).await;
     }
-}
-
-/// Hands the gathered entries to the workers; false once they are gone.
-async fn flush(tx: &mpsc::Sender<Batch>, current: &mut Vec<Entry>) -> bool {
-    tx.send(Batch {
-        entries: std::mem::take(current),
-    })
-    .await
-    .is_ok()
 }
 
 struct Worker<S> {
@@ -449,11 +458,7 @@ impl<S: Stage> Worker<S> {
             let result = match ready {
                 Some(outcome) => Ok(outcome),
                 None => {
-                    let rows: usize = batch.entries.iter().map(|e| self.stage.weight(e)).sum();
-                    let bytes: usize = batch.entries.iter().map(Entry::size).sum();
-                    self.metrics.batch_rows.record(rows as f64);
-                    self.metrics.batch_bytes.record(bytes as f64);
-                    let span = tracing::info_span!("process", stage = self.spec.stage, stream = %self.spec.input, entries = batch.entries.len(), rows);
+                    let span = tracing::info_span!("process", stage = self.spec.stage, stream = %self.spec.input, entries = batch.entries.len());
                     self.stage.process(&batch).instrument(span).await
                 }
             };
