@@ -102,6 +102,30 @@ pub struct LoopSpec {
 /// [`streams::touch`]) so a long retry is not mistaken for a dead consumer.
 type InFlight = Arc<std::sync::Mutex<HashSet<String>>>;
 
+impl LoopSpec {
+    /// A loop of `stage` (also its consumer group) from `input` to `output`, with a consumer
+    /// name unique to this process and no back-pressure.
+    pub fn new(
+        stage: &'static str,
+        input: String,
+        output: Option<String>,
+        limits: BatchLimits,
+        workers: usize,
+        streams: StreamsConfig,
+    ) -> Self {
+        Self {
+            stage,
+            input,
+            output,
+            consumer: streams::consumer_name(stage),
+            limits,
+            workers,
+            streams,
+            output_high_watermark: None,
+        }
+    }
+}
+
 /// Runs one stage loop until `shutdown` fires (then finishes what it read and returns Ok) or a
 /// fatal error occurs.
 pub async fn run_loop<S: Stage>(

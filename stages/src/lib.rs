@@ -144,16 +144,15 @@ pub async fn start(
                     });
                     // Several consumers per process read (and parse) in parallel.
                     for _ in 0..config.ingest.consumers {
-                        let spec = LoopSpec {
-                            stage: INGEST,
-                            input: streams::telemetry_stream(table),
-                            output: Some(streams::rows_stream(table)),
-                            consumer: streams::consumer_name(INGEST),
-                            limits: config.ingest.limits(),
-                            workers: config.ingest.workers,
-                            streams: config.streams.clone(),
-                            output_high_watermark: Some(config.ingest.max_rows_backlog),
-                        };
+                        let mut spec = LoopSpec::new(
+                            INGEST,
+                            streams::telemetry_stream(table),
+                            Some(streams::rows_stream(table)),
+                            config.ingest.limits(),
+                            config.ingest.workers,
+                            config.streams.clone(),
+                        );
+                        spec.output_high_watermark = Some(config.ingest.max_rows_backlog);
                         tasks.spawn(run_loop(
                             stage.clone(),
                             spec,
@@ -176,16 +175,14 @@ pub async fn start(
                         redis.clone(),
                         shutdown.clone(),
                     ));
-                    let spec = LoopSpec {
-                        stage: BATCH_WRITER,
+                    let spec = LoopSpec::new(
+                        BATCH_WRITER,
                         input,
-                        output: None,
-                        consumer: streams::consumer_name(BATCH_WRITER),
-                        limits: config.batch_writer.limits(),
-                        workers: config.batch_writer.connections,
-                        streams: config.streams.clone(),
-                        output_high_watermark: None,
-                    };
+                        None,
+                        config.batch_writer.limits(),
+                        config.batch_writer.connections,
+                        config.streams.clone(),
+                    );
                     tasks.spawn(run_loop(
                         writer,
                         spec,

@@ -144,16 +144,14 @@ pub async fn spawn(
                 max_rearchives: config.confirmer.max_rearchives,
                 partitioning: Default::default(),
             };
-            let spec = LoopSpec {
-                stage: streams::ARCHIVER,
-                input: streams::archive_stream(table),
-                output: Some(streams::archived_stream(table)),
-                consumer: streams::consumer_name(streams::ARCHIVER),
-                limits: ONE_AT_A_TIME,
+            let spec = LoopSpec::new(
+                streams::ARCHIVER,
+                streams::archive_stream(table),
+                Some(streams::archived_stream(table)),
+                ONE_AT_A_TIME,
                 workers,
-                streams: config.streams.clone(),
-                output_high_watermark: None,
-            };
+                config.streams.clone(),
+            );
             tasks.spawn(run_loop(
                 Arc::new(stage),
                 spec,
@@ -171,16 +169,14 @@ pub async fn spawn(
                 config: config.confirmer.clone(),
                 partitioning: Default::default(),
             };
-            let spec = LoopSpec {
-                stage: streams::CONFIRMER,
-                input: streams::archived_stream(table),
-                output: Some(streams::archive_stream(table)),
-                consumer: streams::consumer_name(streams::CONFIRMER),
-                limits: ONE_AT_A_TIME,
+            let spec = LoopSpec::new(
+                streams::CONFIRMER,
+                streams::archived_stream(table),
+                Some(streams::archive_stream(table)),
+                ONE_AT_A_TIME,
                 workers,
-                streams: config.streams.clone(),
-                output_high_watermark: None,
-            };
+                config.streams.clone(),
+            );
             tasks.spawn(run_loop(
                 Arc::new(stage),
                 spec,
