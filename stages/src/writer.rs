@@ -54,8 +54,9 @@ pub struct BatchWriter {
 
 /// Rows of a batch encoded for COPY.
 struct Encoded {
-    /// The COPY header followed by every tuple.
-    buf: BytesMut,
+    /// The whole COPY body: header, every tuple, trailer. Shared, not copied, when every row
+    /// goes in one COPY (the common case).
+    buf: Bytes,
     /// Byte range in `buf` and origin (entry index, row index in its frame) of each tuple.
     rows: Vec<(std::ops::Range<usize>, usize, usize)>,
     /// Chunk starts the rows fall into.
@@ -128,11 +129,12 @@ impl BatchWriter {
         dead: &mut Vec<DeadLetter>,
     ) -> Result<Encoded, StageError> {
         let mut enc = Encoded {
-            buf: BytesMut::with_capacity(1 << 20),
+            buf: Bytes::new(),
             rows: Vec::new(),
             chunks: BTreeSet::new(),
         };
-        enc.buf.extend_from_slice(copy::HEADER);
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        buf.extend_from_slice(copy::HEADER);
         let ncols = self.schema.columns.len();
         let mut last_chunk = None;
         for (i, entry) in batch.entries.iter().enumerate() {
@@ -160,17 +162,16 @@ impl BatchWriter {
             let mut row_no = 0;
             let mut bad_row = None;
             let frame_start = enc.rows.len();
-            let buf_start = enc.buf.len();
+            let buf_start = buf.len();
             while it
                 .next_row(&mut cells)
                 .map_err(|e| StageError::dead_letter(e.to_string()))?
             {
-                let start = enc.buf.len();
-                copy::begin_tuple(&mut enc.buf, ncols);
+                let start = buf.len();
+                copy::begin_tuple(&mut buf, ncols);
                 for (col, m) in map.iter().enumerate() {
                     let cell = m.map_or(CellRef::Null, |j| cells[j]);
-                    if copy::put_cell(&mut enc.buf, self.schema.columns[col].ty, cell, col).is_err()
-                    {
+                    if copy::put_cell(&mut buf, self.schema.columns[col].ty, cell, col).is_err() {
                         bad_row = Some((row_no, col));
                     }
                 }
@@ -181,14 +182,14 @@ impl BatchWriter {
                         last_chunk = Some(chunk);
                     }
                 }
-                enc.rows.push((start..enc.buf.len(), i, row_no));
+                enc.rows.push((start..buf.len(), i, row_no));
                 row_no += 1;
             }
             drop(cells); // it borrows `frame`, which moves below
             if let Some((row, col)) = bad_row {
                 // A frame whose cells do not fit their columns is not a frame ingest wrote.
                 enc.rows.truncate(frame_start);
-                enc.buf.truncate(buf_start);
+                buf.truncate(buf_start);
                 dead.push(DeadLetter {
                     entry: i,
                     fields: None,
@@ -204,6 +205,8 @@ impl BatchWriter {
             }
             frames.push(Some(frame));
         }
+        buf.extend_from_slice(copy::TRAILER);
+        enc.buf = buf.freeze();
         Ok(enc)
     }
 
@@ -238,28 +241,24 @@ impl BatchWriter {
         rows: &[usize],
     ) -> Result<(), StageError> {
         let body = if rows.len() == enc.rows.len() {
-            let mut b = BytesMut::with_capacity(enc.buf.len() + 2);
-            b.extend_from_slice(&enc.buf);
-            b
+            enc.buf.clone()
         } else {
-            let mut b = BytesMut::with_capacity(
-                copy::HEADER.len() + rows.iter().map(|&r| enc.rows[r].0.len()).sum::<usize>() + 2,
-            );
+            let tuples: usize = rows.iter().map(|&r| enc.rows[r].0.len()).sum();
+            let mut b = BytesMut::with_capacity(copy::HEADER.len() + tuples + copy::TRAILER.len());
             b.extend_from_slice(copy::HEADER);
             for &r in rows {
                 b.extend_from_slice(&enc.buf[enc.rows[r].0.clone()]);
             }
-            b
+            b.extend_from_slice(copy::TRAILER);
+            b.freeze()
         };
-        let mut body = body;
-        body.extend_from_slice(copy::TRAILER);
         let context = format!("COPY into {}", self.schema.table);
         let sink = tx
             .copy_in::<_, Bytes>(&self.copy_sql)
             .await
             .map_err(|e| StageError::from_postgres(&context, e))?;
         futures_util::pin_mut!(sink);
-        sink.send(body.freeze())
+        sink.send(body)
             .await
             .map_err(|e| StageError::from_postgres(&context, e))?;
         sink.finish()
