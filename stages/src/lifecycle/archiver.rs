@@ -22,7 +22,7 @@ use strata_pipeline::{RetryHint, StageError};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use crate::catalog::{self, ident, Partitioning, CHUNKS};
+use crate::catalog::{ident, Partitioning, CHUNKS};
 
 use super::events::{rfc3339_us, ArchivalConfirmation, ArchivalEvent, ArchivalStatus};
 use super::export::{export, footer, writer_properties, ExportError};
@@ -51,13 +51,7 @@ pub struct Archiver {
 
 impl Archiver {
     async fn partitioning(&self) -> Result<Partitioning, StageError> {
-        self.partitioning
-            .get_or_try_init(|| async {
-                let client = self.pool.get().await?;
-                catalog::partitioning(&client, &self.schema.table).await
-            })
-            .await
-            .copied()
+        super::cached_partitioning(&self.partitioning, &self.pool, &self.schema.table).await
     }
 
     /// `COPY (SELECT <columns> FROM <chunk>) TO STDOUT (FORMAT binary)`, each column cast to its
@@ -151,13 +145,12 @@ impl Archiver {
         };
         let partitioning = self.partitioning().await?;
         let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await.map_err(pg("BEGIN"))?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = {}",
-            self.config.lock_timeout_ms
-        ))
-        .await
-        .map_err(pg("SET lock_timeout"))?;
+        let tx = super::begin_with_lock_timeout(
+            &mut conn,
+            self.config.lock_timeout_ms,
+            &format!("archiving chunk {chunk} of `{table}`"),
+        )
+        .await?;
         let key2 = (event.chunk_id % i32::MAX as i64) as i32;
         let locked: bool = tx
             .query_one(

@@ -29,7 +29,7 @@ use strata_pipeline::{RetryHint, StageError};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use crate::catalog::{self, ident, Partitioning, CHUNKS};
+use crate::catalog::{ident, Partitioning, CHUNKS};
 
 use super::archiver::error_chain;
 use super::columnar::{arrow_type, column_type_from_sql};
@@ -63,13 +63,7 @@ enum Check {
 
 impl Confirmer {
     async fn partitioning(&self) -> Result<Partitioning, StageError> {
-        self.partitioning
-            .get_or_try_init(|| async {
-                let client = self.pool.get().await?;
-                catalog::partitioning(&client, &self.schema.table).await
-            })
-            .await
-            .copied()
+        super::cached_partitioning(&self.partitioning, &self.pool, &self.schema.table).await
     }
 
     async fn handle(&self, entry: &Entry) -> Result<Option<Fields>, StageError> {
@@ -331,13 +325,12 @@ impl Confirmer {
         };
         let partitioning = self.partitioning().await?;
         let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await.map_err(pg("BEGIN"))?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = {}",
-            self.config.lock_timeout_ms
-        ))
-        .await
-        .map_err(pg("SET lock_timeout"))?;
+        let tx = super::begin_with_lock_timeout(
+            &mut conn,
+            self.config.lock_timeout_ms,
+            &format!("dropping chunk {chunk} of `{table}`"),
+        )
+        .await?;
         let same = tx
             .query_opt(
                 "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1 AND c.relname = $2 AND n.nspname = $3",

@@ -109,6 +109,37 @@ pub static COUNTERS: Counters = Counters::new();
 
 pub use strata_pipeline::observe::{CHUNKS_DROPPED, VERIFY_FAILURES};
 
+/// How `table` is partitioned, read once and cached in `cell`.
+async fn cached_partitioning(
+    cell: &tokio::sync::OnceCell<crate::catalog::Partitioning>,
+    pool: &deadpool_postgres::Pool,
+    table: &str,
+) -> Result<crate::catalog::Partitioning, StageError> {
+    cell.get_or_try_init(|| async {
+        let client = pool.get().await?;
+        crate::catalog::partitioning(&client, table).await
+    })
+    .await
+    .copied()
+}
+
+/// BEGIN with `lock_timeout` set for the transaction, so waiting for a chunk's lock is bounded.
+/// Errors read "<context>: BEGIN" / "<context>: SET lock_timeout".
+async fn begin_with_lock_timeout<'a>(
+    conn: &'a mut deadpool_postgres::Object,
+    lock_timeout_ms: u64,
+    context: &str,
+) -> Result<deadpool_postgres::Transaction<'a>, StageError> {
+    let tx = conn
+        .transaction()
+        .await
+        .map_err(|e| StageError::from_postgres(&format!("{context}: BEGIN"), e))?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = {lock_timeout_ms}"))
+        .await
+        .map_err(|e| StageError::from_postgres(&format!("{context}: SET lock_timeout"), e))?;
+    Ok(tx)
+}
+
 /// One entry per batch: each event is a whole chunk, processed and acknowledged on its own.
 const ONE_AT_A_TIME: BatchLimits = BatchLimits {
     max_batch_rows: 1,
