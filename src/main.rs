@@ -161,14 +161,7 @@ fn main() -> ExitCode {
 
 /// Prints an error with its chain of causes.
 fn fail(e: &(dyn std::error::Error + 'static)) -> ExitCode {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    eprintln!("strata: {msg}");
+    eprintln!("strata: {}", strata_pipeline::error_chain(e));
     ExitCode::FAILURE
 }
 

@@ -518,3 +518,88 @@ async fn a_row_violating_a_constraint_is_dead_lettered_alone_and_the_rest_commit
     );
     assert!(env.dead_letters(&env.input()).await.is_empty());
 }
+
+/// The commit step's ownership check: a consumer whose entries were claimed by another one
+/// forwards none of them (the claim is recorded in `<stream>:claimed`), while the new owner does,
+/// and a consumer nothing was taken from commits without the per-entry check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only() {
+    let env = TestEnv::new("metrics", "").await;
+    let mut ids = Vec::new();
+    for v in [b"1", b"2", b"3"] {
+        ids.push(env.xadd(&[("source", b"s"), ("value", v)]).await);
+    }
+    let (input, output) = (env.input(), env.rows());
+    let dlq = streams::dlq_stream(&input);
+    let mut conn = env.redis().await;
+    streams::ensure_group(&mut conn, &input, streams::INGEST)
+        .await
+        .unwrap();
+    let (read, _) = streams::read_new(&mut conn, &input, streams::INGEST, "slow", 10, 100)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 3);
+    // "fast" takes over everything idle for 0 ms, as a live process does with a stalled one.
+    let (claimed, _, _) =
+        streams::autoclaim(&mut conn, &input, streams::INGEST, "fast", 0, "0-0", 10)
+            .await
+            .unwrap();
+    assert_eq!(claimed.len(), 3);
+    let recorded: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(streams::claims_key(&input))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(recorded, [("ingest slow".to_string(), 3)].into());
+
+    let env_ref = &env;
+    let commit = |consumer: &'static str, ids: Vec<String>| {
+        let (input, output, dlq) = (input.clone(), output.clone(), dlq.clone());
+        async move {
+            let mut conn = env_ref.redis().await;
+            streams::CommitStep {
+                input: &input,
+                output: &output,
+                dlq: &dlq,
+                group: streams::INGEST,
+                consumer,
+                ids: ids.iter().map(String::as_str).collect(),
+                forward: vec![vec![("frame".to_string(), consumer.as_bytes().to_vec())]],
+                dead_letters: Vec::new(),
+            }
+            .run(&mut conn)
+            .await
+            .unwrap()
+        }
+    };
+    let lost = commit("slow", ids[..2].to_vec()).await;
+    assert_eq!(
+        lost,
+        ids[..2].to_vec(),
+        "the old owner is told what it lost"
+    );
+    assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 0);
+    assert!(commit("fast", ids.clone()).await.is_empty());
+    assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 1);
+    let lost = commit("slow", ids[2..].to_vec()).await;
+    assert_eq!(lost, ids[2..].to_vec(), "acknowledged by the new owner");
+    assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 1);
+
+    // The recorded consumer still commits what it does own, after the per-entry check.
+    let id = env.xadd(&[("source", b"s"), ("value", b"4")]).await;
+    let (read, _) = streams::read_new(&mut conn, &input, streams::INGEST, "slow", 10, 100)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1);
+    assert!(commit("slow", vec![id]).await.is_empty());
+    assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 2);
+    let groups = streams::groups(&mut conn, &input).await.unwrap();
+    assert_eq!(groups[0].pending, 0);
+    let frames: Vec<String> = env
+        .entries(&output)
+        .await
+        .into_iter()
+        .map(|(_, f)| f[0].1.clone())
+        .collect();
+    assert_eq!(frames, ["fast", "slow"]);
+}

@@ -692,7 +692,7 @@ async fn dlq_id_selects_one_purge_deletes_and_errors_name_the_problem() {
     let (replayed, _) = streams::parse_entries(v, 0);
     assert_eq!(replayed.len(), 1);
     assert_eq!(
-        replayed[0].fields,
+        replayed[0].fields.to_vec(),
         vec![
             ("source".to_string(), b"h".to_vec()),
             ("metric".to_string(), b"m".to_vec()),

@@ -741,7 +741,8 @@ async fn reset_streams(redis: &mut MultiplexedConnection) -> Result<()> {
             }
         }
     }
-    let keys = bench_streams();
+    let mut keys = bench_streams().to_vec();
+    keys.extend([streams::claims_key(&input), streams::claims_key(&rows)]);
     let _: i64 = redis::cmd("UNLINK")
         .arg(&keys)
         .query_async(redis)

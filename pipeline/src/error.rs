@@ -93,6 +93,18 @@ impl StageError {
     }
 }
 
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
 impl From<redis::RedisError> for StageError {
     fn from(err: redis::RedisError) -> Self {
         StageError::backoff(format!("redis: {err}"))

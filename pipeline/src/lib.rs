@@ -6,6 +6,7 @@
 //! - [`schema`]: table schemas from `schemas/*.toml`, and typed cells parsed from events.
 //! - [`frame`]: the MessagePack + zstd frames ingest writes to `rows:{T}`.
 //! - [`streams`]: every Redis Streams call: keys, groups, reads, claims, the atomic commit step.
+//! - [`resp`]: the read path's own connection and zero-copy entry fields.
 //! - [`runner`]: the consumer loop (read, claim, batch, process, commit) and the [`runner::Stage`] trait.
 //! - [`error`]: errors carrying a [`error::RetryHint`] that decides delivery.
 //! - [`db`]: PostgreSQL connection pools.
@@ -23,6 +24,7 @@ pub mod frame;
 pub mod latency;
 pub mod lifecycle_config;
 pub mod observe;
+pub mod resp;
 pub mod runner;
 pub mod schema;
 pub mod shutdown;
@@ -30,4 +32,4 @@ pub mod streams;
 pub mod trace;
 
 pub use config::Config;
-pub use error::{ConfigError, RetryHint, StageError};
+pub use error::{error_chain, ConfigError, RetryHint, StageError};

@@ -9,7 +9,6 @@
 //!   process the rest;
 //! - `Fatal`: stop this process with the error; the entries stay pending.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{BatchLimits, StreamsConfig};
-use crate::error::{RetryHint, StageError};
+use crate::error::{error_chain, RetryHint, StageError};
 use crate::observe::{self, LoopMetrics};
+use crate::resp::ReadConnection;
 use crate::streams::{self, CommitStep, Entry, Fields};
 
 /// How a dead letter for too many deliveries starts (also its metric class).
@@ -96,11 +96,10 @@ pub struct LoopSpec {
     pub streams: StreamsConfig,
     /// Back-pressure: stop reading while `output` holds more entries than this.
     pub output_high_watermark: Option<u64>,
+    /// Where new entries are read with a connection of the loop's own (see [`crate::resp`]);
+    /// `None` reads through the pool, for loops where volume is low.
+    pub read_url: Option<String>,
 }
-
-/// Entries read by this consumer and not yet acknowledged, kept looking busy (see
-/// [`streams::touch`]) so a long retry is not mistaken for a dead consumer.
-type InFlight = Arc<std::sync::Mutex<HashSet<String>>>;
 
 impl LoopSpec {
     /// A loop of `stage` (also its consumer group) from `input` to `output`, with a consumer
@@ -122,6 +121,7 @@ impl LoopSpec {
             workers,
             streams,
             output_high_watermark: None,
+            read_url: None,
         }
     }
 }
@@ -146,7 +146,6 @@ pub async fn run_loop<S: Stage>(
     // Fatal errors stop the reader too, so a failing worker does not keep claiming entries.
     let stop = shutdown.child_token();
 
-    let in_flight = InFlight::default();
     let metrics = LoopMetrics::new(spec.stage, &spec.input);
     crate::admin::RUNNING_LOOPS.fetch_add(1, Ordering::Relaxed);
     let reader = tokio::spawn(read_loop(
@@ -155,15 +154,9 @@ pub async fn run_loop<S: Stage>(
         stop.clone(),
         read_tx,
         stats.clone(),
-        in_flight.clone(),
         metrics.clone(),
     ));
-    let keeper = tokio::spawn(housekeeping(
-        spec.clone(),
-        redis.clone(),
-        stop.clone(),
-        in_flight.clone(),
-    ));
+    let keeper = tokio::spawn(housekeeping(spec.clone(), redis.clone(), stop.clone()));
     let batcher = tokio::spawn(batch_loop(
         stage.clone(),
         spec.limits,
@@ -180,7 +173,6 @@ pub async fn run_loop<S: Stage>(
             redis: redis.clone(),
             stop: stop.clone(),
             stats: stats.clone(),
-            in_flight: in_flight.clone(),
             metrics: metrics.clone(),
         };
         let rx = batch_rx.clone();
@@ -253,7 +245,6 @@ async fn read_loop(
     stop: CancellationToken,
     tx: mpsc::Sender<Vec<Entry>>,
     stats: Arc<LoopStats>,
-    in_flight: InFlight,
     metrics: LoopMetrics,
 ) {
     let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
@@ -262,6 +253,7 @@ async fn read_loop(
     let mut next_claim = Instant::now();
     let mut cursor = "0-0".to_string();
     let mut conn: Option<deadpool_redis::Connection> = None;
+    let mut reader: Option<ReadConnection> = None;
     while !stop.is_cancelled() {
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -314,7 +306,7 @@ async fn read_loop(
                     }
                     Ok((entries, deleted))
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(error_chain(&e)),
             }
         } else {
             let block = spec
@@ -326,15 +318,9 @@ async fn read_loop(
                         .as_millis() as u64,
                 )
                 .max(1);
-            streams::read_new(
-                c,
-                &spec.input,
-                spec.stage,
-                &spec.consumer,
-                spec.streams.read_count,
-                block,
-            )
-            .await
+            read_new(&spec, c, &mut reader, block)
+                .await
+                .map(|entries| (entries, Vec::new()))
         };
         match res {
             Ok((entries, deleted)) => {
@@ -350,10 +336,6 @@ async fn read_loop(
                 }
                 if !entries.is_empty() {
                     metrics.read.increment(entries.len() as u64);
-                    in_flight
-                        .lock()
-                        .expect("in-flight set")
-                        .extend(entries.iter().map(|e| e.id.clone()));
                     if tx.send(entries).await.is_err() {
                         break;
                     }
@@ -366,6 +348,39 @@ async fn read_loop(
             }
         }
     }
+}
+
+/// Reads new entries: over the loop's own connection when it has a `read_url` (reconnecting
+/// after a failure), else over the pooled one.
+async fn read_new(
+    spec: &LoopSpec,
+    pooled: &mut deadpool_redis::Connection,
+    own: &mut Option<ReadConnection>,
+    block_ms: u64,
+) -> Result<Vec<Entry>, String> {
+    let (stream, group, consumer) = (&spec.input, spec.stage, &spec.consumer);
+    let count = spec.streams.read_count;
+    let Some(url) = spec.read_url.as_deref() else {
+        return streams::read_new(pooled, stream, group, consumer, count, block_ms)
+            .await
+            .map(|(entries, _)| entries)
+            .map_err(|e| error_chain(&e));
+    };
+    let conn = match own {
+        Some(conn) => conn,
+        None => own.insert(
+            ReadConnection::connect(url)
+                .await
+                .map_err(|e| error_chain(&e))?,
+        ),
+    };
+    let read = conn
+        .read_new(stream, group, consumer, count, block_ms)
+        .await;
+    read.map_err(|e| {
+        *own = None;
+        error_chain(&e)
+    })
 }
 
 async fn batch_loop<S: Stage>(
@@ -444,8 +459,6 @@ struct Worker<S> {
     stop: CancellationToken,
     /// Counters for summaries.
     stats: Arc<LoopStats>,
-    /// Entries read and not yet acknowledged.
-    in_flight: InFlight,
     /// Per-batch counters and histograms.
     metrics: LoopMetrics,
 }
@@ -558,7 +571,7 @@ impl<S: Stage> Worker<S> {
             .iter()
             .map(|d| {
                 let entry = &batch.entries[d.entry];
-                let mut fields = d.fields.clone().unwrap_or_else(|| entry.fields.clone());
+                let mut fields = d.fields.clone().unwrap_or_else(|| entry.fields.to_vec());
                 fields.push((streams::DLQ_ERROR.into(), d.error.clone().into_bytes()));
                 fields.push((
                     streams::DLQ_STAGE.into(),
@@ -592,12 +605,6 @@ impl<S: Stage> Worker<S> {
             };
             match res {
                 Ok(lost) => {
-                    {
-                        let mut set = self.in_flight.lock().expect("in-flight set");
-                        for id in &step.ids {
-                            set.remove(*id);
-                        }
-                    }
                     if lost.is_empty() {
                         self.stats
                             .acked
@@ -673,14 +680,10 @@ impl BackPressure {
     }
 }
 
-/// Periodic upkeep of one loop: keeps in-flight entries from looking idle, trims the input of
-/// what every group acknowledged, and forgets consumers of dead processes that own nothing.
-async fn housekeeping(
-    spec: Arc<LoopSpec>,
-    redis: deadpool_redis::Pool,
-    stop: CancellationToken,
-    in_flight: InFlight,
-) {
+/// Periodic upkeep of one loop: keeps the entries this consumer holds from looking idle, trims
+/// the input of what every group acknowledged, and forgets consumers of dead processes that own
+/// nothing.
+async fn housekeeping(spec: Arc<LoopSpec>, redis: deadpool_redis::Pool, stop: CancellationToken) {
     let touch_every = Duration::from_millis((spec.streams.claim_idle_ms / 3).max(10));
     let trim_every = Duration::from_millis(spec.streams.trim_interval_ms.max(10));
     let forget_every = Duration::from_millis(spec.streams.claim_interval_ms.max(10));
@@ -697,18 +700,9 @@ async fn housekeeping(
         };
         if last_touch.elapsed() >= touch_every {
             last_touch = Instant::now();
-            let ids: Vec<String> = in_flight
-                .lock()
-                .expect("in-flight set")
-                .iter()
-                .cloned()
-                .collect();
-            for chunk in ids.chunks(2000) {
-                if let Err(e) =
-                    streams::touch(&mut conn, &spec.input, spec.stage, &spec.consumer, chunk).await
-                {
-                    debug!(stage = spec.stage, error = %e, "touch failed");
-                }
+            if let Err(e) = streams::touch(&mut conn, &spec.input, spec.stage, &spec.consumer).await
+            {
+                debug!(stage = spec.stage, error = %e, "touch failed");
             }
         }
         if last_trim.elapsed() >= trim_every {

@@ -44,8 +44,17 @@ pub fn dlq_stream(stream: &str) -> String {
     format!("{stream}:dlq")
 }
 
-/// A stream entry field list, in order.
+/// The hash recording, per `<group> <consumer>`, how many of the consumer's entries were claimed
+/// by another consumer of `stream`. A consumer listed there checks, when it commits, that it
+/// still owns each entry; one not listed has had nothing taken (see [`autoclaim`]).
+pub fn claims_key(stream: &str) -> String {
+    format!("{stream}:claimed")
+}
+
+/// A field list to write to a stream, in order.
 pub type Fields = Vec<(String, Vec<u8>)>;
+
+pub use crate::resp::RawFields;
 
 /// One stream entry as delivered to a consumer.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +62,7 @@ pub struct Entry {
     /// The stream ID (`<ms>-<seq>`).
     pub id: String,
     /// The fields as the producer sent them.
-    pub fields: Fields,
+    pub fields: RawFields,
     /// How many times the group has delivered this entry (1 on first read).
     pub deliveries: u64,
 }
@@ -68,16 +77,25 @@ impl Entry {
             .unwrap_or(0)
     }
 
+    /// An entry built from name/value pairs (tests, tools).
+    pub fn new<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        id: impl Into<String>,
+        fields: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            fields: RawFields::from_pairs(fields),
+            deliveries: 1,
+        }
+    }
+
     pub fn field(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
+        self.fields.get(name)
     }
 
     /// Field names plus values in bytes.
     pub fn size(&self) -> usize {
-        self.fields.iter().map(|(k, v)| k.len() + v.len()).sum()
+        self.fields.size()
     }
 }
 
@@ -102,16 +120,16 @@ pub fn parse_entries(value: Value, deliveries: u64) -> (Vec<Entry>, Vec<String>)
         };
         match fields {
             Some(Value::Array(flat)) => {
-                let mut fields = Vec::with_capacity(flat.len() / 2);
+                let mut pairs = Vec::with_capacity(flat.len() / 2);
                 let mut it = flat.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    if let (Some(k), Some(v)) = (bulk_string(k), bulk_bytes(v)) {
-                        fields.push((k, v));
+                    if let (Some(k), Some(v)) = (bulk_bytes(k), bulk_bytes(v)) {
+                        pairs.push((k, v));
                     }
                 }
                 entries.push(Entry {
                     id,
-                    fields,
+                    fields: RawFields::from_pairs(pairs),
                     deliveries,
                 });
             }
@@ -211,6 +229,30 @@ pub async fn read_new<C: redis::aio::ConnectionLike>(
     Ok(out)
 }
 
+/// XAUTOCLAIM that records, in the same atomic step, whose entries it took (in [`claims_key`]).
+/// XAUTOCLAIM looks at no more than 10 × COUNT pending entries from the cursor, so the idle
+/// entries among the first 10 × COUNT are all it can take.
+const CLAIM_SCRIPT: &str = r#"
+local group, consumer = ARGV[1], ARGV[2]
+local owner = {}
+for _, e in ipairs(redis.call('XPENDING', KEYS[1], group, 'IDLE', ARGV[3], ARGV[4], '+', 10 * tonumber(ARGV[5]))) do
+  owner[e[1]] = e[2]
+end
+local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local taken = {}
+for _, e in ipairs(reply[2]) do
+  local from = type(e) == 'table' and owner[e[1]]
+  if from and from ~= consumer then taken[from] = (taken[from] or 0) + 1 end
+end
+for from, n in pairs(taken) do
+  redis.call('HINCRBY', KEYS[2], group .. ' ' .. from, n)
+end
+return reply
+"#;
+
+static CLAIM: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CLAIM_SCRIPT));
+
 /// One XAUTOCLAIM step: entries idle longer than `min_idle_ms` move to `consumer`, with their
 /// delivery counts. Returns the claimed entries, IDs deleted while pending (already removed
 /// from the pending list by Redis), and the cursor for the next call (`0-0` when done).
@@ -223,15 +265,15 @@ pub async fn autoclaim<C: redis::aio::ConnectionLike>(
     cursor: &str,
     count: usize,
 ) -> redis::RedisResult<(Vec<Entry>, Vec<String>, String)> {
-    let reply: Value = redis::cmd("XAUTOCLAIM")
-        .arg(stream)
+    let reply: Value = CLAIM
+        .key(stream)
+        .key(claims_key(stream))
         .arg(group)
         .arg(consumer)
         .arg(min_idle_ms)
         .arg(cursor)
-        .arg("COUNT")
         .arg(count)
-        .query_async(conn)
+        .invoke_async(conn)
         .await?;
     let Value::Array(mut parts) = reply else {
         return Ok((Vec::new(), Vec::new(), "0-0".into()));
@@ -310,11 +352,15 @@ pub async fn ack<C: redis::aio::ConnectionLike>(
 /// The atomic step: checks this consumer still owns every entry, then XADDs the outputs and the
 /// dead letters and XACKs the entries. If any entry has moved to another consumer, nothing is
 /// written and the moved IDs are returned.
+///
+/// Entries move between consumers only through [`autoclaim`], which records the consumers it
+/// took from in KEYS[4]; a consumer not recorded there still owns everything it read, so the
+/// per-entry check (most of the step's cost) runs only for consumers that lost entries.
 const COMMIT_SCRIPT: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
 local n = tonumber(ARGV[5])
 local lost = {}
-if n > 0 then
+if n > 0 and redis.call('HEXISTS', KEYS[4], group .. ' ' .. consumer) == 1 then
   -- One range query for the batch (ARGV[3] and ARGV[4] are its smallest and largest ID);
   -- an ID it did not return (beyond the count, or moved) is checked on its own.
   local owned = {}
@@ -375,7 +421,10 @@ impl CommitStep<'_> {
         conn: &mut C,
     ) -> redis::RedisResult<Vec<String>> {
         let mut inv = SCRIPT.prepare_invoke();
-        inv.key(self.input).key(self.output).key(self.dlq);
+        inv.key(self.input)
+            .key(self.output)
+            .key(self.dlq)
+            .key(claims_key(self.input));
         let key = |id: &str| -> (u64, u64) {
             let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
             (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
@@ -497,12 +546,16 @@ pub async fn remove_consumer_if_idle<C: redis::aio::ConnectionLike>(
     let script = redis::Script::new(
         r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if #p == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+if #p == 0 then
+  redis.call('HDEL', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
 return -1
 "#,
     );
     let _: Value = script
         .key(stream)
+        .key(claims_key(stream))
         .arg(group)
         .arg(consumer)
         .invoke_async(conn)
@@ -520,43 +573,41 @@ pub fn consumer_name(stage: &str) -> String {
     )
 }
 
-/// Resets the idle time of the entries this consumer still owns (XCLAIM … JUSTID, which does not
+/// Resets the idle time of every entry this consumer owns (XCLAIM … JUSTID, which does not
 /// count a delivery), so entries held through a long retry are not claimed by anyone else.
+/// A consumer owns exactly what it read and has not acknowledged: what it is working on.
 const TOUCH_SCRIPT: &str = r#"
-local owned = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
-  if #p > 0 then owned[#owned + 1] = ARGV[i] end
-end
-for k = 1, #owned, 4000 do
+local n, start = 0, '-'
+while true do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], start, '+', 4000, ARGV[2])
+  if #p == 0 then break end
   local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
-  for j = k, math.min(k + 3999, #owned) do args[#args + 1] = owned[j] end
+  for _, e in ipairs(p) do args[#args + 1] = e[1] end
   args[#args + 1] = 'JUSTID'
   redis.call(unpack(args))
+  n = n + #p
+  if #p < 4000 then break end
+  start = '(' .. p[#p][1]
 end
-return #owned
+return n
 "#;
 
 static TOUCH: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(TOUCH_SCRIPT));
 
-/// Keeps `ids` (still owned by `consumer`) from looking idle; returns how many were touched.
+/// Keeps every entry `consumer` owns from looking idle; returns how many were touched.
 pub async fn touch<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     stream: &str,
     group: &str,
     consumer: &str,
-    ids: &[String],
 ) -> redis::RedisResult<u64> {
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    let mut inv = TOUCH.prepare_invoke();
-    inv.key(stream).arg(group).arg(consumer);
-    for id in ids {
-        inv.arg(id.as_str());
-    }
-    inv.invoke_async(conn).await
+    TOUCH
+        .key(stream)
+        .arg(group)
+        .arg(consumer)
+        .invoke_async(conn)
+        .await
 }
 
 /// Trims `stream` up to the oldest entry some group still needs: its oldest pending entry, or,

@@ -106,7 +106,8 @@ impl Ingest {
             return self.validate_msgpack(entry, packed, rows);
         }
         let mut cells = vec![None; self.schema.columns.len()];
-        for (name, value) in &entry.fields {
+        for (name, value) in entry.fields.iter() {
+            let name = &*name;
             if name == TRACEPARENT_FIELD {
                 continue;
             }
@@ -265,14 +266,7 @@ type = "float8"
     }
 
     fn entry(fields: &[(&str, &[u8])]) -> Entry {
-        Entry {
-            id: "1793491200000-3".into(),
-            fields: fields
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_vec()))
-                .collect(),
-            deliveries: 1,
-        }
+        Entry::new("1793491200000-3", fields.iter().copied())
     }
 
     #[test]

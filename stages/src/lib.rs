@@ -153,6 +153,7 @@ pub async fn start(
                             config.streams.clone(),
                         );
                         spec.output_high_watermark = Some(config.ingest.max_rows_backlog);
+                        spec.read_url = Some(config.redis.url.clone());
                         tasks.spawn(run_loop(
                             stage.clone(),
                             spec,
@@ -175,7 +176,7 @@ pub async fn start(
                         redis.clone(),
                         shutdown.clone(),
                     ));
-                    let spec = LoopSpec::new(
+                    let mut spec = LoopSpec::new(
                         BATCH_WRITER,
                         input,
                         None,
@@ -183,6 +184,7 @@ pub async fn start(
                         config.batch_writer.connections,
                         config.streams.clone(),
                     );
+                    spec.read_url = Some(config.redis.url.clone());
                     tasks.spawn(run_loop(
                         writer,
                         spec,

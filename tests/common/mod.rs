@@ -246,11 +246,16 @@ impl TestEnv {
         }
     }
 
-    /// Dead letters of `stream`, as field maps.
+    /// Dead letters of `stream`, as field lists.
     pub async fn dead_letters(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
+        self.entries(&streams::dlq_stream(stream)).await
+    }
+
+    /// Every entry of `stream` with its fields (values as text).
+    pub async fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
         let mut conn = self.redis().await;
         let v: redis::Value = redis::cmd("XRANGE")
-            .arg(streams::dlq_stream(stream))
+            .arg(stream)
             .arg("-")
             .arg("+")
             .query_async(&mut conn)
@@ -263,8 +268,8 @@ impl TestEnv {
                 (
                     e.id,
                     e.fields
-                        .into_iter()
-                        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                        .iter()
+                        .map(|(k, v)| (k.into_owned(), String::from_utf8_lossy(v).into_owned()))
                         .collect(),
                 )
             })
@@ -445,7 +450,7 @@ impl Drop for TestEnv {
                             streams::archived_stream(&table),
                         ]
                         .into_iter()
-                        .flat_map(|s| [streams::dlq_stream(&s), s])
+                        .flat_map(|s| [streams::dlq_stream(&s), streams::claims_key(&s), s])
                         .collect();
                         let _: redis::RedisResult<()> =
                             redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;

@@ -120,11 +120,7 @@ async fn child(url: &str, id: i64, lake: &Path) -> Result<(), BoxError> {
             .ok_or("no strata.chunks row")?
     };
     let batch = Batch {
-        entries: vec![Entry {
-            id: "1-0".into(),
-            fields: row.event().to_fields(),
-            deliveries: 1,
-        }],
+        entries: vec![Entry::new("1-0", row.event().to_fields())],
     };
     let started = Instant::now();
     let outcome = stage.process(&batch).await?;

@@ -18,7 +18,7 @@ use strata_pipeline::observe;
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams::{Entry, Fields};
-use strata_pipeline::{RetryHint, StageError};
+use strata_pipeline::{error_chain, RetryHint, StageError};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
@@ -303,18 +303,6 @@ impl Archiver {
         };
         Ok(Some(self.confirmation(&done)))
     }
-}
-
-/// An error with its sources, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 impl Stage for Archiver {

@@ -31,13 +31,13 @@ use tracing::{info, warn};
 
 use crate::catalog::{ident, Partitioning, CHUNKS};
 
-use super::archiver::error_chain;
 use super::columnar::{arrow_type, column_type_from_sql};
 use super::events::{rfc3339_us, ArchivalConfirmation, ArchivalStatus};
 use super::export::{META_CHUNK, META_ROWS, META_TABLE};
 use super::lake::{store_error, Lake};
 use super::registry::{self, ChunkRow, ChunkState, ROW_COLUMNS};
 use super::COUNTERS;
+use strata_pipeline::error_chain;
 
 /// Verifies archives of one table and drops their chunks.
 pub struct Confirmer {

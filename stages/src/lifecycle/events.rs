@@ -182,11 +182,7 @@ mod tests {
     use super::*;
 
     fn entry(fields: Fields) -> Entry {
-        Entry {
-            id: "1-0".into(),
-            fields,
-            deliveries: 1,
-        }
+        Entry::new("1-0", fields)
     }
 
     #[test]

@@ -229,11 +229,11 @@ pub async fn spawn(
 fn open_lake(config: &Config) -> Result<Arc<lake::Lake>, StageError> {
     lake::Lake::open(&config.lake)
         .map(Arc::new)
-        .map_err(|e| StageError::fatal(archiver::error_chain(&e)))
+        .map_err(|e| StageError::fatal(strata_pipeline::error_chain(&e)))
 }
 
 /// A pool of its own, so a stage holding two connections per chunk never starves the others.
 fn stage_pool(config: &Config, size: usize) -> Result<deadpool_postgres::Pool, StageError> {
     strata_pipeline::db::postgres_pool(config, size)
-        .map_err(|e| StageError::fatal(archiver::error_chain(&e)))
+        .map_err(|e| StageError::fatal(strata_pipeline::error_chain(&e)))
 }

@@ -106,7 +106,7 @@ impl DeadLetter {
     /// runner loses every field with one of those names.
     pub fn from_entry(entry: Entry) -> DeadLetter {
         let added_after = [DLQ_STAGE, DLQ_SOURCE_ID, DLQ_DELIVERIES, DLQ_SQLSTATE];
-        let f = &entry.fields;
+        let f = entry.fields.to_vec();
         let split = (0..f.len()).rev().find(|&i| {
             f[i].0 == DLQ_ERROR
                 && f[i + 1..]
@@ -115,12 +115,11 @@ impl DeadLetter {
         });
         let (original, added) = match split {
             Some(i) => {
-                let mut original = entry.fields;
+                let mut original = f;
                 let added = original.split_off(i);
                 (original, added)
             }
-            None => entry
-                .fields
+            None => f
                 .into_iter()
                 .partition(|(k, _)| k != DLQ_ERROR && !added_after.contains(&k.as_str())),
         };
@@ -452,12 +451,8 @@ mod tests {
 
     fn entry(fields: &[(&str, &str)]) -> Entry {
         Entry {
-            id: "5-0".into(),
-            fields: fields
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect(),
             deliveries: 0,
+            ..Entry::new("5-0", fields.iter().copied())
         }
     }
 

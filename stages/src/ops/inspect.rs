@@ -89,6 +89,6 @@ pub struct EntryJson<'a> {
 pub fn entry_json(entry: &Entry) -> EntryJson<'_> {
     EntryJson {
         id: &entry.id,
-        fields: fields_json(&entry.fields),
+        fields: fields_json(&entry.fields.to_vec()),
     }
 }

@@ -24,6 +24,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use strata_pipeline::config::Config;
+use strata_pipeline::error_chain;
 use strata_pipeline::schema::{Schema, SchemaRef};
 use strata_pipeline::streams;
 
@@ -241,17 +242,6 @@ pub async fn status(
             _ = tokio::time::sleep(REFRESH) => {}
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }
 
 /// Takes one snapshot: Redis for every stream, PostgreSQL (if it answers) for every table.

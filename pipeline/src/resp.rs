@@ -1,0 +1,541 @@
+//! The hot read path's own Redis connection, and entry fields kept as Redis sent them.
+//!
+//! Reading is where a stage spends most of its own CPU: every event arrives as a dozen RESP
+//! bulk strings. The generic client turns each reply into a tree of owned values; here a reply
+//! is read into one buffer, and each [`RawFields`] is a slice of it, so a thousand entries cost
+//! one allocation, not twenty-five thousand. Only `XREADGROUP` goes through [`ReadConnection`];
+//! every other call uses the pooled `redis` client.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::streams::{Entry, Fields};
+
+/// Failures of the read connection.
+#[derive(Debug, thiserror::Error)]
+pub enum RespError {
+    #[error("redis connection failed")]
+    Io(#[from] std::io::Error),
+    #[error("invalid redis URL")]
+    Url(#[source] redis::RedisError),
+    #[error("redis over TLS is not supported by this build")]
+    Tls,
+    /// An error reply, e.g. `NOGROUP …`.
+    #[error("redis replied: {0}")]
+    Server(String),
+    #[error("redis reply is malformed: {0}")]
+    Protocol(&'static str),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis closed the connection")]
+    Closed,
+}
+
+impl RespError {
+    /// The error code of a server error (`NOGROUP`, `NOAUTH`, …).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            RespError::Server(s) => s.split_whitespace().next(),
+            _ => None,
+        }
+    }
+}
+
+/// The fields of one stream entry, as the RESP bulk strings Redis sent (`$<len>\r\n<bytes>\r\n`
+/// for each name and value in turn), sharing the buffer of the reply they came in.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RawFields {
+    /// The encoded names and values.
+    resp: Bytes,
+    /// How many name/value pairs.
+    pairs: u32,
+    /// Names plus values, in bytes: what `max_event_bytes` and the batch limits count.
+    bytes: u32,
+}
+
+impl RawFields {
+    /// Encodes name/value pairs (for entries that did not come through [`ReadConnection`]).
+    pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let mut buf = BytesMut::new();
+        let (mut n, mut bytes) = (0u32, 0u32);
+        for (k, v) in pairs {
+            for part in [k.as_ref(), v.as_ref()] {
+                put_bulk(&mut buf, part);
+                bytes += part.len() as u32;
+            }
+            n += 1;
+        }
+        Self {
+            resp: buf.freeze(),
+            pairs: n,
+            bytes,
+        }
+    }
+
+    /// Number of name/value pairs.
+    pub fn len(&self) -> usize {
+        self.pairs as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs == 0
+    }
+
+    /// Names plus values, in bytes.
+    pub fn size(&self) -> usize {
+        self.bytes as usize
+    }
+
+    /// The pairs in order, names as bytes.
+    pub fn iter_bytes(&self) -> RawFieldsIter<'_> {
+        RawFieldsIter {
+            rest: &self.resp,
+            left: self.pairs,
+        }
+    }
+
+    /// The pairs in order; a name that is not UTF-8 is shown with replacement characters.
+    pub fn iter(&self) -> impl Iterator<Item = (Cow<'_, str>, &[u8])> {
+        self.iter_bytes()
+            .map(|(k, v)| (String::from_utf8_lossy(k), v))
+    }
+
+    /// The value of the first field called `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter_bytes()
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    /// Owned pairs, e.g. to dead-letter the entry with extra fields.
+    pub fn to_vec(&self) -> Fields {
+        self.iter()
+            .map(|(k, v)| (k.into_owned(), v.to_vec()))
+            .collect()
+    }
+}
+
+impl fmt::Debug for RawFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(v).into_owned())),
+            )
+            .finish()
+    }
+}
+
+/// Iterator over [`RawFields`].
+pub struct RawFieldsIter<'a> {
+    rest: &'a [u8],
+    left: u32,
+}
+
+impl<'a> Iterator for RawFieldsIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        // Validated when the fields were built, so these cannot fail.
+        let (k, rest) = split_bulk(self.rest)?;
+        let (v, rest) = split_bulk(rest)?;
+        self.rest = rest;
+        Some((k, v))
+    }
+}
+
+fn put_bulk(buf: &mut BytesMut, data: &[u8]) {
+    buf.put_u8(b'$');
+    buf.put_slice(itoa::Buffer::new().format(data.len()).as_bytes());
+    buf.put_slice(b"\r\n");
+    buf.put_slice(data);
+    buf.put_slice(b"\r\n");
+}
+
+/// Splits one `$<len>\r\n<bytes>\r\n` off the front of `buf`.
+fn split_bulk(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (header, rest) = line(buf)?;
+    let len = header.strip_prefix(b"$").and_then(parse_uint)?;
+    if rest.len() < len + 2 {
+        return None;
+    }
+    Some((&rest[..len], &rest[len + 2..]))
+}
+
+/// The line at the front of `buf` (without its CRLF) and what follows it.
+fn line(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = buf.windows(2).position(|w| w == b"\r\n")?;
+    Some((&buf[..end], &buf[end + 2..]))
+}
+
+fn parse_uint(digits: &[u8]) -> Option<usize> {
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    digits.iter().try_fold(0usize, |n, d| {
+        d.is_ascii_digit().then(|| n * 10 + (d - b'0') as usize)
+    })
+}
+
+fn parse_int(digits: &[u8]) -> Option<i64> {
+    match digits.strip_prefix(b"-") {
+        Some(d) => parse_uint(d).map(|n| -(n as i64)),
+        None => parse_uint(digits).map(|n| n as i64),
+    }
+}
+
+/// Finds where the reply starting at the front of a buffer ends, across partial reads: the
+/// state survives a short buffer, so a large reply is scanned once.
+#[derive(Debug, Default)]
+struct Scanner {
+    /// Bytes of the reply scanned so far.
+    pos: usize,
+    /// Elements still to scan (1 for the reply itself; arrays add their items).
+    left: usize,
+}
+
+impl Scanner {
+    /// `Ok(Some(len))` once the whole reply is in `buf`, `Ok(None)` if more is needed.
+    fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, RespError> {
+        if self.left == 0 {
+            self.left = 1;
+        }
+        while self.left > 0 {
+            let Some((header, _)) = line(&buf[self.pos..]) else {
+                return Ok(None);
+            };
+            let (kind, body) = header
+                .split_first()
+                .ok_or(RespError::Protocol("empty line"))?;
+            let mut next = self.pos + header.len() + 2;
+            match kind {
+                b'+' | b'-' | b':' => {}
+                b'$' => {
+                    let n = parse_int(body).ok_or(RespError::Protocol("bad bulk length"))?;
+                    if n >= 0 {
+                        next += n as usize + 2;
+                        if buf.len() < next {
+                            return Ok(None);
+                        }
+                    }
+                }
+                b'*' => {
+                    let n = parse_int(body).ok_or(RespError::Protocol("bad array length"))?;
+                    if n > 0 {
+                        self.left += n as usize;
+                    }
+                }
+                _ => return Err(RespError::Protocol("unknown reply type")),
+            }
+            self.pos = next;
+            self.left -= 1;
+        }
+        let len = self.pos;
+        *self = Self::default();
+        Ok(Some(len))
+    }
+}
+
+/// A cursor over one complete reply.
+struct Reader {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    fn header(&mut self) -> Result<(u8, &[u8]), RespError> {
+        let (header, _) =
+            line(&self.buf[self.pos..]).ok_or(RespError::Protocol("truncated reply"))?;
+        self.pos += header.len() + 2;
+        let (kind, body) = header
+            .split_first()
+            .ok_or(RespError::Protocol("empty line"))?;
+        Ok((*kind, body))
+    }
+
+    /// An array's length; `None` for a nil array.
+    fn array(&mut self) -> Result<Option<usize>, RespError> {
+        let at = self.pos;
+        match self.header()? {
+            (b'*', n) => {
+                let n = parse_int(n).ok_or(RespError::Protocol("bad array length"))?;
+                Ok(usize::try_from(n).ok())
+            }
+            (b'-', msg) => Err(RespError::Server(String::from_utf8_lossy(msg).into_owned())),
+            _ => {
+                self.pos = at;
+                Err(RespError::Protocol("expected an array"))
+            }
+        }
+    }
+
+    /// A bulk string's byte range.
+    fn bulk(&mut self) -> Result<std::ops::Range<usize>, RespError> {
+        match self.header()? {
+            (b'$', n) => {
+                let n = parse_uint(n).ok_or(RespError::Protocol("bad bulk length"))?;
+                let start = self.pos;
+                self.pos += n + 2;
+                Ok(start..start + n)
+            }
+            _ => Err(RespError::Protocol("expected a bulk string")),
+        }
+    }
+
+    /// `[[id, [name, value, …] | nil], …]`: entries, and IDs deleted while pending.
+    fn entries(&mut self, deliveries: u64) -> Result<(Vec<Entry>, Vec<String>), RespError> {
+        let n = self.array()?.unwrap_or(0);
+        let mut entries = Vec::with_capacity(n);
+        let mut deleted = Vec::new();
+        for _ in 0..n {
+            if self.array()? != Some(2) {
+                return Err(RespError::Protocol("an entry is not [id, fields]"));
+            }
+            let id = self.bulk()?;
+            let id = std::str::from_utf8(&self.buf[id])
+                .map_err(|_| RespError::Protocol("entry ID is not UTF-8"))?
+                .to_owned();
+            let Some(items) = self.array()? else {
+                deleted.push(id);
+                continue;
+            };
+            if items % 2 != 0 {
+                return Err(RespError::Protocol("odd number of field items"));
+            }
+            let start = self.pos;
+            let mut bytes = 0;
+            for _ in 0..items {
+                bytes += self.bulk()?.len();
+            }
+            entries.push(Entry {
+                id,
+                fields: RawFields {
+                    resp: self.buf.slice(start..self.pos),
+                    pairs: (items / 2) as u32,
+                    bytes: bytes as u32,
+                },
+                deliveries,
+            });
+        }
+        Ok((entries, deleted))
+    }
+}
+
+/// A byte stream to Redis: TCP or a Unix socket.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One connection used only to read entries (`XREADGROUP`).
+pub struct ReadConnection {
+    /// The socket.
+    io: Box<dyn Io>,
+    /// Bytes received and not yet handed out; each reply is split off and shared by its entries.
+    buf: BytesMut,
+    /// Where the reply being received ends, so far.
+    scanner: Scanner,
+    /// The command being sent, reused between calls.
+    out: BytesMut,
+}
+
+/// Replies are read in pieces of at least this much.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// How long past its BLOCK time a read may take before the connection is given up.
+const REPLY_GRACE: Duration = Duration::from_secs(10);
+
+impl ReadConnection {
+    /// Connects as `url` says (host and port or a Unix socket, user, password, database).
+    pub async fn connect(url: &str) -> Result<Self, RespError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(RespError::Url)?;
+        let io: Box<dyn Io> = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            #[cfg(unix)]
+            redis::ConnectionAddr::Unix(path) => {
+                Box::new(tokio::net::UnixStream::connect(path).await?)
+            }
+            _ => return Err(RespError::Tls),
+        };
+        let mut conn = Self {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            scanner: Scanner::default(),
+            out: BytesMut::new(),
+        };
+        let settings = info.redis_settings();
+        let timeout = Duration::from_secs(10);
+        if let Some(password) = settings.password() {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = settings.username() {
+                args.push(user.as_bytes());
+            }
+            args.push(password.as_bytes());
+            conn.simple(&args, timeout).await?;
+        }
+        if settings.db() != 0 {
+            let db = settings.db().to_string();
+            conn.simple(&[b"SELECT", db.as_bytes()], timeout).await?;
+        }
+        Ok(conn)
+    }
+
+    /// Sends a command whose reply is a status or an error.
+    async fn simple(&mut self, args: &[&[u8]], timeout: Duration) -> Result<(), RespError> {
+        let reply = self.call(args, timeout).await?;
+        match reply.first() {
+            Some(b'-') => Err(RespError::Server(
+                String::from_utf8_lossy(&reply[1..reply.len().saturating_sub(2)]).into_owned(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends one command and returns its whole reply.
+    async fn call(&mut self, args: &[&[u8]], timeout: Duration) -> Result<Bytes, RespError> {
+        self.out.clear();
+        self.out.put_u8(b'*');
+        self.out
+            .put_slice(itoa::Buffer::new().format(args.len()).as_bytes());
+        self.out.put_slice(b"\r\n");
+        for a in args {
+            put_bulk(&mut self.out, a);
+        }
+        let work = async {
+            self.io.write_all(&self.out).await?;
+            loop {
+                if let Some(len) = self.scanner.scan(&self.buf)? {
+                    return Ok(self.buf.split_to(len).freeze());
+                }
+                self.buf.reserve(READ_CHUNK);
+                if self.io.read_buf(&mut self.buf).await? == 0 {
+                    return Err(RespError::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| RespError::Timeout(timeout))?
+    }
+
+    /// `XREADGROUP GROUP group consumer COUNT count BLOCK block_ms STREAMS stream >`: new
+    /// entries (none when the block time passed).
+    pub async fn read_new(
+        &mut self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block_ms: u64,
+    ) -> Result<Vec<Entry>, RespError> {
+        let (mut count_buf, mut block_buf) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let args: [&[u8]; 10] = [
+            b"XREADGROUP",
+            b"GROUP",
+            group.as_bytes(),
+            consumer.as_bytes(),
+            b"COUNT",
+            count_buf.format(count).as_bytes(),
+            b"BLOCK",
+            block_buf.format(block_ms).as_bytes(),
+            b"STREAMS",
+            stream.as_bytes(),
+        ];
+        let mut all: Vec<&[u8]> = args.to_vec();
+        all.push(b">");
+        let reply = self
+            .call(&all, Duration::from_millis(block_ms) + REPLY_GRACE)
+            .await?;
+        let mut r = Reader { buf: reply, pos: 0 };
+        // [[stream, entries]], or nil when the block time passed.
+        let Some(streams) = r.array()? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for _ in 0..streams {
+            if r.array()? != Some(2) {
+                return Err(RespError::Protocol("a stream is not [name, entries]"));
+            }
+            r.bulk()?;
+            let (entries, _deleted) = r.entries(1)?;
+            out.extend(entries);
+        }
+        Ok(out)
+    }
+}
+
+/// Parses `[[id, fields], …]` as RESP bytes (used by tests of the parser).
+#[cfg(test)]
+fn parse_entries_resp(buf: &[u8]) -> Result<(Vec<Entry>, Vec<String>), RespError> {
+    let mut scanner = Scanner::default();
+    assert_eq!(scanner.scan(buf)?, Some(buf.len()));
+    Reader {
+        buf: Bytes::copy_from_slice(buf),
+        pos: 0,
+    }
+    .entries(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_fields_round_trip() {
+        let f = RawFields::from_pairs([("time", &b"17"[..]), ("tags", b"{\"a\":\"\r\n\"}")]);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f.size(), 4 + 2 + 4 + 10);
+        assert_eq!(f.get("tags"), Some(&b"{\"a\":\"\r\n\"}"[..]));
+        assert_eq!(f.get("nope"), None);
+        assert_eq!(
+            f.to_vec(),
+            vec![
+                ("time".to_string(), b"17".to_vec()),
+                ("tags".to_string(), b"{\"a\":\"\r\n\"}".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn scanner_handles_every_split_point() {
+        let reply = b"*2\r\n*2\r\n$3\r\n1-0\r\n*4\r\n$1\r\na\r\n$4\r\nx\r\ny\r\n$1\r\nb\r\n$0\r\n\r\n*2\r\n$3\r\n2-0\r\n*-1\r\n";
+        for cut in 0..reply.len() {
+            let mut s = Scanner::default();
+            assert_eq!(s.scan(&reply[..cut]).unwrap(), None, "cut at {cut}");
+            assert_eq!(s.scan(reply).unwrap(), Some(reply.len()));
+        }
+        let (entries, deleted) = parse_entries_resp(reply).unwrap();
+        assert_eq!(deleted, vec!["2-0".to_string()]);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].id, "1-0");
+        assert_eq!(entries[0].fields.get("a"), Some(&b"x\r\ny"[..]));
+        assert_eq!(entries[0].fields.get("b"), Some(&b""[..]));
+        assert_eq!(entries[0].fields.size(), 6);
+    }
+
+    #[test]
+    fn errors_are_replies_not_hangs() {
+        let mut s = Scanner::default();
+        let err = b"-NOGROUP No such key\r\n";
+        assert_eq!(s.scan(err).unwrap(), Some(err.len()));
+        let mut r = Reader {
+            buf: Bytes::from_static(err),
+            pos: 0,
+        };
+        let e = r.array().unwrap_err();
+        assert_eq!(e.code(), Some("NOGROUP"));
+        assert!(Scanner::default().scan(b"?what\r\n").is_err());
+    }
+}
