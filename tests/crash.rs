@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::servers::{rss_kb, OwnPostgres, OwnRedis};
@@ -63,7 +62,7 @@ async fn kill_9_of_stages_at_random_moments_loses_and_duplicates_nothing() {
     let env = TestEnv::new("metrics", CONFIG).await;
     migrate(&env).await;
     let stages = ["ingest", "batch-writer"];
-    let mut procs: Vec<Child> = stages
+    let mut procs: Vec<common::Spawned> = stages
         .iter()
         .map(|s| env.spawn(&[s], &format!("{s}-0.log")))
         .collect();

@@ -24,7 +24,7 @@ async fn seq_stats(env: &TestEnv) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
-fn produce(env: &TestEnv, count: u64, rate: u64) -> std::process::Child {
+fn produce(env: &TestEnv, count: u64, rate: u64) -> common::Spawned {
     env.spawn(
         &[
             "produce",

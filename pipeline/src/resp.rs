@@ -102,8 +102,13 @@ impl RawFields {
 
     /// The pairs in order; a name that is not UTF-8 is shown with replacement characters.
     pub fn iter(&self) -> impl Iterator<Item = (Cow<'_, str>, &[u8])> {
-        self.iter_bytes()
-            .map(|(k, v)| (String::from_utf8_lossy(k), v))
+        self.iter_bytes().map(|(k, v)| {
+            let name = match std::str::from_utf8(k) {
+                Ok(name) => Cow::Borrowed(name),
+                Err(_) => String::from_utf8_lossy(k),
+            };
+            (name, v)
+        })
     }
 
     /// The value of the first field called `name`.
@@ -164,34 +169,54 @@ fn put_bulk(buf: &mut BytesMut, data: &[u8]) {
 
 /// Splits one `$<len>\r\n<bytes>\r\n` off the front of `buf`.
 fn split_bulk(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (header, rest) = line(buf)?;
-    let len = header.strip_prefix(b"$").and_then(parse_uint)?;
+    let (b'$', len, at) = number_line(buf)? else {
+        return None;
+    };
+    let len = usize::try_from(len).ok()?;
+    let rest = &buf[at..];
     if rest.len() < len + 2 {
         return None;
     }
     Some((&rest[..len], &rest[len + 2..]))
 }
 
-/// The line at the front of `buf` (without its CRLF) and what follows it.
+/// A `<kind><integer>\r\n` header (`$`, `*`, `:`) at the front of `buf`: its kind, its
+/// integer, and where what follows it starts. One pass over a few bytes, which is what almost
+/// every header of a stream reply is.
+fn number_line(buf: &[u8]) -> Option<(u8, i64, usize)> {
+    let (&kind, rest) = buf.split_first()?;
+    let (negative, digits) = match rest.first() {
+        Some(b'-') => (true, &rest[1..]),
+        _ => (false, rest),
+    };
+    let mut n: i64 = 0;
+    for (i, &d) in digits.iter().enumerate() {
+        match d {
+            b'0'..=b'9' if i < 18 => n = n * 10 + (d - b'0') as i64,
+            b'\r' if i > 0 => {
+                let end = 1 + usize::from(negative) + i;
+                return (buf.get(end + 1) == Some(&b'\n')).then_some((
+                    kind,
+                    if negative { -n } else { n },
+                    end + 2,
+                ));
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The line at the front of `buf` (without its CRLF) and what follows it. Only headers are
+/// read as lines, and they hold no LF.
 fn line(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = buf.windows(2).position(|w| w == b"\r\n")?;
-    Some((&buf[..end], &buf[end + 2..]))
-}
-
-fn parse_uint(digits: &[u8]) -> Option<usize> {
-    if digits.is_empty() || digits.len() > 18 {
-        return None;
-    }
-    digits.iter().try_fold(0usize, |n, d| {
-        d.is_ascii_digit().then(|| n * 10 + (d - b'0') as usize)
-    })
-}
-
-fn parse_int(digits: &[u8]) -> Option<i64> {
-    match digits.strip_prefix(b"-") {
-        Some(d) => parse_uint(d).map(|n| -(n as i64)),
-        None => parse_uint(digits).map(|n| n as i64),
-    }
+    let lf = memchr::memchr(b'\n', buf)?;
+    let end = if lf > 0 && buf[lf - 1] == b'\r' {
+        lf - 1
+    } else {
+        lf
+    };
+    Some((&buf[..end], &buf[lf + 1..]))
 }
 
 /// Finds where the reply starting at the front of a buffer ends, across partial reads: the
@@ -211,32 +236,33 @@ impl Scanner {
             self.left = 1;
         }
         while self.left > 0 {
-            let Some((header, _)) = line(&buf[self.pos..]) else {
-                return Ok(None);
-            };
-            let (kind, body) = header
-                .split_first()
-                .ok_or(RespError::Protocol("empty line"))?;
-            let mut next = self.pos + header.len() + 2;
-            match kind {
-                b'+' | b'-' | b':' => {}
-                b'$' => {
-                    let n = parse_int(body).ok_or(RespError::Protocol("bad bulk length"))?;
-                    if n >= 0 {
+            let rest = &buf[self.pos..];
+            let next = match rest.first() {
+                None => return Ok(None),
+                Some(b'$' | b'*') => {
+                    let Some((kind, n, at)) = number_line(rest) else {
+                        return match line(rest) {
+                            None => Ok(None),
+                            Some(_) => Err(RespError::Protocol("bad length")),
+                        };
+                    };
+                    let mut next = self.pos + at;
+                    if kind == b'*' && n > 0 {
+                        self.left += n as usize;
+                    } else if kind == b'$' && n >= 0 {
                         next += n as usize + 2;
                         if buf.len() < next {
                             return Ok(None);
                         }
                     }
+                    next
                 }
-                b'*' => {
-                    let n = parse_int(body).ok_or(RespError::Protocol("bad array length"))?;
-                    if n > 0 {
-                        self.left += n as usize;
-                    }
-                }
-                _ => return Err(RespError::Protocol("unknown reply type")),
-            }
+                Some(b'+' | b'-' | b':') => match line(rest) {
+                    None => return Ok(None),
+                    Some((header, _)) => self.pos + header.len() + 2,
+                },
+                Some(_) => return Err(RespError::Protocol("unknown reply type")),
+            };
             self.pos = next;
             self.left -= 1;
         }
@@ -253,40 +279,28 @@ struct Reader {
 }
 
 impl Reader {
-    fn header(&mut self) -> Result<(u8, &[u8]), RespError> {
-        let (header, _) =
-            line(&self.buf[self.pos..]).ok_or(RespError::Protocol("truncated reply"))?;
-        self.pos += header.len() + 2;
-        let (kind, body) = header
-            .split_first()
-            .ok_or(RespError::Protocol("empty line"))?;
-        Ok((*kind, body))
-    }
-
     /// An array's length; `None` for a nil array.
     fn array(&mut self) -> Result<Option<usize>, RespError> {
-        let at = self.pos;
-        match self.header()? {
-            (b'*', n) => {
-                let n = parse_int(n).ok_or(RespError::Protocol("bad array length"))?;
-                Ok(usize::try_from(n).ok())
-            }
-            (b'-', msg) => Err(RespError::Server(String::from_utf8_lossy(msg).into_owned())),
-            _ => {
-                self.pos = at;
-                Err(RespError::Protocol("expected an array"))
-            }
+        let rest = &self.buf[self.pos..];
+        if let Some((b'*', n, at)) = number_line(rest) {
+            self.pos += at;
+            return Ok(usize::try_from(n).ok());
+        }
+        match line(rest) {
+            Some((msg, _)) if msg.first() == Some(&b'-') => Err(RespError::Server(
+                String::from_utf8_lossy(&msg[1..]).into_owned(),
+            )),
+            _ => Err(RespError::Protocol("expected an array")),
         }
     }
 
     /// A bulk string's byte range.
     fn bulk(&mut self) -> Result<std::ops::Range<usize>, RespError> {
-        match self.header()? {
-            (b'$', n) => {
-                let n = parse_uint(n).ok_or(RespError::Protocol("bad bulk length"))?;
-                let start = self.pos;
-                self.pos += n + 2;
-                Ok(start..start + n)
+        match number_line(&self.buf[self.pos..]) {
+            Some((b'$', n, at)) if n >= 0 => {
+                let start = self.pos + at;
+                self.pos = start + n as usize + 2;
+                Ok(start..start + n as usize)
             }
             _ => Err(RespError::Protocol("expected a bulk string")),
         }
@@ -470,7 +484,11 @@ impl ReadConnection {
             }
             r.bulk()?;
             let (entries, _deleted) = r.entries(1)?;
-            out.extend(entries);
+            if out.is_empty() {
+                out = entries;
+            } else {
+                out.extend(entries);
+            }
         }
         Ok(out)
     }

@@ -396,8 +396,10 @@ async fn batch_loop<S: Stage>(
     let flush = |current: &mut Vec<Entry>, rows: usize, bytes: usize| {
         metrics.batch_rows.record(rows as f64);
         metrics.batch_bytes.record(bytes as f64);
+        // The next batch will likely be as long: no regrowing it entry by entry.
+        let next = Vec::with_capacity(current.len());
         let batch = Batch {
-            entries: std::mem::take(current),
+            entries: std::mem::replace(current, next),
         };
         let tx = tx.clone();
         async move { tx.send(batch).await.is_ok() }
@@ -468,7 +470,11 @@ impl<S: Stage> Worker<S> {
     async fn handle(&self, batch: Batch) -> Result<(), StageError> {
         let max = self.spec.streams.max_deliveries;
         let (over, fresh): (Vec<Entry>, Vec<Entry>) =
-            batch.entries.into_iter().partition(|e| e.deliveries > max);
+            if batch.entries.iter().any(|e| e.deliveries > max) {
+                batch.entries.into_iter().partition(|e| e.deliveries > max)
+            } else {
+                (Vec::new(), batch.entries)
+            };
         let mut todo = Vec::new();
         if !over.is_empty() {
             let outcome = Outcome {

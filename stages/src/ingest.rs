@@ -93,23 +93,23 @@ impl Ingest {
                 self.max_event_bytes
             ));
         }
-        if let Some(packed) = entry.field(MSGPACK_FIELD) {
-            if let Some((k, _)) = entry
-                .fields
-                .iter()
-                .find(|(k, _)| k != MSGPACK_FIELD && k != TRACEPARENT_FIELD)
-            {
-                return Err(format!(
-                    "field `{k}`: an entry with a `{MSGPACK_FIELD}` field carries no other columns"
-                ));
-            }
-            return self.validate_msgpack(entry, packed, rows);
-        }
         let mut cells = vec![None; self.schema.columns.len()];
         for (name, value) in entry.fields.iter() {
             let name = &*name;
             if name == TRACEPARENT_FIELD {
                 continue;
+            }
+            if name == MSGPACK_FIELD {
+                if let Some((k, _)) = entry
+                    .fields
+                    .iter()
+                    .find(|(k, _)| k != MSGPACK_FIELD && k != TRACEPARENT_FIELD)
+                {
+                    return Err(format!(
+                        "field `{k}`: an entry with a `{MSGPACK_FIELD}` field carries no other columns"
+                    ));
+                }
+                return self.validate_msgpack(entry, value, rows);
             }
             let Some(col) = self.schema.column_index(name) else {
                 match self.schema.unknown_fields {

@@ -277,9 +277,9 @@ impl TestEnv {
     }
 
     /// Starts `strata <args>` with this environment's config, logging to a file in the env dir.
-    pub fn spawn(&self, args: &[&str], log_name: &str) -> Child {
+    pub fn spawn(&self, args: &[&str], log_name: &str) -> Spawned {
         let log = std::fs::File::create(self.dir.path().join(log_name)).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_strata"))
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .arg("--config")
             .arg(self.config_path())
             .args(args)
@@ -288,11 +288,37 @@ impl TestEnv {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn strata")
+            .expect("spawn strata");
+        Spawned(child)
     }
 
     pub fn log(&self, log_name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(log_name)).unwrap_or_default()
+    }
+}
+
+/// A `strata` child process, killed when dropped so a failing test leaves none running.
+pub struct Spawned(pub Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
