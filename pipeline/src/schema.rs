@@ -329,8 +329,10 @@ impl Schema {
         })
     }
 
-    pub fn column_index(&self, name: &str) -> Option<usize> {
-        self.columns.iter().position(|c| c.name == name)
+    /// The position of the column called `name` (a field name as sent, not always UTF-8).
+    pub fn column_index(&self, name: impl AsRef<[u8]>) -> Option<usize> {
+        let name = name.as_ref();
+        self.columns.iter().position(|c| c.name.as_bytes() == name)
     }
 
     /// Parses one text value (as `redis-cli` sends it) for column `col`.

@@ -94,12 +94,13 @@ impl Ingest {
             ));
         }
         let mut cells = vec![None; self.schema.columns.len()];
-        for (name, value) in entry.fields.iter() {
-            let name = &*name;
-            if name == TRACEPARENT_FIELD {
+        // Names are compared as bytes; they become text only for an error message.
+        let text = |name: &[u8]| String::from_utf8_lossy(name).into_owned();
+        for (name, value) in entry.fields.iter_bytes() {
+            if name == TRACEPARENT_FIELD.as_bytes() {
                 continue;
             }
-            if name == MSGPACK_FIELD {
+            if name == MSGPACK_FIELD.as_bytes() {
                 if let Some((k, _)) = entry
                     .fields
                     .iter()
@@ -114,16 +115,16 @@ impl Ingest {
             let Some(col) = self.schema.column_index(name) else {
                 match self.schema.unknown_fields {
                     UnknownFields::Ignore => continue,
-                    UnknownFields::Reject => return Err(self.unknown(name)),
+                    UnknownFields::Reject => return Err(self.unknown(&text(name))),
                 }
             };
             if cells[col].is_some() {
-                return Err(format!("field `{name}` appears twice"));
+                return Err(format!("field `{}` appears twice", text(name)));
             }
             let cell = self
                 .schema
                 .parse_text(col, value)
-                .map_err(|e| format!("field `{name}`: {e}"))?;
+                .map_err(|e| format!("field `{}`: {e}", text(name)))?;
             cells[col] = Some(cell);
         }
         rows.push(self.complete(entry, cells)?);
