@@ -581,6 +581,18 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
     assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 0);
     assert!(commit("fast", ids.clone()).await.is_empty());
     assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 1);
+    // Even once "slow" owns nothing and is forgotten by the group (as a process stalled past
+    // forget_consumer_after_ms is), its record stays, so waking up it still checks.
+    streams::remove_consumer_if_idle(&mut conn, &input, streams::INGEST, "slow")
+        .await
+        .unwrap();
+    assert_eq!(
+        streams::consumers(&mut conn, &input, streams::INGEST)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     let lost = commit("slow", ids[2..].to_vec()).await;
     assert_eq!(lost, ids[2..].to_vec(), "acknowledged by the new owner");
     assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 1);

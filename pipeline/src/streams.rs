@@ -46,7 +46,10 @@ pub fn dlq_stream(stream: &str) -> String {
 
 /// The hash recording, per `<group> <consumer>`, how many of the consumer's entries were claimed
 /// by another consumer of `stream`. A consumer listed there checks, when it commits, that it
-/// still owns each entry; one not listed has had nothing taken (see [`autoclaim`]).
+/// still owns each entry; one not listed has had nothing taken (see [`autoclaim`]). A record
+/// outlives its consumer's removal from the group, so a process that stalled past
+/// `forget_consumer_after_ms` and wakes up still checks; names are unique per process start,
+/// so the hash grows by one field per process that ever lost entries.
 pub fn claims_key(stream: &str) -> String {
     format!("{stream}:claimed")
 }
@@ -546,16 +549,12 @@ pub async fn remove_consumer_if_idle<C: redis::aio::ConnectionLike>(
     let script = redis::Script::new(
         r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if #p == 0 then
-  redis.call('HDEL', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
-  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-end
+if #p == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
 return -1
 "#,
     );
     let _: Value = script
         .key(stream)
-        .key(claims_key(stream))
         .arg(group)
         .arg(consumer)
         .invoke_async(conn)
