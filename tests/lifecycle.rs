@@ -10,6 +10,7 @@ mod lifecycle_support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use strata_stages::catalog::Partitioning;
 
 use common::{start, stop, TestEnv};
 use lifecycle_support::{Backend, BackendKind};
@@ -101,6 +102,9 @@ const LIFECYCLE: [StageKind; 3] = [
 #[derive(Debug, Clone)]
 struct Chunk {
     chunk: String,
+    /// The schema of the chunk's table: `public` for native partitions here, TimescaleDB's own
+    /// for hypertable chunks.
+    chunk_schema: String,
     range_start_us: i64,
     state: String,
     verify_failures: i32,
@@ -110,11 +114,22 @@ struct Chunk {
     last_error: Option<String>,
 }
 
+impl Chunk {
+    /// How events, footers and logs name the chunk: schema-qualified outside `public`.
+    fn display(&self) -> String {
+        if self.chunk_schema == "public" {
+            self.chunk.clone()
+        } else {
+            format!("{}.{}", self.chunk_schema, self.chunk)
+        }
+    }
+}
+
 async fn chunks(env: &TestEnv) -> Vec<Chunk> {
     env.pg()
         .await
         .query(
-            "SELECT chunk, (extract(epoch from range_start) * 1000000)::bigint, state, verify_failures, lake_path, rows, sha256, last_error FROM strata.chunks WHERE table_name = $1 ORDER BY id",
+            "SELECT chunk, (extract(epoch from range_start) * 1000000)::bigint, state, verify_failures, lake_path, rows, sha256, last_error, chunk_schema FROM strata.chunks WHERE table_name = $1 ORDER BY id",
             &[&env.table],
         )
         .await
@@ -129,6 +144,7 @@ async fn chunks(env: &TestEnv) -> Vec<Chunk> {
             rows: r.get(5),
             sha256: r.get(6),
             last_error: r.get(7),
+            chunk_schema: r.get(8),
         })
         .collect()
 }
@@ -290,9 +306,7 @@ async fn xlen(env: &TestEnv, key: &str) -> i64 {
 /// incompressible, so the archive is large.
 async fn fill_chunk(env: &TestEnv, start_us: i64, n: i64) {
     let mut client = env.pg().await;
-    strata_stages::catalog::create_partition(&mut client, &env.schema, start_us)
-        .await
-        .unwrap();
+    env.make_chunk(&mut client, start_us).await;
     client
         .execute(
             &format!(
@@ -363,20 +377,34 @@ async fn full_lifecycle_and_late_data(backend: &Backend) {
         assert_eq!(c.range_start_us, h0 + i as i64 * HOUR_US);
         assert_eq!(c.verify_failures, 0);
     }
-    let partitions: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_inherits WHERE inhparent = $1::text::regclass",
-            &[&env.table],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        partitions, 2,
-        "only the premade current and next hours remain"
-    );
+    if env.partitioning().await == Partitioning::Native {
+        let partitions: i64 = env
+            .pg()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = $1::text::regclass",
+                &[&env.table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            partitions, 2,
+            "only the premade current and next hours remain"
+        );
+    } else {
+        let chunks: i64 = env
+            .pg()
+            .await
+            .query_one(
+                "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name::text = $1",
+                &[&env.table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(chunks, 0, "every hypertable chunk was dropped");
+    }
 
     let files = objects(&lc.lake, backend, &env.table).await;
     assert_eq!(
@@ -404,7 +432,7 @@ async fn full_lifecycle_and_late_data(backend: &Backend) {
             kv,
             vec![
                 ("strata.table".to_string(), env.table.clone()),
-                ("strata.chunk".to_string(), c.chunk.clone()),
+                ("strata.chunk".to_string(), c.display()),
                 ("strata.range_start".to_string(), rfc3339(c.range_start_us)),
                 (
                     "strata.range_end".to_string(),
@@ -452,9 +480,15 @@ async fn full_lifecycle_and_late_data(backend: &Backend) {
     .await;
     stop(lifecycle).await;
     assert_eq!(
-        after[3].chunk, done[0].chunk,
-        "same partition name, new incarnation"
+        after[3].range_start_us, done[0].range_start_us,
+        "the same hour, a new chunk"
     );
+    if env.partitioning().await == Partitioning::Native {
+        assert_eq!(
+            after[3].chunk, done[0].chunk,
+            "same partition name, new incarnation"
+        );
+    }
     assert_eq!(after[3].rows, Some(2));
     let files_after = objects(&lc.lake, backend, &env.table).await;
     assert_eq!(files_after.len(), 4);
@@ -705,7 +739,7 @@ async fn corrupt_or_truncated_archives_are_caught(backend: &Backend) {
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
-    assert_eq!(field("chunk"), c[1].chunk);
+    assert_eq!(field("chunk"), c[1].display());
     assert_eq!(field("stage"), "archiver");
     assert!(
         field("error").contains("failed verification 2 times"),
@@ -785,6 +819,9 @@ async fn several_watchers_emit_each_chunk_once() {
     }
     assert_eq!(xlen(env, &streams::archive_stream(&env.table)).await, 3);
     assert_eq!(states(&chunks(env).await), ["pending"; 3]);
+    if env.partitioning().await == Partitioning::Hypertable {
+        return; // TimescaleDB makes its chunks itself: nothing is premade
+    }
     let names: Vec<String> = env
         .pg()
         .await
@@ -868,6 +905,10 @@ async fn an_empty_chunk_is_archived_as_an_empty_file() {
     let backend = Backend::start(BackendKind::Local);
     let lc = setup(&backend, "").await;
     let env = &lc.env;
+    if env.partitioning().await == Partitioning::Hypertable {
+        eprintln!("SKIP an_empty_chunk_is_archived_as_an_empty_file: a hypertable has no empty chunks (TimescaleDB makes them for rows), so this native-partition case does not arise");
+        return;
+    }
     fill_chunk(env, this_hour() - 3 * HOUR_US, 0).await;
     let running = start(env, &LIFECYCLE).await;
     let c = wait_chunks(

@@ -70,9 +70,7 @@ async fn a_new_nullable_column_migrates_in_place_and_a_required_one_is_refused()
     let env = TestEnv::new("metrics", "").await;
     env.migrate().await;
     let mut pg = env.pg().await;
-    strata_stages::catalog::create_partition(&mut pg, &env.schema, 0)
-        .await
-        .unwrap();
+    env.make_chunk(&mut pg, 0).await;
     pg.batch_execute(&format!(
         "INSERT INTO {} (time, source, metric, value) VALUES ('1970-01-01', 'h', 'm', 1)",
         env.table

@@ -339,6 +339,7 @@ impl Reader {
                     bytes: bytes as u32,
                 },
                 deliveries,
+                held: Default::default(),
             });
         }
         Ok((entries, deleted))

@@ -23,7 +23,7 @@ use crate::config::{BatchLimits, StreamsConfig};
 use crate::error::{error_chain, RetryHint, StageError};
 use crate::observe::{self, LoopMetrics};
 use crate::resp::ReadConnection;
-use crate::streams::{self, CommitStep, Entry, Fields};
+use crate::streams::{self, CommitStep, Entry, Fields, Held, ReadSpan};
 
 /// How a dead letter for too many deliveries starts (also its metric class).
 const MAX_DELIVERIES_PREFIX: &str = "delivered";
@@ -101,6 +101,32 @@ pub struct LoopSpec {
     pub read_url: Option<String>,
 }
 
+/// The reads whose entries are not all acknowledged yet: each entry holds its read's span, so
+/// a span lives exactly as long as some entry of it is in flight.
+type InFlight = Arc<std::sync::Mutex<Vec<std::sync::Weak<ReadSpan>>>>;
+
+/// Registers a read as in flight and ties its entries to it.
+fn hold(in_flight: &InFlight, entries: &mut [Entry]) {
+    let ids = entries.iter().map(|e| e.id.as_str());
+    let (Some(first), Some(last)) = (
+        ids.clone().min_by_key(|id| streams::id_order(id)),
+        ids.max_by_key(|id| streams::id_order(id)),
+    ) else {
+        return;
+    };
+    let span = Arc::new(ReadSpan {
+        first: first.to_string(),
+        last: last.to_string(),
+    });
+    let mut list = in_flight.lock().expect("in-flight list");
+    list.retain(|w| w.strong_count() > 0);
+    list.push(Arc::downgrade(&span));
+    drop(list);
+    for e in entries {
+        e.held = Held(Some(span.clone()));
+    }
+}
+
 impl LoopSpec {
     /// A loop of `stage` (also its consumer group) from `input` to `output`, with a consumer
     /// name unique to this process and no back-pressure.
@@ -146,6 +172,7 @@ pub async fn run_loop<S: Stage>(
     // Fatal errors stop the reader too, so a failing worker does not keep claiming entries.
     let stop = shutdown.child_token();
 
+    let in_flight = InFlight::default();
     let metrics = LoopMetrics::new(spec.stage, &spec.input);
     crate::admin::RUNNING_LOOPS.fetch_add(1, Ordering::Relaxed);
     let reader = tokio::spawn(read_loop(
@@ -154,9 +181,15 @@ pub async fn run_loop<S: Stage>(
         stop.clone(),
         read_tx,
         stats.clone(),
+        in_flight.clone(),
         metrics.clone(),
     ));
-    let keeper = tokio::spawn(housekeeping(spec.clone(), redis.clone(), stop.clone()));
+    let keeper = tokio::spawn(housekeeping(
+        spec.clone(),
+        redis.clone(),
+        stop.clone(),
+        in_flight,
+    ));
     let batcher = tokio::spawn(batch_loop(
         stage.clone(),
         spec.limits,
@@ -245,6 +278,7 @@ async fn read_loop(
     stop: CancellationToken,
     tx: mpsc::Sender<Vec<Entry>>,
     stats: Arc<LoopStats>,
+    in_flight: InFlight,
     metrics: LoopMetrics,
 ) {
     let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
@@ -323,7 +357,7 @@ async fn read_loop(
                 .map(|entries| (entries, Vec::new()))
         };
         match res {
-            Ok((entries, deleted)) => {
+            Ok((mut entries, deleted)) => {
                 backoff.reset();
                 if !deleted.is_empty() {
                     // Trimmed while pending: there is nothing left to process.
@@ -336,6 +370,7 @@ async fn read_loop(
                 }
                 if !entries.is_empty() {
                     metrics.read.increment(entries.len() as u64);
+                    hold(&in_flight, &mut entries);
                     if tx.send(entries).await.is_err() {
                         break;
                     }
@@ -512,7 +547,7 @@ impl<S: Stage> Worker<S> {
                         info!(
                             stage = self.spec.stage,
                             count = lost.len(),
-                            "entries were claimed by another consumer; redoing the rest"
+                            "entries are no longer pending (claimed by another consumer, or acknowledged by an earlier attempt of this commit); redoing the rest"
                         );
                         batch.entries.retain(|e| !lost.contains(&e.id));
                         if !batch.entries.is_empty() {
@@ -594,7 +629,7 @@ impl<S: Stage> Worker<S> {
                 fields
             })
             .collect();
-        let step = CommitStep {
+        let mut step = CommitStep {
             input: &self.spec.input,
             output: self.spec.output.as_deref().unwrap_or(&dlq),
             dlq: &dlq,
@@ -603,6 +638,7 @@ impl<S: Stage> Worker<S> {
             ids: batch.entries.iter().map(|e| e.id.as_str()).collect(),
             forward: outcome.forward,
             dead_letters,
+            verify: false,
         };
         loop {
             let res = match self.redis.get().await {
@@ -630,6 +666,8 @@ impl<S: Stage> Worker<S> {
                 }
                 Err(e) => {
                     warn!(stage = self.spec.stage, error = %e, "commit failed, retrying");
+                    // The step may have been applied with only its reply lost.
+                    step.verify = true;
                     // The outcome is only in memory: keep retrying even during shutdown, so
                     // work already done (and maybe committed to PostgreSQL) is acknowledged.
                     backoff.wait(&CancellationToken::new()).await;
@@ -689,7 +727,12 @@ impl BackPressure {
 /// Periodic upkeep of one loop: keeps the entries this consumer holds from looking idle, trims
 /// the input of what every group acknowledged, and forgets consumers of dead processes that own
 /// nothing.
-async fn housekeeping(spec: Arc<LoopSpec>, redis: deadpool_redis::Pool, stop: CancellationToken) {
+async fn housekeeping(
+    spec: Arc<LoopSpec>,
+    redis: deadpool_redis::Pool,
+    stop: CancellationToken,
+    in_flight: InFlight,
+) {
     let touch_every = Duration::from_millis((spec.streams.claim_idle_ms / 3).max(10));
     let trim_every = Duration::from_millis(spec.streams.trim_interval_ms.max(10));
     let forget_every = Duration::from_millis(spec.streams.claim_interval_ms.max(10));
@@ -706,7 +749,14 @@ async fn housekeeping(spec: Arc<LoopSpec>, redis: deadpool_redis::Pool, stop: Ca
         };
         if last_touch.elapsed() >= touch_every {
             last_touch = Instant::now();
-            if let Err(e) = streams::touch(&mut conn, &spec.input, spec.stage, &spec.consumer).await
+            let spans: Vec<Arc<ReadSpan>> = in_flight
+                .lock()
+                .expect("in-flight list")
+                .iter()
+                .filter_map(|w| w.upgrade())
+                .collect();
+            if let Err(e) =
+                streams::touch(&mut conn, &spec.input, spec.stage, &spec.consumer, &spans).await
             {
                 debug!(stage = spec.stage, error = %e, "touch failed");
             }

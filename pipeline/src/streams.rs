@@ -45,7 +45,7 @@ pub fn dlq_stream(stream: &str) -> String {
 }
 
 /// The hash recording, per `<group> <consumer>`, how many of the consumer's entries were claimed
-/// by another consumer of `stream`. A consumer listed there checks, when it commits, that it
+/// (by another consumer of `stream`, or back by itself). A consumer listed there checks, when it commits, that it
 /// still owns each entry; one not listed has had nothing taken (see [`autoclaim`]). A record
 /// outlives its consumer's removal from the group, so a process that stalled past
 /// `forget_consumer_after_ms` and wakes up still checks; names are unique per process start,
@@ -59,6 +59,26 @@ pub type Fields = Vec<(String, Vec<u8>)>;
 
 pub use crate::resp::RawFields;
 
+/// The smallest and largest ID of one read: while any entry of it is unacknowledged, the
+/// consumer's entries in that range are kept from looking idle (see [`touch`]).
+#[derive(Debug)]
+pub struct ReadSpan {
+    pub first: String,
+    pub last: String,
+}
+
+/// The read an entry came in, kept alive by its entries: when the last one is dropped (its
+/// batch committed), the span stops being touched. Entries that were not read by a stage loop
+/// hold none. Equal whatever it holds, so entries compare by content.
+#[derive(Debug, Clone, Default)]
+pub struct Held(pub Option<std::sync::Arc<ReadSpan>>);
+
+impl PartialEq for Held {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// One stream entry as delivered to a consumer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -68,6 +88,8 @@ pub struct Entry {
     pub fields: RawFields,
     /// How many times the group has delivered this entry (1 on first read).
     pub deliveries: u64,
+    /// The read it came in, while that read is in flight.
+    pub held: Held,
 }
 
 impl Entry {
@@ -89,6 +111,7 @@ impl Entry {
             id: id.into(),
             fields: RawFields::from_pairs(fields),
             deliveries: 1,
+            held: Held::default(),
         }
     }
 
@@ -134,6 +157,7 @@ pub fn parse_entries(value: Value, deliveries: u64) -> (Vec<Entry>, Vec<String>)
                     id,
                     fields: RawFields::from_pairs(pairs),
                     deliveries,
+                    held: Held::default(),
                 });
             }
             _ => deleted.push(id),
@@ -232,7 +256,10 @@ pub async fn read_new<C: redis::aio::ConnectionLike>(
     Ok(out)
 }
 
-/// XAUTOCLAIM that records, in the same atomic step, whose entries it took (in [`claims_key`]).
+/// XAUTOCLAIM that records, in the same atomic step, whose entries it took (in [`claims_key`]),
+/// its own consumer's included: an entry it takes back from itself (idle after a Redis restart
+/// or a long stall) may still be in flight there, and only the per-entry check keeps the two
+/// copies from both being forwarded.
 /// XAUTOCLAIM looks at no more than 10 × COUNT pending entries from the cursor, so the idle
 /// entries among the first 10 × COUNT are all it can take.
 const CLAIM_SCRIPT: &str = r#"
@@ -245,7 +272,7 @@ local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[3], ARGV[4
 local taken = {}
 for _, e in ipairs(reply[2]) do
   local from = type(e) == 'table' and owner[e[1]]
-  if from and from ~= consumer then taken[from] = (taken[from] or 0) + 1 end
+  if from then taken[from] = (taken[from] or 0) + 1 end
 end
 for from, n in pairs(taken) do
   redis.call('HINCRBY', KEYS[2], group .. ' ' .. from, n)
@@ -358,12 +385,14 @@ pub async fn ack<C: redis::aio::ConnectionLike>(
 ///
 /// Entries move between consumers only through [`autoclaim`], which records the consumers it
 /// took from in KEYS[4]; a consumer not recorded there still owns everything it read, so the
-/// per-entry check (most of the step's cost) runs only for consumers that lost entries.
+/// per-entry check (most of the step's cost) runs only for consumers that lost entries, and for
+/// a retried step (the last argument is 1), whose first attempt may have been applied with its
+/// reply lost: then the entries are no longer pending and nothing is written twice.
 const COMMIT_SCRIPT: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
 local n = tonumber(ARGV[5])
 local lost = {}
-if n > 0 and redis.call('HEXISTS', KEYS[4], group .. ' ' .. consumer) == 1 then
+if n > 0 and (ARGV[#ARGV] == '1' or redis.call('HEXISTS', KEYS[4], group .. ' ' .. consumer) == 1) then
   -- One range query for the batch (ARGV[3] and ARGV[4] are its smallest and largest ID);
   -- an ID it did not return (beyond the count, or moved) is checked on its own.
   local owned = {}
@@ -411,6 +440,9 @@ pub struct CommitStep<'a> {
     pub forward: Vec<Fields>,
     /// Entries to add to `dlq`.
     pub dead_letters: Vec<Fields>,
+    /// Check every entry is still owned even if this consumer never lost one to a claim: set
+    /// when retrying a step whose earlier attempt may have been applied.
+    pub verify: bool,
 }
 
 static SCRIPT: std::sync::LazyLock<redis::Script> =
@@ -428,10 +460,7 @@ impl CommitStep<'_> {
             .key(self.output)
             .key(self.dlq)
             .key(claims_key(self.input));
-        let key = |id: &str| -> (u64, u64) {
-            let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-            (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-        };
+        let key = id_order;
         let lo = self
             .ids
             .iter()
@@ -461,6 +490,7 @@ impl CommitStep<'_> {
                 }
             }
         }
+        inv.arg(if self.verify { "1" } else { "0" });
         let reply: Value = inv.invoke_async(conn).await?;
         let Value::Array(items) = reply else {
             return Ok(Vec::new());
@@ -572,21 +602,26 @@ pub fn consumer_name(stage: &str) -> String {
     )
 }
 
-/// Resets the idle time of every entry this consumer owns (XCLAIM … JUSTID, which does not
-/// count a delivery), so entries held through a long retry are not claimed by anyone else.
-/// A consumer owns exactly what it read and has not acknowledged: what it is working on.
+/// Resets the idle time of the entries this consumer owns within the given ID ranges (XCLAIM …
+/// JUSTID, which does not count a delivery), so entries held through a long retry are not
+/// claimed by anyone else. Only the ranges of reads still in flight are given: an entry whose
+/// read reply was lost (the connection dropped) is owned but never arrived, and must become
+/// idle so a claim delivers it again.
 const TOUCH_SCRIPT: &str = r#"
-local n, start = 0, '-'
-while true do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], start, '+', 4000, ARGV[2])
-  if #p == 0 then break end
-  local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
-  for _, e in ipairs(p) do args[#args + 1] = e[1] end
-  args[#args + 1] = 'JUSTID'
-  redis.call(unpack(args))
-  n = n + #p
-  if #p < 4000 then break end
-  start = '(' .. p[#p][1]
+local n = 0
+for i = 3, #ARGV, 2 do
+  local start = ARGV[i]
+  while true do
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], start, ARGV[i + 1], 4000, ARGV[2])
+    if #p == 0 then break end
+    local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+    for _, e in ipairs(p) do args[#args + 1] = e[1] end
+    args[#args + 1] = 'JUSTID'
+    redis.call(unpack(args))
+    n = n + #p
+    if #p < 4000 then break end
+    start = '(' .. p[#p][1]
+  end
 end
 return n
 "#;
@@ -594,19 +629,30 @@ return n
 static TOUCH: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(TOUCH_SCRIPT));
 
-/// Keeps every entry `consumer` owns from looking idle; returns how many were touched.
+/// Keeps the entries `consumer` owns within `spans` from looking idle; returns how many were
+/// touched.
 pub async fn touch<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     stream: &str,
     group: &str,
     consumer: &str,
+    spans: &[std::sync::Arc<ReadSpan>],
 ) -> redis::RedisResult<u64> {
-    TOUCH
-        .key(stream)
-        .arg(group)
-        .arg(consumer)
-        .invoke_async(conn)
-        .await
+    if spans.is_empty() {
+        return Ok(0);
+    }
+    let mut inv = TOUCH.prepare_invoke();
+    inv.key(stream).arg(group).arg(consumer);
+    for s in spans {
+        inv.arg(s.first.as_str()).arg(s.last.as_str());
+    }
+    inv.invoke_async(conn).await
+}
+
+/// An entry ID's order: milliseconds, then sequence.
+pub fn id_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 /// Trims `stream` up to the oldest entry some group still needs: its oldest pending entry, or,

@@ -22,6 +22,8 @@ pub enum MigrateError {
     Incompatible { table: String, message: String },
     #[error("[postgres] timescaledb = \"require\", but the timescaledb extension is not available on this server")]
     TimescaleMissing,
+    #[error("[postgres] timescaledb = \"require\", but the timescaledb extension is installed and not loaded: add it to shared_preload_libraries and restart PostgreSQL")]
+    TimescaleNotPreloaded,
 }
 
 fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> MigrateError {
@@ -128,6 +130,24 @@ async fn timescale_available(
             return Err(MigrateError::TimescaleMissing);
         }
         info!("timescaledb is not available: tables use native range partitions");
+        return Ok(false);
+    }
+    // Without the preload, CREATE EXTENSION fails with a FATAL error that closes the session,
+    // so look first.
+    let created_or_loadable = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+                 OR 'timescaledb' = ANY (string_to_array(replace(current_setting('shared_preload_libraries'), ' ', ''), ','))",
+            &[],
+        )
+        .await
+        .map_err(sql("looking for timescaledb in shared_preload_libraries"))?
+        .get::<_, bool>(0);
+    if !created_or_loadable {
+        if mode == TimescaleMode::Require {
+            return Err(MigrateError::TimescaleNotPreloaded);
+        }
+        warn!("timescaledb is installed but not in shared_preload_libraries: tables use native range partitions");
         return Ok(false);
     }
     match client

@@ -189,6 +189,24 @@ impl TestEnv {
         connect(&self.db_url).await
     }
 
+    /// How `migrate` made the table: a TimescaleDB hypertable where the server has the
+    /// extension, native range partitions otherwise.
+    pub async fn partitioning(&self) -> strata_stages::catalog::Partitioning {
+        strata_stages::catalog::partitioning(&self.pg().await, &self.table)
+            .await
+            .unwrap()
+    }
+
+    /// Makes the chunk starting at `start_us` ready for rows inserted by SQL: a native partition
+    /// is created; a hypertable creates its chunks itself.
+    pub async fn make_chunk(&self, pg: &mut tokio_postgres::Client, start_us: i64) {
+        if self.partitioning().await == strata_stages::catalog::Partitioning::Native {
+            strata_stages::catalog::create_partition(pg, &self.schema, start_us)
+                .await
+                .unwrap();
+        }
+    }
+
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.redis_url.as_str())
             .unwrap()

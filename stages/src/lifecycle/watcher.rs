@@ -132,10 +132,10 @@ impl Watcher {
                 .query(
                     &format!(
                         "INSERT INTO {CHUNKS} (table_name, chunk_schema, chunk, chunk_oid, range_start, range_end, event_id)
-                         SELECT $1, ch.chunk_schema, ch.chunk_name, format('%I.%I', ch.chunk_schema, ch.chunk_name)::regclass::oid,
+                         SELECT $1::text, ch.chunk_schema, ch.chunk_name, format('%I.%I', ch.chunk_schema, ch.chunk_name)::regclass::oid,
                                 ch.range_start, ch.range_end, gen_random_uuid()::text
                          FROM timescaledb_information.chunks ch
-                         WHERE ch.hypertable_schema = current_schema() AND ch.hypertable_name = $1
+                         WHERE ch.hypertable_schema = current_schema() AND ch.hypertable_name::text = $1::text
                            AND ch.range_end <= now() - $2::bigint * interval '1 microsecond'
                          ORDER BY ch.range_start
                          ON CONFLICT DO NOTHING
