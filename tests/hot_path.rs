@@ -630,4 +630,27 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
         .map(|(_, f)| f[0].1.clone())
         .collect();
     assert_eq!(frames, ["fast", "slow"]);
+
+    // A consumer that claims back its own entry (idle after a Redis restart, while its first
+    // copy is still in flight) is recorded too, so only one of the two copies is forwarded.
+    let id = env.xadd(&[("source", b"s"), ("value", b"5")]).await;
+    let (read, _) = streams::read_new(&mut conn, &input, streams::INGEST, "again", 10, 100)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1);
+    let (claimed, _, _) =
+        streams::autoclaim(&mut conn, &input, streams::INGEST, "again", 0, "0-0", 10)
+            .await
+            .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let recorded: Option<u64> = redis::cmd("HGET")
+        .arg(streams::claims_key(&input))
+        .arg("ingest again")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(recorded, Some(1));
+    assert!(commit("again", vec![id.clone()]).await.is_empty());
+    assert_eq!(commit("again", vec![id.clone()]).await, vec![id]);
+    assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 3);
 }

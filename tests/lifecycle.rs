@@ -950,15 +950,7 @@ async fn timescaledb_chunks_are_archived_and_dropped() {
     let lc = setup(&backend, "").await;
     let env = &lc.env;
     let pg = env.pg().await;
-    let hyper: bool = pg
-        .query_one(
-            "SELECT partitioning = 'hypertable' FROM strata.tables WHERE name = $1",
-            &[&env.table],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    if !hyper {
+    if env.partitioning().await != Partitioning::Hypertable {
         eprintln!("SKIP timescaledb_chunks_are_archived_and_dropped: timescaledb is installed but could not be loaded (shared_preload_libraries?)");
         return;
     }

@@ -105,18 +105,15 @@ pub struct LoopSpec {
 /// a span lives exactly as long as some entry of it is in flight.
 type InFlight = Arc<std::sync::Mutex<Vec<std::sync::Weak<ReadSpan>>>>;
 
-/// Registers a read as in flight and ties its entries to it.
+/// Registers a read as in flight and ties its entries to it. XREADGROUP and XAUTOCLAIM both
+/// reply in ID order, so the first and last entries bound the read.
 fn hold(in_flight: &InFlight, entries: &mut [Entry]) {
-    let ids = entries.iter().map(|e| e.id.as_str());
-    let (Some(first), Some(last)) = (
-        ids.clone().min_by_key(|id| streams::id_order(id)),
-        ids.max_by_key(|id| streams::id_order(id)),
-    ) else {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
         return;
     };
     let span = Arc::new(ReadSpan {
-        first: first.to_string(),
-        last: last.to_string(),
+        first: first.id.clone(),
+        last: last.id.clone(),
     });
     let mut list = in_flight.lock().expect("in-flight list");
     list.retain(|w| w.strong_count() > 0);

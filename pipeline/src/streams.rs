@@ -69,18 +69,12 @@ pub struct ReadSpan {
 
 /// The read an entry came in, kept alive by its entries: when the last one is dropped (its
 /// batch committed), the span stops being touched. Entries that were not read by a stage loop
-/// hold none. Equal whatever it holds, so entries compare by content.
+/// hold none.
 #[derive(Debug, Clone, Default)]
 pub struct Held(pub Option<std::sync::Arc<ReadSpan>>);
 
-impl PartialEq for Held {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
 /// One stream entry as delivered to a consumer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Entry {
     /// The stream ID (`<ms>-<seq>`).
     pub id: String,
@@ -460,19 +454,11 @@ impl CommitStep<'_> {
             .key(self.output)
             .key(self.dlq)
             .key(claims_key(self.input));
-        let key = id_order;
-        let lo = self
-            .ids
-            .iter()
-            .copied()
-            .min_by_key(|id| key(id))
-            .unwrap_or("0-0");
-        let hi = self
-            .ids
-            .iter()
-            .copied()
-            .max_by_key(|id| key(id))
-            .unwrap_or("0-0");
+        // The batch's smallest and largest ID (entries may be out of order after a claim or a
+        // split).
+        let ids = self.ids.iter().copied();
+        let lo = ids.clone().min_by_key(|id| id_order(id)).unwrap_or("0-0");
+        let hi = ids.max_by_key(|id| id_order(id)).unwrap_or("0-0");
         inv.arg(self.group)
             .arg(self.consumer)
             .arg(lo)
