@@ -15,7 +15,7 @@ use strata_stages::ops::dlq::{dlq, DlqAction, DlqOptions};
 use strata_stages::ops::inspect::{inspect, InspectOptions};
 use strata_stages::ops::status::{status, StatusOptions};
 use strata_stages::produce::{produce, ProduceOptions};
-use strata_stages::StageKind;
+use strata_stages::{StageKind, StopError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -155,9 +155,18 @@ fn main() -> ExitCode {
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if matches!(e.downcast_ref(), Some(StopError::Timeout { .. })) => {
+            eprintln!("strata: {e}");
+            ExitCode::from(EXIT_SHUTDOWN_TIMEOUT)
+        }
         Err(e) => fail(e.as_ref()),
     }
 }
+
+/// Exit status when a graceful stop outlasted `[shutdown] timeout_ms` (nothing is lost: the
+/// unfinished entries stay pending for another consumer). 0 is a clean stop, 1 an error, 130 a
+/// second signal.
+const EXIT_SHUTDOWN_TIMEOUT: u8 = 3;
 
 /// Prints an error with its chain of causes.
 fn fail(e: &(dyn std::error::Error + 'static)) -> ExitCode {

@@ -37,6 +37,24 @@ pub struct Config {
     pub archiver: ArchiverConfig,
     /// The confirmer stage (verify, then drop).
     pub confirmer: ConfirmerConfig,
+    /// How long a graceful stop may take.
+    pub shutdown: ShutdownConfig,
+}
+
+/// Graceful shutdown on SIGTERM or SIGINT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After the signal, how long the stages may take to finish the batches in flight
+    /// (including retries of a commit or a database outage); then the process exits with
+    /// status 3, leaving what is unfinished pending for another consumer to claim.
+    pub timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { timeout_ms: 10_000 }
+    }
 }
 
 impl Default for Config {
@@ -54,6 +72,7 @@ impl Default for Config {
             chunk_watcher: ChunkWatcherConfig::default(),
             archiver: ArchiverConfig::default(),
             confirmer: ConfirmerConfig::default(),
+            shutdown: ShutdownConfig::default(),
         }
     }
 }

@@ -63,21 +63,12 @@ impl StageError {
         self
     }
 
-    /// Classifies a PostgreSQL error: data exceptions (class 22) and integrity constraint
-    /// violations (class 23) are deterministic and dead-letter; everything else (connection
-    /// loss, serialization failures, lock or statement timeouts, shutdown) waits and retries.
+    /// Classifies a PostgreSQL error (see [`postgres_hint`]) and keeps its SQLSTATE.
     pub fn from_postgres(context: &str, err: tokio_postgres::Error) -> Self {
+        let hint = postgres_hint(&err);
         match err.as_db_error() {
             Some(db) => {
                 let code = db.code().code();
-                let hint = if code.starts_with("22") || code.starts_with("23") {
-                    RetryHint::DeadLetter
-                } else if code.starts_with("42") && code != "42P01" {
-                    // Syntax or privilege errors and undefined columns will not mend by waiting.
-                    RetryHint::Fatal
-                } else {
-                    RetryHint::Backoff
-                };
                 let mut message = format!("{context}: SQLSTATE {code}: {}", db.message());
                 if let Some(detail) = db.detail() {
                     message.push_str(" (");
@@ -88,8 +79,54 @@ impl StageError {
                 e.sqlstate = Some(code.to_string());
                 e
             }
-            None => Self::new(RetryHint::Backoff, format!("{context}: {err}")),
+            None => Self::new(hint, format!("{context}: {err}")),
         }
+    }
+}
+
+/// SQLSTATE classes (first two characters) of transient faults: connection exceptions (08),
+/// insufficient resources (53), system errors such as I/O failures (58).
+const TRANSIENT_CLASSES: [&str; 3] = ["08", "53", "58"];
+
+/// Single SQLSTATEs of transient faults: the server shutting down or restarting (57P01
+/// admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now), a statement cancelled by
+/// `statement_timeout` (57014), serialization failures and deadlocks (40001, 40P01), a lock not
+/// available under `lock_timeout` (55P03), a read-only transaction on a server that is not (or no
+/// longer) the primary (25006), and an undefined table (42P01: a chunk dropped by the lifecycle
+/// between lookup and use, or a table not migrated yet).
+const TRANSIENT_CODES: [&str; 9] = [
+    "57P01", "57P02", "57P03", "57014", "40001", "40P01", "55P03", "25006", "42P01",
+];
+
+/// SQLSTATE classes no retry and no input can mend: syntax or access rule violations (42:
+/// permissions, a table whose columns do not match the schema), invalid authorization (28),
+/// a missing database (3D) or schema (3F).
+const FATAL_CLASSES: [&str; 4] = ["42", "28", "3D", "3F"];
+
+/// Exceptions to [`FATAL_CLASSES`] that depend on the rows written: a partition that would
+/// overlap another (42P17, raised when creating the partition for one row's time).
+const DATA_CODES_IN_FATAL_CLASSES: [&str; 1] = ["42P17"];
+
+/// What a PostgreSQL failure means for the batch that met it.
+///
+/// Transient only by an explicit list — connection loss and I/O errors (no SQLSTATE), the
+/// classes in [`TRANSIENT_CLASSES`] and the codes in [`TRANSIENT_CODES`] — so a failure nobody
+/// foresaw never wedges a table: it retries with backoff. Deployment faults
+/// ([`FATAL_CLASSES`]) stop the process. Every other failure may depend on the data (a bad value,
+/// a constraint, a stack depth or program limit, an internal error on one row): the writer
+/// isolates the rows that fail on their own and dead-letters them with their SQLSTATE.
+pub fn postgres_hint(err: &tokio_postgres::Error) -> RetryHint {
+    let Some(db) = err.as_db_error() else {
+        return RetryHint::Backoff;
+    };
+    let code = db.code().code();
+    let class = &code[..code.len().min(2)];
+    if TRANSIENT_CLASSES.contains(&class) || TRANSIENT_CODES.contains(&code) {
+        RetryHint::Backoff
+    } else if FATAL_CLASSES.contains(&class) && !DATA_CODES_IN_FATAL_CLASSES.contains(&code) {
+        RetryHint::Fatal
+    } else {
+        RetryHint::DeadLetter
     }
 }
 
@@ -103,6 +140,38 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+/// Redis error codes of transient conditions: memory full until consumers catch up and trimming
+/// frees it (OOM), a script or load in progress (BUSY, LOADING), a cluster or replica
+/// reconfiguring (TRYAGAIN, CLUSTERDOWN, MASTERDOWN, READONLY, NOREPLICAS), persistence
+/// failing (MISCONF).
+const REDIS_TRANSIENT_CODES: [&str; 9] = [
+    "OOM",
+    "BUSY",
+    "LOADING",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "READONLY",
+    "NOREPLICAS",
+    "MISCONF",
+];
+
+/// Redis error codes of a deployment fault: the account lacks a permission or cannot log in.
+const REDIS_FATAL_CODES: [&str; 3] = ["NOPERM", "NOAUTH", "WRONGPASS"];
+
+/// What a failed Redis call means: connection and I/O faults and the codes in
+/// [`REDIS_TRANSIENT_CODES`] are transient; [`REDIS_FATAL_CODES`] are fatal; any other error
+/// reply (a script that refused its input, a command error) may depend on the entries and is
+/// reported as `DeadLetter`, so the runner splits the batch instead of retrying it forever.
+pub fn redis_hint(err: &redis::RedisError) -> RetryHint {
+    match err.code() {
+        Some(code) if REDIS_TRANSIENT_CODES.contains(&code) => RetryHint::Backoff,
+        Some(code) if REDIS_FATAL_CODES.contains(&code) => RetryHint::Fatal,
+        Some(_) => RetryHint::DeadLetter,
+        None => RetryHint::Backoff,
+    }
 }
 
 impl From<redis::RedisError> for StageError {

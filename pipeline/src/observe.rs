@@ -80,6 +80,12 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// Batches split because their commit step kept failing for a reason that is not transient.
+pub const BATCH_SPLITS: &str = "strata_commit_splits_total";
+
+/// The `reason` of an entry dead-lettered because its commit step kept failing on its own.
+pub const REASON_COMMIT_FAILED: &str = "commit_failed";
+
 /// The class of a dead letter, for the `reason` label.
 pub fn dead_letter_reason(sqlstate: Option<&str>, max_deliveries: bool) -> &'static str {
     match sqlstate {
@@ -98,6 +104,8 @@ pub struct LoopMetrics {
     pub acked: Counter,
     pub claimed: Counter,
     pub retries: Counter,
+    /// Batches split (or single entries dead-lettered) after repeated commit failures.
+    pub splits: Counter,
     pub batch_rows: Histogram,
     pub batch_bytes: Histogram,
     /// Labels for dead letters, whose reason varies.
@@ -113,6 +121,7 @@ impl LoopMetrics {
             acked: counter!(ENTRIES_ACKED, &labels),
             claimed: counter!(CLAIMED, &labels),
             retries: counter!(RETRIES, &labels),
+            splits: counter!(BATCH_SPLITS, &labels),
             batch_rows: histogram!(BATCH_ROWS, &labels),
             batch_bytes: histogram!(BATCH_BYTES, &labels),
             stage,

@@ -25,9 +25,6 @@ use crate::observe::{self, LoopMetrics};
 use crate::resp::ReadConnection;
 use crate::streams::{self, CommitStep, Entry, Fields, Held, ReadSpan};
 
-/// How a dead letter for too many deliveries starts (also its metric class).
-const MAX_DELIVERIES_PREFIX: &str = "delivered";
-
 /// A batch of entries handed to a stage.
 #[derive(Debug)]
 pub struct Batch {
@@ -159,9 +156,24 @@ pub async fn run_loop<S: Stage>(
     stats: Arc<LoopStats>,
 ) -> Result<(), StageError> {
     let spec = Arc::new(spec);
-    {
+    let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
+    loop {
         let mut conn = retry_redis(&redis, &shutdown, &spec).await?;
-        streams::ensure_group(&mut conn, &spec.input, spec.stage).await?;
+        match streams::ensure_group(&mut conn, &spec.input, spec.stage).await {
+            Ok(()) => break,
+            Err(e) if crate::error::redis_hint(&e) == RetryHint::Backoff => {
+                warn!(stage = spec.stage, stream = %spec.input, error = %e, "cannot create the consumer group yet, retrying");
+                if !backoff.wait(&shutdown).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                return Err(StageError::fatal(format!(
+                    "creating consumer group {} on {}: {e}",
+                    spec.stage, spec.input
+                )))
+            }
+        }
     }
     info!(stage = spec.stage, stream = %spec.input, consumer = %spec.consumer, "consumer started");
     let (read_tx, read_rx) = mpsc::channel::<Vec<Entry>>(2);
@@ -497,7 +509,61 @@ struct Worker<S> {
     metrics: LoopMetrics,
 }
 
+/// Where the outcome of a batch came from, which decides its dead letters' `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The stage made it (its dead letters are classed by SQLSTATE).
+    Stage,
+    /// The runner dead-letters entries delivered more than `max_deliveries` times.
+    MaxDeliveries,
+    /// The runner dead-letters one entry whose commit step kept failing on its own.
+    CommitFailed,
+}
+
+/// A batch waiting to be delivered, with its outcome when it is already known.
+struct Todo {
+    batch: Batch,
+    outcome: Option<(Outcome, Origin)>,
+}
+
+/// Commit attempts that fail for a reason that is not transient before the batch is split.
+pub const MAX_COMMIT_ATTEMPTS: u32 = 3;
+
+/// Why a commit step did not apply.
+enum CommitFailure {
+    /// It failed [`MAX_COMMIT_ATTEMPTS`] times for a reason that is not transient.
+    Stuck(StageError),
+    /// Redis refused it in a way no retry mends (permissions): stop the process.
+    Fatal(StageError),
+}
+
 impl<S: Stage> Worker<S> {
+    /// Entries delivered more than `max_deliveries` times, each with its dead letter.
+    fn over_delivered(&self, batch: Batch) -> Todo {
+        let max = self.spec.streams.max_deliveries;
+        let outcome = Outcome {
+            forward: Vec::new(),
+            dead_letters: batch
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| DeadLetter {
+                    entry: i,
+                    fields: None,
+                    error: format!(
+                        "delivered {} times, more than max_deliveries = {max}",
+                        e.deliveries
+                    ),
+                    sqlstate: None,
+                })
+                .collect(),
+        };
+        Todo {
+            batch,
+            outcome: Some((outcome, Origin::MaxDeliveries)),
+        }
+    }
+
     /// Delivers one batch: Ok once every entry is acknowledged (or left pending at shutdown).
     async fn handle(&self, batch: Batch) -> Result<(), StageError> {
         let max = self.spec.streams.max_deliveries;
@@ -509,46 +575,92 @@ impl<S: Stage> Worker<S> {
             };
         let mut todo = Vec::new();
         if !over.is_empty() {
-            let outcome = Outcome {
-                forward: Vec::new(),
-                dead_letters: (0..over.len())
-                    .map(|i| DeadLetter {
-                        entry: i,
-                        fields: None,
-                        error: format!(
-                            "{MAX_DELIVERIES_PREFIX} {} times, more than max_deliveries = {max}",
-                            over[i].deliveries
-                        ),
-                        sqlstate: None,
-                    })
-                    .collect(),
-            };
-            todo.push((Batch { entries: over }, Some(outcome)));
+            todo.push(self.over_delivered(Batch { entries: over }));
         }
         if !fresh.is_empty() {
-            todo.push((Batch { entries: fresh }, None));
+            todo.push(Todo {
+                batch: Batch { entries: fresh },
+                outcome: None,
+            });
         }
         let mut backoff = Backoff::new(self.spec.streams.max_backoff_ms);
-        while let Some((mut batch, ready)) = todo.pop() {
-            let result = match ready {
-                Some(outcome) => Ok(outcome),
+        while let Some(Todo { mut batch, outcome }) = todo.pop() {
+            let result = match outcome {
+                Some(ready) => Ok(ready),
                 None => {
                     let span = tracing::info_span!("process", stage = self.spec.stage, stream = %self.spec.input, entries = batch.entries.len());
-                    self.stage.process(&batch).instrument(span).await
+                    self.stage
+                        .process(&batch)
+                        .instrument(span)
+                        .await
+                        .map(|o| (o, Origin::Stage))
                 }
             };
             match result {
-                Ok(outcome) => {
-                    let lost = self.commit(&batch, outcome, &mut backoff).await?;
-                    if !lost.is_empty() {
-                        info!(
-                            stage = self.spec.stage,
-                            count = lost.len(),
-                            "entries are no longer pending (claimed by another consumer, or acknowledged by an earlier attempt of this commit); redoing the rest"
-                        );
-                        batch.entries.retain(|e| !lost.contains(&e.id));
-                        if !batch.entries.is_empty() {
-                            todo.push((batch, None));
+                Ok((outcome, origin)) => {
+                    match self.commit(&batch, outcome, origin, &mut backoff).await {
+                        Ok(lost) => {
+                            if !lost.is_empty() {
+                                info!(
+                                    stage = self.spec.stage,
+                                    count = lost.len(),
+                                    "entries are no longer pending (claimed by another consumer, or acknowledged by an earlier attempt of this commit); redoing the rest"
+                                );
+                                batch.entries.retain(|e| !lost.contains(&e.id));
+                                if !batch.entries.is_empty() {
+                                    todo.push(Todo {
+                                        batch,
+                                        outcome: None,
+                                    });
+                                }
+                            }
+                        }
+                        Err(CommitFailure::Fatal(e)) => return Err(e),
+                        Err(CommitFailure::Stuck(e)) if origin == Origin::CommitFailed => {
+                            // Even the entry's own dead letter cannot be written.
+                            return Err(StageError::fatal(format!(
+                                "cannot dead-letter entry {} to {}: {e}",
+                                batch.entries[0].id,
+                                streams::dlq_stream(&self.spec.input)
+                            )));
+                        }
+                        Err(CommitFailure::Stuck(e)) => {
+                            self.metrics.splits.increment(1);
+                            if batch.entries.len() > 1 {
+                                warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e, entries = batch.entries.len(), attempts = MAX_COMMIT_ATTEMPTS, "commit keeps failing: splitting the batch");
+                                let right = Batch {
+                                    entries: batch.entries.split_off(batch.entries.len() / 2),
+                                };
+                                for half in [right, batch] {
+                                    todo.push(match origin {
+                                        Origin::MaxDeliveries => self.over_delivered(half),
+                                        _ => Todo {
+                                            batch: half,
+                                            outcome: None,
+                                        },
+                                    });
+                                }
+                            } else {
+                                warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e, entry = %batch.entries[0].id, "commit keeps failing for this entry alone: dead-lettering it");
+                                let dl = DeadLetter {
+                                    entry: 0,
+                                    fields: None,
+                                    error: format!(
+                                        "the commit step failed {MAX_COMMIT_ATTEMPTS} times for this entry alone: {e}"
+                                    ),
+                                    sqlstate: None,
+                                };
+                                todo.push(Todo {
+                                    batch,
+                                    outcome: Some((
+                                        Outcome {
+                                            forward: Vec::new(),
+                                            dead_letters: vec![dl],
+                                        },
+                                        Origin::CommitFailed,
+                                    )),
+                                });
+                            }
                         }
                     }
                     backoff.reset();
@@ -560,13 +672,22 @@ impl<S: Stage> Worker<S> {
                         if !backoff.wait(&self.stop).await {
                             return Ok(()); // shutdown: the entries stay pending
                         }
-                        todo.push((batch, None));
+                        todo.push(Todo {
+                            batch,
+                            outcome: None,
+                        });
                     }
                     RetryHint::DeadLetter if batch.entries.len() > 1 => {
                         debug!(stage = self.spec.stage, error = %e, "splitting batch to isolate a poison entry");
                         let right = batch.entries.split_off(batch.entries.len() / 2);
-                        todo.push((Batch { entries: right }, None));
-                        todo.push((batch, None));
+                        todo.push(Todo {
+                            batch: Batch { entries: right },
+                            outcome: None,
+                        });
+                        todo.push(Todo {
+                            batch,
+                            outcome: None,
+                        });
                     }
                     RetryHint::DeadLetter => {
                         let dl = DeadLetter {
@@ -575,13 +696,16 @@ impl<S: Stage> Worker<S> {
                             error: e.message,
                             sqlstate: e.sqlstate,
                         };
-                        todo.push((
+                        todo.push(Todo {
                             batch,
-                            Some(Outcome {
-                                forward: Vec::new(),
-                                dead_letters: vec![dl],
-                            }),
-                        ));
+                            outcome: Some((
+                                Outcome {
+                                    forward: Vec::new(),
+                                    dead_letters: vec![dl],
+                                },
+                                Origin::Stage,
+                            )),
+                        });
                     }
                     RetryHint::Fatal => return Err(e),
                 },
@@ -590,19 +714,25 @@ impl<S: Stage> Worker<S> {
         Ok(())
     }
 
-    /// Runs the atomic commit step, retrying Redis faults; returns entries lost to another
-    /// consumer (nothing was written then).
+    /// Runs the atomic commit step, retrying transient Redis faults for as long as it takes
+    /// (a shutdown that outlasts `[shutdown] timeout_ms` abandons it: the entries stay pending
+    /// and are claimed by another consumer). Returns entries lost to another consumer (nothing
+    /// was written then).
     async fn commit(
         &self,
         batch: &Batch,
         outcome: Outcome,
+        origin: Origin,
         backoff: &mut Backoff,
-    ) -> Result<Vec<String>, StageError> {
+    ) -> Result<Vec<String>, CommitFailure> {
         let mut reasons = Vec::with_capacity(outcome.dead_letters.len());
         let dlq = streams::dlq_stream(&self.spec.input);
         for d in &outcome.dead_letters {
-            let max = d.error.starts_with(MAX_DELIVERIES_PREFIX);
-            reasons.push(observe::dead_letter_reason(d.sqlstate.as_deref(), max));
+            reasons.push(match origin {
+                Origin::Stage => observe::dead_letter_reason(d.sqlstate.as_deref(), false),
+                Origin::MaxDeliveries => observe::dead_letter_reason(None, true),
+                Origin::CommitFailed => observe::REASON_COMMIT_FAILED,
+            });
         }
         let dead_letters: Vec<Fields> = outcome
             .dead_letters
@@ -637,10 +767,14 @@ impl<S: Stage> Worker<S> {
             dead_letters,
             verify: false,
         };
+        let mut refused = 0;
         loop {
             let res = match self.redis.get().await {
-                Ok(mut conn) => step.run(&mut conn).await.map_err(StageError::from),
-                Err(e) => Err(StageError::from(e)),
+                Ok(mut conn) => step.run(&mut conn).await.map_err(|e| {
+                    let hint = crate::error::redis_hint(&e);
+                    (StageError::from(e), hint)
+                }),
+                Err(e) => Err((StageError::from(e), RetryHint::Backoff)),
             };
             match res {
                 Ok(lost) => {
@@ -661,12 +795,22 @@ impl<S: Stage> Worker<S> {
                     }
                     return Ok(lost);
                 }
-                Err(e) => {
+                Err((e, RetryHint::Fatal)) => return Err(CommitFailure::Fatal(e)),
+                Err((e, RetryHint::DeadLetter)) => {
+                    refused += 1;
+                    warn!(stage = self.spec.stage, error = %e, attempt = refused, "commit step refused");
+                    if refused >= MAX_COMMIT_ATTEMPTS {
+                        return Err(CommitFailure::Stuck(e));
+                    }
+                    step.verify = true;
+                    backoff.wait(&CancellationToken::new()).await;
+                }
+                Err((e, RetryHint::Backoff)) => {
                     warn!(stage = self.spec.stage, error = %e, "commit failed, retrying");
                     // The step may have been applied with only its reply lost.
                     step.verify = true;
-                    // The outcome is only in memory: keep retrying even during shutdown, so
-                    // work already done (and maybe committed to PostgreSQL) is acknowledged.
+                    // The outcome is only in memory (and maybe committed to PostgreSQL): keep
+                    // retrying during shutdown too, until the shutdown timeout gives up on it.
                     backoff.wait(&CancellationToken::new()).await;
                 }
             }

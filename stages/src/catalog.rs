@@ -1,11 +1,11 @@
 //! strata's own bookkeeping tables in PostgreSQL, and native partitions ("chunks").
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use chrono::{TimeZone, Utc};
 use strata_pipeline::schema::Schema;
-use strata_pipeline::StageError;
+use strata_pipeline::{RetryHint, StageError};
 
 /// Frames already applied, recorded in the transaction that wrote their rows, so a
 /// redelivered frame is acknowledged without being written again.
@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS strata.applied_frames (
     dead_letters jsonb,
     PRIMARY KEY (stream, frame_id)
 );
+-- Dead letters as JSON bytes: a row PostgreSQL refused (a NUL, a `\u0000`) can still be recorded.
+ALTER TABLE strata.applied_frames ADD COLUMN IF NOT EXISTS dead_letter_data bytea;
 CREATE TABLE IF NOT EXISTS strata.chunks (
     id bigserial PRIMARY KEY,
     table_name text NOT NULL,
@@ -118,11 +120,25 @@ pub fn partition_name(table: &str, start_us: i64) -> String {
     format!("{table}_p{}", start.format("%Y%m%d_%H%M%S"))
 }
 
-fn rfc3339(us: i64) -> String {
-    Utc.timestamp_micros(us)
-        .single()
-        .unwrap_or_default()
-        .to_rfc3339()
+/// A timestamptz literal PostgreSQL reads for any year chrono can hold: `YYYY-MM-DD
+/// HH:MM:SS.ffffff+00`, with ` BC` for years before 1 (chrono's year 0 is PostgreSQL's 1 BC), so
+/// partitions at both ends of the accepted time range can be made.
+pub fn pg_timestamp_literal(us: i64) -> String {
+    use chrono::{Datelike, Timelike};
+    let t = Utc.timestamp_micros(us).single().unwrap_or_default();
+    let (year, era) = match t.year() {
+        y if y >= 1 => (y, ""),
+        y => (1 - y, " BC"),
+    };
+    format!(
+        "{year:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00{era}",
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.timestamp_subsec_micros()
+    )
 }
 
 /// The start of the chunk holding `time_us`.
@@ -145,8 +161,8 @@ pub async fn create_partition(
         "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ('{}') TO ('{}')",
         ident(&name),
         ident(&schema.table),
-        rfc3339(start_us),
-        rfc3339(start_us + schema.chunk_interval_us)
+        pg_timestamp_literal(start_us),
+        pg_timestamp_literal(start_us.saturating_add(schema.chunk_interval_us))
     ))
     .await?;
     tx.commit().await
@@ -169,13 +185,15 @@ impl KnownPartitions {
             .clear();
     }
 
-    /// Creates whichever of `starts` this process has not seen yet.
+    /// Creates whichever of `starts` this process has not seen yet. Returns the chunks whose
+    /// partition cannot be made for a reason that may depend on their rows' times (their rows
+    /// are then refused on their own); a transient or fatal failure is returned as the error.
     pub async fn ensure(
         &self,
         pool: &deadpool_postgres::Pool,
         schema: &Schema,
         starts: &BTreeSet<i64>,
-    ) -> Result<(), StageError> {
+    ) -> Result<HashMap<i64, StageError>, StageError> {
         let missing: Vec<i64> = {
             let known = self.starts.lock().expect("partition cache poisoned");
             starts
@@ -184,27 +202,32 @@ impl KnownPartitions {
                 .filter(|s| !known.contains(s))
                 .collect()
         };
+        let mut unmade = HashMap::new();
         if missing.is_empty() {
-            return Ok(());
+            return Ok(unmade);
         }
         let mut client = pool.get().await?;
         for start in missing {
-            create_partition(&mut client, schema, start)
-                .await
-                .map_err(|e| {
-                    StageError::from_postgres(
-                        &format!(
-                            "creating partition {}",
-                            partition_name(&schema.table, start)
-                        ),
-                        e,
-                    )
-                })?;
+            let made = create_partition(&mut client, schema, start).await;
+            if let Err(e) = made {
+                let e = StageError::from_postgres(
+                    &format!(
+                        "creating partition {}",
+                        partition_name(&schema.table, start)
+                    ),
+                    e,
+                );
+                if e.hint != RetryHint::DeadLetter {
+                    return Err(e);
+                }
+                unmade.insert(start, e);
+                continue;
+            }
             self.starts
                 .lock()
                 .expect("partition cache poisoned")
                 .insert(start);
         }
-        Ok(())
+        Ok(unmade)
     }
 }

@@ -83,20 +83,71 @@ pub struct Running {
     tasks: JoinSet<Result<(), StageError>>,
     /// Live counters.
     pub stats: ProcessStats,
+    /// How long a shutdown may take before the loops still busy are abandoned.
+    shutdown_timeout: std::time::Duration,
+}
+
+/// Why a process's stages stopped other than cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// A stage failed fatally (the others were stopped).
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// The shutdown took longer than `[shutdown] timeout_ms`: the loops still busy (retrying a
+    /// commit, waiting for a server) were abandoned. Nothing is lost: their entries stay pending
+    /// and another consumer claims them after `claim_idle_ms`.
+    #[error("shutdown took longer than [shutdown] timeout_ms = {timeout_ms}: abandoned {busy} busy stage loop(s); their entries stay pending and another consumer claims them")]
+    Timeout {
+        /// Loops still running at the deadline.
+        busy: usize,
+        /// The configured timeout.
+        timeout_ms: u64,
+    },
 }
 
 impl Running {
-    /// Waits for every loop; the first fatal error stops the others.
-    pub async fn wait(mut self, shutdown: &CancellationToken) -> Result<(), StageError> {
+    /// Waits for every loop; the first fatal error stops the others. Once `shutdown` fires,
+    /// waits at most `[shutdown] timeout_ms` for the loops to finish their batches in flight.
+    pub async fn wait(mut self, shutdown: &CancellationToken) -> Result<(), StopError> {
         let mut result = Ok(());
-        while let Some(r) = self.tasks.join_next().await {
-            let r =
-                r.unwrap_or_else(|e| Err(StageError::fatal(format!("stage task panicked: {e}"))));
-            if let Err(e) = r {
-                if result.is_ok() {
-                    tracing::error!(error = %e, "stage failed; stopping the process");
-                    shutdown.cancel();
-                    result = Err(e);
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                joined = self.tasks.join_next() => {
+                    let Some(r) = joined else { break };
+                    let r = r.unwrap_or_else(|e| {
+                        Err(StageError::fatal(format!("stage task panicked: {e}")))
+                    });
+                    if let Err(e) = r {
+                        if result.is_ok() {
+                            tracing::error!(error = %e, "stage failed; stopping the process");
+                            shutdown.cancel();
+                            result = Err(StopError::Stage(e));
+                        }
+                    }
+                }
+                _ = shutdown.cancelled(), if deadline.is_none() => {
+                    deadline = Some(tokio::time::Instant::now() + self.shutdown_timeout);
+                }
+                _ = expired => {
+                    let busy = self.tasks.len();
+                    let e = StopError::Timeout {
+                        busy,
+                        timeout_ms: self.shutdown_timeout.as_millis() as u64,
+                    };
+                    tracing::warn!(error = %e, "shutdown timed out");
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                    break;
                 }
             }
         }
@@ -206,7 +257,11 @@ pub async fn start(
             }
         }
     }
-    Ok(Running { tasks, stats })
+    Ok(Running {
+        tasks,
+        stats,
+        shutdown_timeout: std::time::Duration::from_millis(config.shutdown.timeout_ms),
+    })
 }
 
 /// How often each writer forgets applied frames that can no longer be redelivered.

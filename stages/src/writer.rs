@@ -2,10 +2,16 @@
 //!
 //! One transaction per batch: record the frame IDs in `strata.applied_frames` (frames already
 //! there are skipped: they were written before a crash or by a consumer that lost them), COPY
-//! the rows of the new frames, COMMIT. The runner acknowledges only after this returns. A row
-//! PostgreSQL rejects for its data (SQLSTATE classes 22 and 23) is isolated by bisection under
-//! savepoints and dead-lettered alone; its dead letter is stored with the frame ID so a
-//! redelivery re-emits it instead of losing it.
+//! the rows of the new frames, COMMIT. The runner acknowledges only after this returns.
+//!
+//! Any failure of a COPY that is not on the explicit transient or fatal lists
+//! ([`strata_pipeline::error::postgres_hint`]) may depend on the rows, so the rows are bisected
+//! under savepoints (at most 2n − 1 COPYs for n rows) and each row that fails on its own is
+//! dead-lettered alone with its SQLSTATE; a transient fault met during bisection abandons the
+//! transaction and retries the batch, dead-lettering nothing. A native partition that cannot be
+//! created for a chunk isolates the rows of that chunk the same way. Dead letters are stored with
+//! the frame ID (as bytes, so a row PostgreSQL refused can always be recorded) and a redelivery
+//! re-emits them instead of losing them.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,10 +26,14 @@ use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef};
 use strata_pipeline::streams::{Entry, Fields};
 use strata_pipeline::trace::TRACEPARENTS_FIELD;
-use strata_pipeline::StageError;
+use strata_pipeline::{RetryHint, StageError};
 
 use crate::catalog::{self, ident, KnownPartitions, Partitioning, APPLIED_FRAMES};
 use crate::copy;
+
+// TODO(merge): the bounds ingest enforces, from strata_pipeline::schema.
+const MIN_TIME_US: i64 = -62_135_596_800_000_000;
+const MAX_TIME_US: i64 = 253_402_300_799_999_999;
 
 /// Largest decompressed frame accepted (a frame is at most one ingest batch).
 const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -57,10 +67,32 @@ struct Encoded {
     /// The whole COPY body: header, every tuple, trailer. Shared, not copied, when every row
     /// goes in one COPY (the common case).
     buf: Bytes,
-    /// Byte range in `buf` and origin (entry index, row index in its frame) of each tuple.
-    rows: Vec<(std::ops::Range<usize>, usize, usize)>,
+    /// Each tuple: where it is in `buf` and where it came from.
+    rows: Vec<Tuple>,
     /// Chunk starts the rows fall into.
     chunks: BTreeSet<i64>,
+    /// Tuples whose time is outside the range strata accepts (no partition can be made for
+    /// them): refused on their own, never copied. Ingest writes none; a frame from elsewhere may.
+    out_of_range: Vec<usize>,
+}
+
+/// One encoded row of a batch.
+struct Tuple {
+    /// Byte range of the tuple in [`Encoded::buf`].
+    bytes: std::ops::Range<usize>,
+    /// Index of its entry (frame) in the batch.
+    entry: usize,
+    /// Its row number in that frame.
+    row: usize,
+    /// Start of the chunk its time falls into (None when the frame lacks the time column).
+    chunk: Option<i64>,
+}
+
+/// A row PostgreSQL refused on its own: its tuple index, why, and the SQLSTATE.
+struct Refused {
+    tuple: usize,
+    message: String,
+    sqlstate: Option<String>,
 }
 
 impl BatchWriter {
@@ -121,30 +153,34 @@ impl BatchWriter {
     }
 
     /// Decodes every frame of the batch into COPY tuples in table column order. Entries that
-    /// are not frames become dead letters.
+    /// are not frames, or whose frames do not decode or do not fit the table, become dead
+    /// letters of their own.
     fn encode(
         &self,
         batch: &Batch,
         frames: &mut Vec<Option<Frame>>,
         dead: &mut Vec<DeadLetter>,
-    ) -> Result<Encoded, StageError> {
+    ) -> Encoded {
         let mut enc = Encoded {
             buf: Bytes::new(),
             rows: Vec::new(),
             chunks: BTreeSet::new(),
+            out_of_range: Vec::new(),
         };
         let mut buf = BytesMut::with_capacity(1 << 20);
         buf.extend_from_slice(copy::HEADER);
-        let ncols = self.schema.columns.len();
         let mut last_chunk = None;
         for (i, entry) in batch.entries.iter().enumerate() {
-            let frame = match entry
-                .field(FRAME_FIELD)
-                .ok_or_else(|| format!("no `{FRAME_FIELD}` field"))
-                .and_then(|bytes| Frame::decode(bytes, MAX_FRAME_BYTES).map_err(|e| e.to_string()))
-            {
-                Ok(f) => f,
+            let frame_start = enc.rows.len();
+            let buf_start = buf.len();
+            let refused_start = enc.out_of_range.len();
+            match self.encode_frame(entry, i, &mut buf, &mut enc, &mut last_chunk) {
+                Ok(frame) => frames.push(Some(frame)),
                 Err(error) => {
+                    // Nothing of a frame that does not encode whole goes in.
+                    enc.rows.truncate(frame_start);
+                    enc.out_of_range.truncate(refused_start);
+                    buf.truncate(buf_start);
                     dead.push(DeadLetter {
                         entry: i,
                         fields: None,
@@ -152,84 +188,103 @@ impl BatchWriter {
                         sqlstate: None,
                     });
                     frames.push(None);
-                    continue;
                 }
-            };
-            let map = self.column_map(&frame)?;
-            let time_at = map[self.schema.time_index];
-            let mut cells = Vec::with_capacity(ncols);
-            let mut it = frame.rows();
-            let mut row_no = 0;
-            let mut bad_row = None;
-            let frame_start = enc.rows.len();
-            let buf_start = buf.len();
-            while it
-                .next_row(&mut cells)
-                .map_err(|e| StageError::dead_letter(e.to_string()))?
-            {
-                let start = buf.len();
-                copy::begin_tuple(&mut buf, ncols);
-                for (col, m) in map.iter().enumerate() {
-                    let cell = m.map_or(CellRef::Null, |j| cells[j]);
-                    if copy::put_cell(&mut buf, self.schema.columns[col].ty, cell, col).is_err() {
-                        bad_row = Some((row_no, col));
-                    }
-                }
-                if let Some(CellRef::Int(us)) = time_at.map(|j| cells[j]) {
-                    let chunk = catalog::chunk_start(us, self.schema.chunk_interval_us);
-                    if last_chunk != Some(chunk) {
-                        enc.chunks.insert(chunk);
-                        last_chunk = Some(chunk);
-                    }
-                }
-                enc.rows.push((start..buf.len(), i, row_no));
-                row_no += 1;
             }
-            drop(cells); // it borrows `frame`, which moves below
-            if let Some((row, col)) = bad_row {
-                // A frame whose cells do not fit their columns is not a frame ingest wrote.
-                enc.rows.truncate(frame_start);
-                buf.truncate(buf_start);
-                dead.push(DeadLetter {
-                    entry: i,
-                    fields: None,
-                    error: format!(
-                        "row {row}: column `{}` does not hold a {}",
-                        self.schema.columns[col].name,
-                        self.schema.columns[col].ty.sql()
-                    ),
-                    sqlstate: None,
-                });
-                frames.push(None);
-                continue;
-            }
-            frames.push(Some(frame));
         }
         buf.extend_from_slice(copy::TRAILER);
         enc.buf = buf.freeze();
-        Ok(enc)
+        enc
+    }
+
+    /// Appends the tuples of one frame entry; the error says why the entry is not a frame this
+    /// table can take.
+    fn encode_frame(
+        &self,
+        entry: &Entry,
+        index: usize,
+        buf: &mut BytesMut,
+        enc: &mut Encoded,
+        last_chunk: &mut Option<i64>,
+    ) -> Result<Frame, String> {
+        let bytes = entry
+            .field(FRAME_FIELD)
+            .ok_or_else(|| format!("no `{FRAME_FIELD}` field"))?;
+        let frame = Frame::decode(bytes, MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
+        let map = self.column_map(&frame)?;
+        let time_at = map[self.schema.time_index];
+        let ncols = self.schema.columns.len();
+        let mut cells = Vec::with_capacity(ncols);
+        let mut it = frame.rows();
+        let mut row = 0;
+        while it
+            .next_row(&mut cells)
+            .map_err(|e| format!("row {row}: {e}"))?
+        {
+            let start = buf.len();
+            copy::begin_tuple(buf, ncols);
+            for (col, m) in map.iter().enumerate() {
+                let cell = m.map_or(CellRef::Null, |j| cells[j]);
+                let column = &self.schema.columns[col];
+                if copy::put_cell(buf, column.ty, cell, col).is_err() {
+                    // A frame whose cells do not fit their columns is not a frame ingest wrote.
+                    return Err(format!(
+                        "row {row}: column `{}` does not hold a {}",
+                        column.name,
+                        column.ty.sql()
+                    ));
+                }
+            }
+            let chunk = match time_at.map(|j| cells[j]) {
+                Some(CellRef::Int(us)) if !(MIN_TIME_US..=MAX_TIME_US).contains(&us) => {
+                    enc.out_of_range.push(enc.rows.len());
+                    None
+                }
+                Some(CellRef::Int(us)) => {
+                    let chunk = catalog::chunk_start(us, self.schema.chunk_interval_us);
+                    if *last_chunk != Some(chunk) {
+                        enc.chunks.insert(chunk);
+                        *last_chunk = Some(chunk);
+                    }
+                    Some(chunk)
+                }
+                _ => None,
+            };
+            enc.rows.push(Tuple {
+                bytes: start..buf.len(),
+                entry: index,
+                row,
+                chunk,
+            });
+            row += 1;
+        }
+        drop(cells); // it borrows `frame`, which moves out below
+        Ok(frame)
     }
 
     /// For each table column, the frame column holding it. A frame column the table does not
-    /// know means ingest runs a different schema: fatal until the schemas agree.
-    fn column_map(&self, frame: &Frame) -> Result<Vec<Option<usize>>, StageError> {
+    /// know (or knows with another type) means the frame was written under a different schema:
+    /// the frame is dead-lettered (replay it once every stage runs the same `schemas/`), so
+    /// one such entry cannot stop the table.
+    fn column_map(&self, frame: &Frame) -> Result<Vec<Option<usize>>, String> {
         let mut map = vec![None; self.schema.columns.len()];
         for (j, (name, ty)) in frame.columns.iter().enumerate() {
             let Some(i) = self.schema.column_index(name) else {
-                return Err(StageError::fatal(format!(
-                    "frames for `{}` carry column `{name}` that this writer's schema lacks: run the same schemas/ in every stage",
+                return Err(format!(
+                    "the frame carries column `{name}` that this writer's schema of `{}` lacks: run the same schemas/ in every stage, then replay",
                     self.schema.table
-                )));
+                ));
             };
             if self.schema.columns[i].ty != *ty {
-                return Err(StageError::fatal(format!(
-                    "column `{name}` of `{}` is {} in the frames but {} in this writer's schema",
+                return Err(format!(
+                    "column `{name}` of `{}` is {} in the frame but {} in this writer's schema: run the same schemas/ in every stage, then replay",
                     self.schema.table,
                     ty.sql(),
                     self.schema.columns[i].ty.sql()
-                )));
+                ));
             }
-            map[i] = Some(j);
+            if map[i].replace(j).is_some() {
+                return Err(format!("the frame carries column `{name}` twice"));
+            }
         }
         Ok(map)
     }
@@ -243,11 +298,11 @@ impl BatchWriter {
         let body = if rows.len() == enc.rows.len() {
             enc.buf.clone()
         } else {
-            let tuples: usize = rows.iter().map(|&r| enc.rows[r].0.len()).sum();
+            let tuples: usize = rows.iter().map(|&r| enc.rows[r].bytes.len()).sum();
             let mut b = BytesMut::with_capacity(copy::HEADER.len() + tuples + copy::TRAILER.len());
             b.extend_from_slice(copy::HEADER);
             for &r in rows {
-                b.extend_from_slice(&enc.buf[enc.rows[r].0.clone()]);
+                b.extend_from_slice(&enc.buf[enc.rows[r].bytes.clone()]);
             }
             b.extend_from_slice(copy::TRAILER);
             b.freeze()
@@ -267,14 +322,16 @@ impl BatchWriter {
         Ok(())
     }
 
-    /// COPYs `rows`, isolating rows PostgreSQL rejects for their data by bisection under
-    /// savepoints. Returns the rejected rows with their errors.
+    /// COPYs `rows`, isolating by bisection under savepoints every row that fails on its own
+    /// for any reason that is neither transient nor fatal; returns those rows. At most 2n − 1
+    /// COPYs for n rows, O(k log n) for k bad rows. A transient or fatal error stops the
+    /// bisection and is returned: the caller abandons the transaction, nothing is dead-lettered.
     async fn copy_isolating(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         enc: &Encoded,
         rows: Vec<usize>,
-    ) -> Result<Vec<(usize, StageError)>, StageError> {
+    ) -> Result<Vec<Refused>, StageError> {
         let sp = |sql: &'static str| async move {
             tx.batch_execute(sql)
                 .await
@@ -300,10 +357,17 @@ impl BatchWriter {
                         e.message
                     )));
                 }
-                Err(e) if e.hint == strata_pipeline::RetryHint::DeadLetter => {
+                Err(e) if e.hint == RetryHint::DeadLetter => {
                     sp("ROLLBACK TO SAVEPOINT strata_copy").await?;
                     if set.len() == 1 {
-                        bad.push((set[0], e));
+                        if bad.is_empty() {
+                            tracing::warn!(table = %self.schema.table, error = %e, "a row failed on its own: dead-lettering it");
+                        }
+                        bad.push(Refused {
+                            tuple: set[0],
+                            message: e.message,
+                            sqlstate: e.sqlstate,
+                        });
                     } else {
                         let mut left = set;
                         let right = left.split_off(left.len() / 2);
@@ -317,20 +381,21 @@ impl BatchWriter {
         Ok(bad)
     }
 
-    /// The fields of one rejected row, as a producer would have sent them.
-    fn row_fields(&self, frame: &Frame, row: usize) -> Fields {
+    /// The fields of each row of `frame`, as a producer would have sent them (for dead letters).
+    fn frame_fields(frame: &Frame) -> Vec<Fields> {
         let Ok(rows) = frame.to_cells() else {
             return Vec::new();
         };
-        let Some(cells) = rows.get(row) else {
-            return Vec::new();
-        };
-        frame
-            .columns
-            .iter()
-            .zip(cells)
-            .filter(|(_, c)| **c != Cell::Null)
-            .map(|((name, _), c)| (name.clone(), c.to_text().into_bytes()))
+        rows.iter()
+            .map(|cells| {
+                frame
+                    .columns
+                    .iter()
+                    .zip(cells)
+                    .filter(|(_, c)| **c != Cell::Null)
+                    .map(|((name, _), c)| (name.clone(), c.to_text().into_bytes()))
+                    .collect()
+            })
             .collect()
     }
 }
@@ -341,7 +406,8 @@ fn missing_partition(e: &StageError) -> bool {
     e.sqlstate.as_deref() == Some("23514") && e.message.contains("no partition of relation")
 }
 
-/// A dead letter as stored with its frame ID in `strata.applied_frames`.
+/// A dead letter as stored with its frame ID in `strata.applied_frames` (JSON in the bytea
+/// column `dead_letter_data`, so any row can be recorded; older rows have the jsonb column).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredDeadLetter {
     fields: Vec<(String, String)>,
@@ -360,10 +426,12 @@ impl Stage for BatchWriter {
     async fn process(&self, batch: &Batch) -> Result<Outcome, StageError> {
         let mut outcome = Outcome::default();
         let mut frames = Vec::with_capacity(batch.entries.len());
-        let enc = self.encode(batch, &mut frames, &mut outcome.dead_letters)?;
-        if let Some(known) = &self.partitions {
-            known.ensure(&self.pool, &self.schema, &enc.chunks).await?;
-        }
+        let enc = self.encode(batch, &mut frames, &mut outcome.dead_letters);
+        // Chunks whose partition cannot be made: their rows are refused on their own below.
+        let unmade = match &self.partitions {
+            Some(known) => known.ensure(&self.pool, &self.schema, &enc.chunks).await?,
+            None => HashMap::new(),
+        };
         let ids: Vec<&str> = batch
             .entries
             .iter()
@@ -407,15 +475,20 @@ impl Stage for BatchWriter {
             tracing::info!(table = %self.schema.table, frames = dups.len(), "skipping frames already applied");
             let stored = tx
                 .query(
-                    &format!("SELECT frame_id, dead_letters FROM {APPLIED_FRAMES} WHERE stream = $1 AND frame_id = ANY($2) AND dead_letters IS NOT NULL"),
+                    &format!("SELECT frame_id, dead_letter_data, dead_letters FROM {APPLIED_FRAMES} WHERE stream = $1 AND frame_id = ANY($2) AND (dead_letter_data IS NOT NULL OR dead_letters IS NOT NULL)"),
                     &[&self.stream, &dups],
                 )
                 .await
                 .map_err(pg("reading stored dead letters"))?;
             for row in stored {
                 let id: String = row.get(0);
-                let json: serde_json::Value = row.get(1);
-                let list: Vec<StoredDeadLetter> = serde_json::from_value(json).unwrap_or_default();
+                let data: Option<Vec<u8>> = row.get(1);
+                let legacy: Option<serde_json::Value> = row.get(2);
+                let list: Vec<StoredDeadLetter> = match (data, legacy) {
+                    (Some(bytes), _) => serde_json::from_slice(&bytes).unwrap_or_default(),
+                    (None, Some(json)) => serde_json::from_value(json).unwrap_or_default(),
+                    (None, None) => Vec::new(),
+                };
                 for d in list {
                     outcome.dead_letters.push(DeadLetter {
                         entry: index_of[id.as_str()],
@@ -449,39 +522,74 @@ impl Stage for BatchWriter {
         } else {
             Vec::new()
         };
-        let rows: Vec<usize> = (0..enc.rows.len())
-            .filter(|&r| new.contains(&batch.entries[enc.rows[r].1].id))
-            .collect();
+        let mut refused = Vec::new();
+        let mut rows = Vec::with_capacity(enc.rows.len());
+        let mut out_of_range = enc.out_of_range.iter().copied().peekable();
+        for (r, t) in enc.rows.iter().enumerate() {
+            let outside = out_of_range.next_if_eq(&r).is_some();
+            if !new.contains(&batch.entries[t.entry].id) {
+                continue;
+            }
+            if outside {
+                refused.push(Refused {
+                    tuple: r,
+                    message: format!(
+                        "column `{}`: the time is outside the range strata accepts",
+                        self.schema.columns[self.schema.time_index].name
+                    ),
+                    sqlstate: None,
+                });
+                continue;
+            }
+            match t.chunk.and_then(|c| unmade.get(&c)) {
+                Some(e) => refused.push(Refused {
+                    tuple: r,
+                    message: e.message.clone(),
+                    sqlstate: e.sqlstate.clone(),
+                }),
+                None => rows.push(r),
+            }
+        }
         let written = rows.len();
         let bad = self.copy_isolating(&tx, &enc, rows).await?;
+        let committed = (written - bad.len()) as u64;
+        refused.extend(bad);
         let mut stored: HashMap<usize, Vec<StoredDeadLetter>> = HashMap::new();
-        for (r, e) in &bad {
-            let (_, entry, row) = enc.rows[*r];
-            let fields = frames[entry]
-                .as_ref()
-                .map(|f| self.row_fields(f, row))
+        let mut decoded: HashMap<usize, Vec<Fields>> = HashMap::new();
+        for bad in refused {
+            let Tuple { entry, row, .. } = enc.rows[bad.tuple];
+            let fields = decoded
+                .entry(entry)
+                .or_insert_with(|| {
+                    frames[entry]
+                        .as_ref()
+                        .map(Self::frame_fields)
+                        .unwrap_or_default()
+                })
+                .get(row)
+                .cloned()
                 .unwrap_or_default();
-            let error = format!("row {row} of the frame: {}", e.message);
+            let error = format!("row {row} of the frame: {}", bad.message);
             stored.entry(entry).or_default().push(StoredDeadLetter {
                 fields: fields
                     .iter()
                     .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
                     .collect(),
                 error: error.clone(),
-                sqlstate: e.sqlstate.clone(),
+                sqlstate: bad.sqlstate.clone(),
             });
             outcome.dead_letters.push(DeadLetter {
                 entry,
                 fields: Some(fields),
                 error,
-                sqlstate: e.sqlstate.clone(),
+                sqlstate: bad.sqlstate,
             });
         }
         for (entry, list) in stored {
-            let json = serde_json::to_value(&list).expect("dead letters serialize");
+            let data = serde_json::to_vec(&list).expect("dead letters serialize");
             tx.execute(
-                &format!("UPDATE {APPLIED_FRAMES} SET dead_letters = $3 WHERE stream = $1 AND frame_id = $2"),
-                &[&self.stream, &batch.entries[entry].id, &json],
+                &format!("UPDATE {APPLIED_FRAMES} SET dead_letter_data = $3 WHERE stream = $1 AND frame_id = $2"),
+                &[&self.stream, &batch.entries[entry].id, &data],
             )
             .await
             .map_err(pg("storing dead letters"))?;
@@ -491,7 +599,6 @@ impl Stage for BatchWriter {
             .copy_duration
             .record(began.elapsed().as_secs_f64());
         drop(spans);
-        let committed = (written - bad.len()) as u64;
         self.rows_written.fetch_add(committed, Ordering::Relaxed);
         self.metrics.rows_written.increment(committed);
         let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;

@@ -264,6 +264,27 @@ impl TestEnv {
         }
     }
 
+    /// Waits until batch-writer has read and acknowledged everything on `rows:{T}` (and `rows`
+    /// rows exist): for tests that write frames themselves.
+    pub async fn wait_rows_drained(&self, rows: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut conn = self.redis().await;
+        loop {
+            let drained = streams::drained(&mut conn, &self.rows(), streams::BATCH_WRITER)
+                .await
+                .unwrap();
+            let count = self.count().await;
+            if drained && count >= rows {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out: {count} of {rows} rows landed, drained = {drained}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Dead letters of `stream`, as field lists.
     pub async fn dead_letters(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
         self.entries(&streams::dlq_stream(stream)).await
