@@ -14,6 +14,7 @@ use strata_stages::catalog::Partitioning;
 
 use common::{start, stop, TestEnv};
 use lifecycle_support::{Backend, BackendKind};
+use strata_pipeline::config::TimescaleMode;
 use strata_pipeline::schema::Schema;
 use strata_pipeline::streams;
 use strata_stages::lifecycle::deps::arrow_array::cast::AsArray;
@@ -31,7 +32,13 @@ use strata_stages::StageKind;
 
 const HOUR_US: i64 = 3_600_000_000;
 
-const STREAMS: &str = "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\n[chunk_watcher]\ninterval_ms = 200\nreemit_after_ms = 600000\n";
+const STREAMS: &str = "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\n";
+
+/// The watcher of most scenarios: fast scans, and a quiet period short enough for chunks
+/// filled by SQL just before to close within a second (the mechanism still applies: each chunk
+/// must be seen unchanged for that long).
+const WATCHER: &str =
+    "[chunk_watcher]\ninterval_ms = 200\nreemit_after_ms = 600000\nquiet_period_ms = 600\n";
 
 /// One scenario's world: a TestEnv whose table has 1-hour chunks archived once they ended an
 /// hour ago (and dropped once verified), the lake, and cleanup of the lifecycle streams.
@@ -57,8 +64,14 @@ impl Drop for Lc {
 }
 
 async fn setup(backend: &Backend, extra: &str) -> Lc {
-    let config = format!("{STREAMS}{extra}{}", backend.lake_toml);
+    setup_with(backend, WATCHER, TimescaleMode::Auto, extra).await
+}
+
+/// [`setup`] with its own `[chunk_watcher]` section and TimescaleDB mode.
+async fn setup_with(backend: &Backend, watcher: &str, mode: TimescaleMode, extra: &str) -> Lc {
+    let config = format!("{STREAMS}{watcher}{extra}{}", backend.lake_toml);
     let mut env = TestEnv::new("metrics", &config).await;
+    env.config.postgres.timescaledb = mode;
     let path = env
         .dir
         .path()
@@ -804,19 +817,38 @@ async fn several_watchers_emit_each_chunk_once() {
         fill_chunk(env, h0 + k * HOUR_US, 10).await;
     }
     let watchers: Vec<_> = (0..3)
-        .map(|_| strata_stages::lifecycle::watcher::Watcher {
-            schema: env.schema.clone(),
-            pg: strata_pipeline::db::postgres_pool(&env.config, 2).unwrap(),
-            redis: strata_pipeline::db::redis_pool(&env.config).unwrap(),
-            config: env.config.chunk_watcher.clone(),
+        .map(|_| {
+            strata_stages::lifecycle::watcher::Watcher::new(
+                env.schema.clone(),
+                strata_pipeline::db::postgres_pool(&env.config, 2).unwrap(),
+                strata_pipeline::db::redis_pool(&env.config).unwrap(),
+                env.config.chunk_watcher.clone(),
+            )
         })
         .collect();
-    for _ in 0..3 {
+    // All three scan together until the chunks are quiet (each watcher times the quiet period
+    // itself, so they record at about the same scan), then three rounds more.
+    let scan_all = || async {
         let scans = futures_util::future::join_all(watchers.iter().map(|w| w.scan())).await;
-        for s in scans {
-            s.expect("scan");
-        }
+        scans
+            .into_iter()
+            .map(|s| s.expect("scan").recorded)
+            .sum::<usize>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut recorded = 0;
+    while recorded < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the chunks were never quiet: {recorded} recorded"
+        );
+        recorded += scan_all().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    for _ in 0..3 {
+        recorded += scan_all().await;
+    }
+    assert_eq!(recorded, 3, "each chunk recorded by one watcher");
     assert_eq!(xlen(env, &streams::archive_stream(&env.table)).await, 3);
     assert_eq!(states(&chunks(env).await), ["pending"; 3]);
     if env.partitioning().await == Partitioning::Hypertable {
@@ -983,4 +1015,278 @@ async fn timescaledb_chunks_are_archived_and_dropped() {
     archived.sort();
     assert_eq!(archived, source);
     assert_eq!(done.len(), 3);
+}
+
+/// Watcher of the backfill scenario: scans every half second, closes a chunk after 3 s without
+/// writes (long enough for a busy writer's statistics, which flush about once a second).
+const BACKFILL_WATCHER: &str =
+    "[chunk_watcher]\ninterval_ms = 500\nreemit_after_ms = 600000\nquiet_period_ms = 3000\n";
+/// How long the producer keeps replaying old events: ten watcher intervals.
+const BACKFILL_FOR: Duration = Duration::from_secs(5);
+/// Events per producer step (one step every 100 ms).
+const BACKFILL_STEP: u64 = 40;
+
+/// A producer replays events of two closed hours (older than `archive_after`) for ten watcher
+/// intervals, interleaved, through `strata run` (every stage, one process). The watcher must wait
+/// for the chunks to be quiet: each range is recorded once, after the last write, archived as
+/// one file holding every event, and dropped; no deadlock, retry or failure on the way.
+async fn backfill_is_archived_once_per_chunk(mode: TimescaleMode) {
+    let backend = Backend::start(BackendKind::Local);
+    let lc = setup_with(
+        &backend,
+        BACKFILL_WATCHER,
+        mode,
+        "[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let env = &lc.env;
+    if mode == TimescaleMode::Require {
+        assert_eq!(env.partitioning().await, Partitioning::Hypertable);
+    }
+    let h0 = this_hour() - 5 * HOUR_US;
+    let mut run = env.spawn(&["run"], "run.log");
+    let mut conn = env.redis().await;
+    let started = Instant::now();
+    let mut produced = 0u64;
+    while started.elapsed() < BACKFILL_FOR {
+        let mut pipe = redis::pipe();
+        for i in produced..produced + BACKFILL_STEP {
+            // Even events to the first hour, odd to the second, 2 s apart within each.
+            let time_ms =
+                (h0 + (i % 2) as i64 * HOUR_US) / 1000 + (i / 2) as i64 * 2_000 % 3_600_000;
+            pipe.cmd("XADD")
+                .arg(env.input())
+                .arg("*")
+                .arg("time")
+                .arg(time_ms)
+                .arg("source")
+                .arg("backfill")
+                .arg("metric")
+                .arg("m")
+                .arg("value")
+                .arg(i)
+                .arg("tags")
+                .arg(format!("{{\"seq\":{i}}}"))
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+        produced += BACKFILL_STEP;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let produced_until: chrono::DateTime<chrono::Utc> = env
+        .pg()
+        .await
+        .query_one("SELECT now()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let done = wait_chunks(
+        env,
+        "both backfilled hours archived and dropped",
+        Duration::from_secs(60),
+        |c| c.len() >= 2 && c.iter().all(|c| c.state == "dropped"),
+    )
+    .await;
+    // Everything produced has gone through (nothing pending that could make another
+    // incarnation), and the table is empty again.
+    let mut conn = env.redis().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(streams::drained(&mut conn, &env.input(), streams::INGEST)
+        .await
+        .unwrap()
+        && streams::drained(&mut conn, &env.rows(), streams::BATCH_WRITER)
+            .await
+            .unwrap())
+    {
+        assert!(Instant::now() < deadline, "the hot path never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = common::terminate(&mut run);
+    let log = env.log("run.log");
+    assert!(status.success(), "strata run exited with {status}: {log}");
+    let after = chunks(env).await;
+    assert_eq!(
+        after.iter().map(|c| c.range_start_us).collect::<Vec<_>>(),
+        [h0, h0 + HOUR_US],
+        "one incarnation per backfilled hour: {after:#?}"
+    );
+    assert!(
+        after.iter().all(|c| c.verify_failures == 0),
+        "no chunk was archived under a writer: {after:#?}"
+    );
+    assert_eq!(env.count().await, 0);
+    let recorded_at: Vec<chrono::DateTime<chrono::Utc>> = env
+        .pg()
+        .await
+        .query(
+            "SELECT created_at FROM strata.chunks WHERE table_name = $1 ORDER BY id",
+            &[&env.table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        recorded_at.iter().all(|t| *t > produced_until),
+        "chunks recorded at {recorded_at:?}, while the backfill ran until {produced_until}"
+    );
+    let files = objects(&lc.lake, &backend, &env.table).await;
+    assert_eq!(
+        files.len(),
+        2,
+        "one file per hour: {:?}",
+        files.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    let mut seqs = Vec::new();
+    for ((key, bytes), c) in files.iter().zip(&done) {
+        assert_eq!(c.lake_path.as_deref(), Some(key.as_str()));
+        let rows = parquet_rows(bytes);
+        assert_eq!(Some(rows.len() as i64), c.rows);
+        assert!(rows
+            .iter()
+            .all(|r| r.0 >= c.range_start_us && r.0 < c.range_start_us + HOUR_US));
+        seqs.extend(rows.iter().map(|r| {
+            let tags: serde_json::Value = serde_json::from_str(r.4.as_deref().unwrap()).unwrap();
+            tags["seq"].as_u64().unwrap()
+        }));
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (0..produced).collect::<Vec<_>>(),
+        "every produced event is in the lake, once"
+    );
+    assert!(objects(&lc.lake, &backend, "_rejected").await.is_empty());
+    for bad in ["40P01", "55P03", "deadlock", "transient failure"] {
+        assert!(
+            !log.contains(bad),
+            "`{bad}` in the log of strata run:\n{log}"
+        );
+    }
+    assert!(env.dead_letters(&env.input()).await.is_empty());
+    assert!(env.dead_letters(&env.rows()).await.is_empty());
+    assert!(env
+        .dead_letters(&streams::archive_stream(&env.table))
+        .await
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_is_archived_once_per_chunk_on_native_partitions() {
+    backfill_is_archived_once_per_chunk(TimescaleMode::Off).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_is_archived_once_per_chunk_on_timescaledb() {
+    let probe = common::TestEnv::new("metrics", STREAMS).await;
+    let pg = probe.pg().await;
+    let loaded = pg
+        .query_opt(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_some()
+        && pg
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            .await
+            .is_ok();
+    drop(pg);
+    drop(probe);
+    if !loaded {
+        eprintln!("SKIP a_backfill_is_archived_once_per_chunk_on_timescaledb: the timescaledb extension is not installed (or not preloaded) on this PostgreSQL; the native-partition test covers the same backfill");
+        return;
+    }
+    backfill_is_archived_once_per_chunk(TimescaleMode::Require).await;
+}
+
+/// A writer holding the table (a COPY in flight) that then writes a late row into the chunk
+/// being dropped: the drop waits for it instead of deadlocking (it locks the parent before the
+/// partition, as the writer does), the writer's transaction commits, and the late row makes
+/// the confirmer archive the chunk again instead of dropping it under the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_waits_for_a_writer_instead_of_deadlocking() {
+    let backend = Backend::start(BackendKind::Local);
+    let lc = setup_with(&backend, WATCHER, TimescaleMode::Off, "").await;
+    let env = &lc.env;
+    let h0 = this_hour() - 4 * HOUR_US;
+    fill_chunk(env, h0, 100).await;
+    let running = start(env, &[StageKind::ChunkWatcher, StageKind::Archiver]).await;
+    wait_chunks(env, "the chunk archived", Duration::from_secs(60), |c| {
+        states(c) == ["archived"]
+    })
+    .await;
+    stop(running).await;
+    // The writer: a transaction with a row in the current hour (ROW EXCLUSIVE on the table).
+    // Its deadlock check runs first (50 ms), so a cycle would abort it, not the confirmer.
+    let mut writer = env.pg().await;
+    let tx = writer.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL deadlock_timeout = '50ms'")
+        .await
+        .unwrap();
+    let insert = format!(
+        "INSERT INTO {} (time, source, metric, value) VALUES (to_timestamp($1::bigint / 1e6), 'writer', 'm', 1)",
+        env.table
+    );
+    tx.execute(&insert, &[&(this_hour() + 1_000_000)])
+        .await
+        .unwrap();
+    let running = start(env, &[StageKind::Confirmer]).await;
+    // Wait until the confirmer's drop is blocked behind the writer.
+    let monitor = env.pg().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = monitor
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the confirmer never came to drop the chunk: {:?}",
+            states(&chunks(env).await)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The late row for the chunk being dropped: must not deadlock.
+    tx.execute(&insert, &[&(h0 + 1_000_000)])
+        .await
+        .expect("the writer's late row (a 40P01 here is the drop deadlocking with the writer)");
+    tx.commit().await.unwrap();
+    let c = wait_chunks(
+        env,
+        "the drop noticed the late row",
+        Duration::from_secs(60),
+        |c| c[0].verify_failures == 1,
+    )
+    .await;
+    stop(running).await;
+    assert_eq!(c[0].state, "pending");
+    assert!(
+        c[0].last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("101 rows now, the archive 100"),
+        "{:?}",
+        c[0].last_error
+    );
+    let running = start(env, &LIFECYCLE).await;
+    let c = wait_chunks(
+        env,
+        "the chunk archived again with the late row and dropped",
+        Duration::from_secs(60),
+        |c| states(c) == ["dropped"],
+    )
+    .await;
+    stop(running).await;
+    assert_eq!(c[0].rows, Some(101));
+    assert_eq!(env.count().await, 1, "only the current hour's row is left");
 }

@@ -366,6 +366,7 @@ impl Config {
         if self.streams.read_count == 0 {
             return Err(invalid("[streams] read_count must be > 0".into()));
         }
+        self.chunk_watcher.validate().map_err(invalid)?;
         Ok(())
     }
 }

@@ -93,6 +93,14 @@ pub struct ChunkWatcherConfig {
     /// its event emitted again (covers a crash between recording a chunk and emitting its event,
     /// and lost stream entries). The archiver ignores events for chunks already done.
     pub reemit_after_ms: u64,
+    /// A chunk past `archive_after` is closed only once this watcher has seen its write
+    /// counter (`n_tup_ins + n_tup_upd + n_tup_del` in `pg_stat_user_tables`) stay unchanged
+    /// this long, so a backfill still writing an old range does not get it archived and dropped
+    /// under it (which would split the range over several incarnations and files). Counted from
+    /// this watcher's first observation: after a restart every chunk waits the full period
+    /// again. Keep it well above PostgreSQL's statistics delay (up to 10 s for a writer that
+    /// goes idle; see the chunk-watcher's documentation).
+    pub quiet_period_ms: u64,
 }
 
 impl Default for ChunkWatcherConfig {
@@ -101,6 +109,7 @@ impl Default for ChunkWatcherConfig {
             interval_ms: 30_000,
             premake_chunks: 1,
             reemit_after_ms: 900_000,
+            quiet_period_ms: 300_000,
         }
     }
 }
@@ -169,6 +178,20 @@ impl Default for ConfirmerConfig {
     }
 }
 
+impl ChunkWatcherConfig {
+    /// Checks the keys that would make the watcher spin or close chunks without watching them;
+    /// `Err` names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval_ms == 0 {
+            return Err("[chunk_watcher] interval_ms must be > 0".into());
+        }
+        if self.quiet_period_ms == 0 {
+            return Err("[chunk_watcher] quiet_period_ms must be > 0: a chunk is closed only after it has had no writes for that long (the default is 300000, 5 min)".into());
+        }
+        Ok(())
+    }
+}
+
 impl LakeConfig {
     /// Checks the keys the chosen backend needs; `Err` names the missing key.
     pub fn validate(&self) -> Result<(), String> {
@@ -211,5 +234,17 @@ mod tests {
         assert_eq!(LakeConfig::default().path, PathBuf::from("./lake"));
         let a: ArchiverConfig = toml::from_str("zstd_level = 5\n").unwrap();
         assert_eq!((a.zstd_level, a.workers), (5, 1));
+    }
+
+    #[test]
+    fn quiet_period_defaults_to_five_minutes_and_must_not_be_zero() {
+        let w: ChunkWatcherConfig = toml::from_str("interval_ms = 1000\n").unwrap();
+        assert_eq!(w.quiet_period_ms, 300_000);
+        assert!(w.validate().is_ok());
+        let w: ChunkWatcherConfig = toml::from_str("quiet_period_ms = 0\n").unwrap();
+        assert!(w.validate().unwrap_err().contains("quiet_period_ms"));
+        let w: ChunkWatcherConfig = toml::from_str("interval_ms = 0\n").unwrap();
+        assert!(w.validate().unwrap_err().contains("interval_ms"));
+        assert!(toml::from_str::<ChunkWatcherConfig>("quiet_period = 5\n").is_err());
     }
 }

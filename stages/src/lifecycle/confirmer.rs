@@ -315,8 +315,16 @@ impl Confirmer {
         })
     }
 
-    /// Drops a verified chunk, counting it again under its lock first.
+    /// Drops a verified chunk, counting it again under its lock first. Losing a lock race
+    /// (deadlock victim, `lock_timeout`) leaves the chunk `verified` and is retried.
     async fn drop_chunk(&self, row: &ChunkRow) -> Result<Option<Fields>, StageError> {
+        self.drop_chunk_once(row)
+            .await
+            .map_err(lock_conflict_is_transient)
+    }
+
+    /// One attempt of [`Confirmer::drop_chunk`], in one transaction.
+    async fn drop_chunk_once(&self, row: &ChunkRow) -> Result<Option<Fields>, StageError> {
         let table = &self.schema.table;
         let chunk = row.display_name();
         let pg = |what: &str| {
@@ -349,6 +357,22 @@ impl Confirmer {
             tx.commit().await.map_err(pg("COMMIT"))?;
             warn!(table = %table, chunk = %chunk, "verified chunk was already gone");
             return Ok(None);
+        }
+        // Locks in the writer's order, parent before chunk. A COPY into the table holds ROW
+        // EXCLUSIVE on the parent and then takes it on the chunk a row routes to; DETACH needs
+        // ACCESS EXCLUSIVE on the parent. Locking the chunk first would wait for the parent
+        // while holding the chunk, and a writer with late rows for the chunk would close the
+        // cycle (40P01). Taking the parent first (ONLY: not every partition) waits for the
+        // writers in flight, under lock_timeout, and holds new ones back until COMMIT.
+        // TimescaleDB's drop_chunks needs only ACCESS SHARE on the hypertable, which no writer
+        // conflicts with, so there the chunk is locked first as before.
+        if partitioning == Partitioning::Native {
+            tx.batch_execute(&format!(
+                "LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE",
+                ident(table)
+            ))
+            .await
+            .map_err(pg("locking its table"))?;
         }
         tx.batch_execute(&format!(
             "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
@@ -453,6 +477,24 @@ impl Confirmer {
     }
 }
 
+/// SQLSTATEs of a lost lock race: chosen as a deadlock victim (40P01), or `lock_timeout`
+/// reached while a writer held the table (55P03).
+const LOCK_CONFLICTS: [&str; 2] = ["40P01", "55P03"];
+
+/// A lost lock race while dropping is transient whatever its class says elsewhere: the chunk
+/// stays `verified` and the drop is retried with backoff, never counted against the chunk.
+fn lock_conflict_is_transient(mut e: StageError) -> StageError {
+    if e.sqlstate
+        .as_deref()
+        .is_some_and(|code| LOCK_CONFLICTS.contains(&code))
+    {
+        e.hint = RetryHint::Backoff;
+        e.message
+            .push_str(" (the chunk stays verified; the drop is retried)");
+    }
+    e
+}
+
 impl Stage for Confirmer {
     async fn process(&self, batch: &Batch) -> Result<Outcome, StageError> {
         let mut outcome = Outcome::default();
@@ -472,5 +514,27 @@ impl Stage for Confirmer {
             }
         }
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_lock_race_while_dropping_is_retried() {
+        for code in LOCK_CONFLICTS {
+            let mut e = StageError::dead_letter("dropping chunk c: DETACH and DROP");
+            e.sqlstate = Some(code.to_string());
+            let e = lock_conflict_is_transient(e);
+            assert_eq!(e.hint, RetryHint::Backoff, "{code}");
+            assert!(e.message.contains("retried"), "{}", e.message);
+        }
+        let mut other = StageError::dead_letter("dropping chunk c: bad");
+        other.sqlstate = Some("22P02".into());
+        assert_eq!(
+            lock_conflict_is_transient(other).hint,
+            RetryHint::DeadLetter
+        );
     }
 }

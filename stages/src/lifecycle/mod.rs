@@ -157,12 +157,12 @@ pub async fn spawn(
     let table = &ctx.schema.table;
     match kind {
         StageKind::ChunkWatcher => {
-            let watcher = watcher::Watcher {
-                schema: ctx.schema.clone(),
-                pg: ctx.pg.clone(),
-                redis: ctx.redis.clone(),
-                config: config.chunk_watcher.clone(),
-            };
+            let watcher = watcher::Watcher::new(
+                ctx.schema.clone(),
+                ctx.pg.clone(),
+                ctx.redis.clone(),
+                config.chunk_watcher.clone(),
+            );
             tasks.spawn(watcher.run(ctx.shutdown.clone()));
         }
         StageKind::Archiver => {

@@ -3,25 +3,62 @@
 //! Each scan:
 //! 1. native partitions only: creates the current chunk's partition and `premake_chunks` after
 //!    it, so the writer rarely has to;
-//! 2. if the schema has `archive_after`: records every closed chunk whose range ended more than
-//!    `archive_after` ago in `strata.chunks` with one `INSERT … SELECT … ON CONFLICT DO NOTHING
-//!    RETURNING`, and XADDs an archival event for each row it inserted. The unique key (table,
-//!    chunk, relation OID) makes exactly one of several concurrent watchers insert a chunk, so
-//!    each chunk is emitted once; a partition made again for late rows has a new OID, hence a new
-//!    row and a second archive;
-//! 3. re-emits the event of any chunk still not archived `reemit_after_ms` after its last
+//! 2. if the schema has `archive_after`: reads the write counter of every chunk whose range ended
+//!    more than `archive_after` ago and that is not recorded yet, and keeps those that are
+//!    *quiet* (below);
+//! 3. records the quiet ones in `strata.chunks` with one `INSERT … SELECT … ON CONFLICT DO
+//!    NOTHING RETURNING`, and XADDs an archival event for each row it inserted. The unique key
+//!    (table, chunk, relation OID) makes exactly one of several concurrent watchers insert a
+//!    chunk, so each chunk is emitted once; a partition made again for late rows has a new OID,
+//!    hence a new row and a second archive;
+//! 4. re-emits the event of any chunk still not archived `reemit_after_ms` after its last
 //!    emission (a watcher that died between COMMIT and XADD, a lost stream entry); the UPDATE
 //!    that moves `emitted_at` decides which watcher does it. The archiver ignores events of
 //!    chunks already done.
+//!
+//! # The quiet period
+//! A producer replaying last month's events writes into chunks long past `archive_after`.
+//! Closing such a chunk mid-backfill would archive and drop it while rows still arrive: the
+//! next rows create the partition again (a new incarnation, another file) and the drop contends
+//! with the writer. So a chunk is closed only once it has had no writes for
+//! `[chunk_watcher] quiet_period_ms`.
+//!
+//! Writes are read from PostgreSQL's cumulative statistics, `n_tup_ins + n_tup_upd + n_tup_del`
+//! of the chunk relation in `pg_stat_user_tables` (the native partition, or the TimescaleDB
+//! chunk table the hypertable routes rows to), which costs the hot path nothing. The watcher
+//! remembers, per chunk OID, the counter it last saw and when it first saw that value; a chunk
+//! is quiet once the value has not changed for the quiet period. The memory is per process:
+//! after a restart every chunk waits the full period again (conservative). An empty chunk that
+//! nobody touches is quiet after one period, like any other.
+//!
+//! Assumptions and limits:
+//! - `track_counts = on` (PostgreSQL's default). With it off the counters never move and every
+//!   chunk looks quiet: the behaviour without a quiet period.
+//! - The counters lag the writes. A transaction's counts are published after it ends, and a
+//!   backend flushes them at most once a second (`PGSTAT_MIN_INTERVAL`) when it goes idle; a
+//!   backend that goes idle within that second flushes [`STATS_IDLE_FLUSH_MS`] later, and one
+//!   whose flush meets lock contention keeps them pending up to 60 s (`PGSTAT_MAX_INTERVAL`).
+//!   The quiet period must be well above that (the default is 5 min; the watcher warns below
+//!   10 s). One transaction writing into an old chunk for longer than the quiet period is not
+//!   seen until it commits.
+//! - A write after the chunk was closed is still possible (the quiet period is an observation,
+//!   not a lock): the archiver copies what is committed, and the confirmer counts the chunk
+//!   again under its lock before dropping it, so late rows are archived again, never lost.
+//! - TimescaleDB: only the chunk table's own counters are read; rows a TimescaleDB version
+//!   writes straight into a compressed chunk's internal relation are not seen.
+//! - `pg_stat_reset()` or a crash recovery resets the counters: a change, so the clock restarts.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use strata_pipeline::lifecycle_config::ChunkWatcherConfig;
 use strata_pipeline::observe;
 use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams;
 use strata_pipeline::{RetryHint, StageError};
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -29,6 +66,11 @@ use crate::catalog::{self, ident, Partitioning, CHUNKS};
 
 use super::registry::{ChunkRow, ROW_COLUMNS};
 use super::COUNTERS;
+
+/// How long a PostgreSQL backend that has gone idle may keep its statistics pending before it
+/// flushes them (`PGSTAT_IDLE_INTERVAL`, PostgreSQL 15 and later): a quiet period shorter than
+/// this may take a chunk still being written for a quiet one.
+pub const STATS_IDLE_FLUSH_MS: u64 = 10_000;
 
 /// Watches the chunks of one table.
 pub struct Watcher {
@@ -38,8 +80,10 @@ pub struct Watcher {
     pub pg: deadpool_postgres::Pool,
     /// Where archival events go.
     pub redis: deadpool_redis::Pool,
-    /// Scan interval, partitions ahead, re-emission delay.
+    /// Scan interval, partitions ahead, re-emission delay, quiet period.
     pub config: ChunkWatcherConfig,
+    /// The write counters this watcher has seen, to tell a quiet chunk from one still written.
+    quiet: Mutex<QuietTracker>,
 }
 
 /// What one scan did.
@@ -49,14 +93,37 @@ pub struct Scan {
     pub recorded: usize,
     /// Events emitted again.
     pub reemitted: usize,
+    /// Chunks past `archive_after` not closed yet: written to (or first seen) less than
+    /// `quiet_period_ms` ago.
+    pub waiting: usize,
 }
 
 impl Watcher {
+    /// A watcher that has seen no chunk yet: each closed chunk must be observed quiet for the
+    /// full `quiet_period_ms` before it is recorded.
+    pub fn new(
+        schema: SchemaRef,
+        pg: deadpool_postgres::Pool,
+        redis: deadpool_redis::Pool,
+        config: ChunkWatcherConfig,
+    ) -> Self {
+        Self {
+            schema,
+            pg,
+            redis,
+            config,
+            quiet: Mutex::new(QuietTracker::default()),
+        }
+    }
+
     /// Scans every `interval_ms` until `shutdown`; transient faults are logged and retried at the
     /// next scan, a missing migration stops the process.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StageError> {
         let table = self.schema.table.clone();
-        info!(table = %table, interval_ms = self.config.interval_ms, "chunk-watcher started");
+        info!(table = %table, interval_ms = self.config.interval_ms, quiet_period_ms = self.config.quiet_period_ms, "chunk-watcher started");
+        if self.config.quiet_period_ms < STATS_IDLE_FLUSH_MS {
+            warn!(table = %table, quiet_period_ms = self.config.quiet_period_ms, "[chunk_watcher] quiet_period_ms is below PostgreSQL's statistics delay ({STATS_IDLE_FLUSH_MS} ms for a writer that goes idle): a chunk still being written may look quiet");
+        }
         let mut tick =
             tokio::time::interval(Duration::from_millis(self.config.interval_ms.max(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -66,8 +133,8 @@ impl Watcher {
                 _ = shutdown.cancelled() => break,
             }
             match self.scan().await {
-                Ok(scan) if scan != Scan::default() => {
-                    info!(table = %table, recorded = scan.recorded, reemitted = scan.reemitted, "chunk-watcher emitted archival events")
+                Ok(scan) if scan.recorded > 0 || scan.reemitted > 0 => {
+                    info!(table = %table, recorded = scan.recorded, reemitted = scan.reemitted, waiting = scan.waiting, "chunk-watcher emitted archival events")
                 }
                 Ok(_) => debug!(table = %table, "chunk-watcher: nothing to do"),
                 Err(e) if e.hint == RetryHint::Fatal => return Err(e),
@@ -83,6 +150,7 @@ impl Watcher {
     /// One scan.
     pub async fn scan(&self) -> Result<Scan, StageError> {
         let table = &self.schema.table;
+        let regclass = ident(table);
         let mut client = self.pg.get().await?;
         let partitioning = catalog::partitioning(&client, table).await?;
         if partitioning == Partitioning::Native {
@@ -108,43 +176,51 @@ impl Watcher {
             return Ok(Scan::default());
         };
         let pg = |what: &'static str| move |e| StageError::from_postgres(what, e);
-        let new_rows = match partitioning {
-            Partitioning::Native => client
+        let closed = closed_chunks_sql(partitioning);
+        let mut params: Vec<&(dyn ToSql + Sync)> = match partitioning {
+            Partitioning::Native => vec![table, &regclass, &after_us],
+            Partitioning::Hypertable => vec![table, &after_us],
+        };
+        let counters: Vec<(u32, i64)> = client
+            .query(
+                &format!("SELECT chunk_oid, writes FROM ({closed}) q"),
+                &params,
+            )
+            .await
+            .map_err(pg("reading the write counters of closed chunks"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let quiet_period = Duration::from_millis(self.config.quiet_period_ms);
+        let quiet = self.quiet.lock().expect("quiet tracker poisoned").observe(
+            Instant::now(),
+            &counters,
+            quiet_period,
+        );
+        let waiting = counters.len() - quiet.len();
+        if waiting > 0 {
+            debug!(table = %table, waiting, quiet_period_ms = self.config.quiet_period_ms, "chunks past archive_after wait for their quiet period");
+        }
+        let new_rows = if quiet.is_empty() {
+            Vec::new()
+        } else {
+            let oids_param = format!("${}", params.len() + 1);
+            params.push(&quiet);
+            client
                 .query(
                     &format!(
                         "INSERT INTO {CHUNKS} (table_name, chunk_schema, chunk, chunk_oid, range_start, range_end, event_id)
-                         SELECT $1, n.nspname, c.relname, c.oid, b[1]::timestamptz, b[2]::timestamptz, gen_random_uuid()::text
-                         FROM pg_inherits i
-                         JOIN pg_class c ON c.oid = i.inhrelid
-                         JOIN pg_namespace n ON n.oid = c.relnamespace
-                         CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)') AS b
-                         WHERE i.inhparent = $2::text::regclass
-                           AND b[2]::timestamptz <= now() - $3::bigint * interval '1 microsecond'
-                         ORDER BY 5
+                         SELECT $1::text, q.chunk_schema, q.chunk, q.chunk_oid, q.range_start, q.range_end, gen_random_uuid()::text
+                         FROM ({closed}) q
+                         WHERE q.chunk_oid = ANY({oids_param}::oid[])
+                         ORDER BY q.range_start
                          ON CONFLICT DO NOTHING
                          RETURNING {ROW_COLUMNS}"
                     ),
-                    &[table, &ident(table), &after_us],
+                    &params,
                 )
                 .await
-                .map_err(pg("recording closed partitions"))?,
-            Partitioning::Hypertable => client
-                .query(
-                    &format!(
-                        "INSERT INTO {CHUNKS} (table_name, chunk_schema, chunk, chunk_oid, range_start, range_end, event_id)
-                         SELECT $1::text, ch.chunk_schema, ch.chunk_name, format('%I.%I', ch.chunk_schema, ch.chunk_name)::regclass::oid,
-                                ch.range_start, ch.range_end, gen_random_uuid()::text
-                         FROM timescaledb_information.chunks ch
-                         WHERE ch.hypertable_schema = current_schema() AND ch.hypertable_name::text = $1::text
-                           AND ch.range_end <= now() - $2::bigint * interval '1 microsecond'
-                         ORDER BY ch.range_start
-                         ON CONFLICT DO NOTHING
-                         RETURNING {ROW_COLUMNS}"
-                    ),
-                    &[table, &after_us],
-                )
-                .await
-                .map_err(pg("recording closed TimescaleDB chunks"))?,
+                .map_err(pg("recording closed chunks"))?
         };
         let reemit_us = (self.config.reemit_after_ms as i64).saturating_mul(1000);
         let stale = client
@@ -195,6 +271,7 @@ impl Watcher {
         let scan = Scan {
             recorded: new_rows.len(),
             reemitted: stale.len(),
+            waiting,
         };
         if new_rows.is_empty() && stale.is_empty() {
             return Ok(scan);
@@ -227,5 +304,101 @@ impl Watcher {
             info!(table = %table, chunk = %row.display_name(), range_end = %super::events::rfc3339_us(row.range_end_us), "chunk closed; archival event emitted");
         }
         Ok(scan)
+    }
+}
+
+/// The chunks of the table whose range ended more than `archive_after` ago and that are not
+/// recorded in `strata.chunks` yet, with their write counters: columns `chunk_schema`, `chunk`,
+/// `chunk_oid`, `range_start`, `range_end`, `writes`. Parameters: native `$1` table, `$2` the
+/// table as a regclass literal, `$3` `archive_after` in µs; TimescaleDB `$1` table, `$2`
+/// `archive_after` in µs.
+fn closed_chunks_sql(partitioning: Partitioning) -> String {
+    let writes = "coalesce(s.n_tup_ins + s.n_tup_upd + s.n_tup_del, 0)::bigint";
+    match partitioning {
+        Partitioning::Native => format!(
+            "SELECT n.nspname::text AS chunk_schema, c.relname::text AS chunk, c.oid AS chunk_oid,
+                    b[1]::timestamptz AS range_start, b[2]::timestamptz AS range_end, {writes} AS writes
+             FROM pg_inherits i
+             JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)') AS b
+             LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+             WHERE i.inhparent = $2::text::regclass
+               AND b[2]::timestamptz <= now() - $3::bigint * interval '1 microsecond'
+               AND NOT EXISTS (SELECT 1 FROM {CHUNKS} k WHERE k.table_name = $1::text AND k.chunk_schema = n.nspname::text AND k.chunk = c.relname::text AND k.chunk_oid = c.oid)"
+        ),
+        Partitioning::Hypertable => format!(
+            "SELECT ch.chunk_schema::text AS chunk_schema, ch.chunk_name::text AS chunk, r.oid AS chunk_oid,
+                    ch.range_start AS range_start, ch.range_end AS range_end, {writes} AS writes
+             FROM timescaledb_information.chunks ch
+             CROSS JOIN LATERAL (SELECT format('%I.%I', ch.chunk_schema, ch.chunk_name)::regclass::oid AS oid) r
+             LEFT JOIN pg_stat_user_tables s ON s.relid = r.oid
+             WHERE ch.hypertable_schema = current_schema() AND ch.hypertable_name::text = $1::text
+               AND ch.range_end <= now() - $2::bigint * interval '1 microsecond'
+               AND NOT EXISTS (SELECT 1 FROM {CHUNKS} k WHERE k.table_name = $1::text AND k.chunk_schema = ch.chunk_schema::text AND k.chunk = ch.chunk_name::text AND k.chunk_oid = r.oid)"
+        ),
+    }
+}
+
+/// What this watcher saw of one chunk's write counter.
+#[derive(Debug, Clone, Copy)]
+struct Observation {
+    /// `n_tup_ins + n_tup_upd + n_tup_del` at the last scan.
+    writes: i64,
+    /// When this watcher first saw that value: the chunk is quiet a quiet period later.
+    since: Instant,
+}
+
+/// The write counters of the chunks waiting to be closed, per relation OID (a chunk made again
+/// for late rows has a new OID, so it starts over).
+#[derive(Debug, Default)]
+struct QuietTracker {
+    /// Chunks seen at the last scan.
+    seen: HashMap<u32, Observation>,
+}
+
+impl QuietTracker {
+    /// Takes one scan's `(oid, writes)` counters at `now` and returns the OIDs whose counter
+    /// has not changed for `period`. Chunks missing from `counters` (recorded, or gone) are
+    /// forgotten, so the map holds only the chunks still waiting.
+    fn observe(&mut self, now: Instant, counters: &[(u32, i64)], period: Duration) -> Vec<u32> {
+        let mut next = HashMap::with_capacity(counters.len());
+        let mut quiet = Vec::new();
+        for &(oid, writes) in counters {
+            let seen = match self.seen.get(&oid) {
+                Some(o) if o.writes == writes => *o,
+                _ => Observation { writes, since: now },
+            };
+            if now.saturating_duration_since(seen.since) >= period {
+                quiet.push(oid);
+            }
+            next.insert(oid, seen);
+        }
+        self.seen = next;
+        quiet
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_is_quiet_only_after_its_counter_stood_still_for_the_period() {
+        let period = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut q = QuietTracker::default();
+        // First sight: never quiet at once, even untouched (a restarted watcher waits again).
+        assert!(q.observe(at(0), &[(1, 0), (2, 10)], period).is_empty());
+        // Chunk 2 keeps being written (a backfill): its clock restarts at every change.
+        assert!(q.observe(at(3), &[(1, 0), (2, 20)], period).is_empty());
+        assert_eq!(q.observe(at(5), &[(1, 0), (2, 30)], period), [1]);
+        assert!(q.observe(at(9), &[(2, 30)], period).is_empty());
+        assert_eq!(q.observe(at(10), &[(2, 30)], period), [2]);
+        // Chunk 1 was recorded (no longer listed) and forgotten; a new incarnation starts over.
+        assert!(!q.seen.contains_key(&1));
+        assert!(q.observe(at(11), &[(3, 0)], period).is_empty());
+        assert_eq!(q.observe(at(16), &[(3, 0)], period), [3]);
     }
 }
