@@ -2,6 +2,7 @@
 //! rows of a batch as one frame to `rows:{T}`; each invalid entry is dead-lettered on its own.
 
 use strata_pipeline::frame::{FrameBuilder, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
+use strata_pipeline::pg_limits::{self, BTREE_MAX_INDEX_ROW};
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef, UnknownFields, MSGPACK_FIELD, TRACEPARENT_FIELD};
 use strata_pipeline::streams::Entry;
@@ -210,15 +211,15 @@ impl Ingest {
     }
 
     /// Fills absent columns: the time from the entry ID, NULL for nullable ones; a missing or
-    /// empty required field is an error.
+    /// empty required field is an error. Then checks the row's index entries.
     fn complete(&self, entry: &Entry, cells: Vec<Option<Cell>>) -> Result<Vec<Cell>, String> {
-        cells
+        let row = cells
             .into_iter()
             .enumerate()
             .map(|(i, cell)| {
                 let column = &self.schema.columns[i];
                 match cell {
-                    None if i == self.schema.time_index => Ok(Cell::Time(entry.ms() as i64 * 1000)),
+                    None if i == self.schema.time_index => self.entry_time(entry),
                     None | Some(Cell::Null) if column.required => {
                         Err(format!("missing required field `{}`", column.name))
                     }
@@ -226,7 +227,53 @@ impl Ingest {
                     Some(c) => Ok(c),
                 }
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        self.check_index_entries(&row)?;
+        Ok(row)
+    }
+
+    /// The time of an event without a time field: its entry ID's milliseconds, which a
+    /// producer choosing the ID (`XADD … 18446744073709551615-0 …`) can put out of range.
+    fn entry_time(&self, entry: &Entry) -> Result<Cell, String> {
+        let ms = entry.ms();
+        i64::try_from(ms)
+            .ok()
+            .and_then(|ms| ms.checked_mul(1_000))
+            .filter(|us| pg_limits::time_in_range(*us))
+            .map(Cell::Time)
+            .ok_or_else(|| {
+                let time = &self.schema.columns[self.schema.time_index].name;
+                format!(
+                    "no field `{time}`, and {}",
+                    pg_limits::time_out_of_range(format_args!("the entry ID's time {ms} ms"))
+                )
+            })
+    }
+
+    /// Refuses a row whose values would make a B-tree entry larger than PostgreSQL allows
+    /// (SQLSTATE 54000), by [`pg_limits::index_entry_estimate`]; the message names the largest
+    /// variable-length field of the index.
+    fn check_index_entries(&self, row: &[Cell]) -> Result<(), String> {
+        for (index, positions) in self.schema.indexes.iter().zip(&self.schema.index_columns) {
+            let size = pg_limits::index_entry_estimate(positions.iter().map(|&p| &row[p]));
+            if size <= BTREE_MAX_INDEX_ROW {
+                continue;
+            }
+            let largest = positions
+                .iter()
+                .copied()
+                .max_by_key(|&p| pg_limits::index_cell_estimate(&row[p]))
+                .unwrap_or(self.schema.time_index);
+            return Err(format!(
+                "field `{}`: too large for index ({}): its entry would take about {size} bytes, \
+                 more than PostgreSQL's B-tree maximum of {BTREE_MAX_INDEX_ROW} (text counts \
+                 its length, jsonb {}× its length)",
+                self.schema.columns[largest].name,
+                index.columns.join(", "),
+                pg_limits::JSONB_INDEX_FACTOR,
+            ));
+        }
+        Ok(())
     }
 }
 
