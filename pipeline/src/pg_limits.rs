@@ -133,24 +133,22 @@ pub fn check_json(json: &[u8]) -> Result<(), JsonLimit> {
 }
 
 /// Skips a string whose opening quote is before `i`; returns the offset after its closing quote.
+/// A plain loop: telemetry strings are short, where it beats `memchr2`'s setup.
 fn scan_string(json: &[u8], mut i: usize) -> Result<usize, JsonLimit> {
-    loop {
-        let Some(off) = json
-            .get(i..)
-            .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
-        else {
-            return Ok(json.len());
-        };
-        i += off;
-        if json[i] == b'"' {
-            return Ok(i + 1);
+    while let Some(&b) = json.get(i) {
+        match b {
+            b'"' => return Ok(i + 1),
+            b'\\' => {
+                i = match json.get(i + 1) {
+                    Some(b'u') => scan_unicode_escape(json, i)?,
+                    Some(_) => i + 2,
+                    None => return Ok(json.len()),
+                }
+            }
+            _ => i += 1,
         }
-        i = match json.get(i + 1) {
-            Some(b'u') => scan_unicode_escape(json, i)?,
-            Some(_) => i + 2,
-            None => return Ok(json.len()),
-        };
     }
+    Ok(json.len())
 }
 
 /// Checks the `\uXXXX` escape at `at` (and the low surrogate a high one needs); returns the
