@@ -152,7 +152,8 @@ impl Frame {
             return Err(FrameError::Version(version));
         }
         let ncols = read_array_len(&mut r)?;
-        let mut names = Vec::with_capacity(ncols);
+        // Each name takes at least a byte: a lying length cannot reserve more than that.
+        let mut names = Vec::with_capacity(ncols.min(r.len()));
         for _ in 0..ncols {
             match read_value(&mut r)? {
                 CellRef::Str(s) => names.push(s.to_string()),
@@ -163,7 +164,7 @@ impl Frame {
         if codes.len() != ncols {
             return Err(FrameError::Malformed("type codes do not match the columns"));
         }
-        let mut columns = Vec::with_capacity(ncols);
+        let mut columns = Vec::with_capacity(names.len());
         for (name, code) in names.into_iter().zip(codes) {
             let ty =
                 ColumnType::from_code(*code).ok_or(FrameError::Malformed("unknown type code"))?;
@@ -190,7 +191,8 @@ impl Frame {
 
     /// Every row as owned cells (for `inspect` and dead letters; not the hot path).
     pub fn to_cells(&self) -> Result<Vec<Vec<Cell>>, FrameError> {
-        let mut out = Vec::with_capacity(self.rows);
+        // Each row takes at least a byte: a lying count cannot reserve more than that.
+        let mut out = Vec::with_capacity(self.rows.min(self.data.len() - self.rows_at));
         let mut it = self.rows();
         let mut row = Vec::new();
         while it.next_row(&mut row)? {
@@ -379,5 +381,111 @@ type = "jsonb"
         let v = rmpv::decode::read_value(&mut &raw[..]).unwrap();
         assert_eq!(v[3].as_array().unwrap().len(), 2);
         assert!(Frame::decode(&bytes[..bytes.len() / 2], 1 << 20).is_err());
+    }
+
+    fn sample_frame() -> Vec<u8> {
+        let schema = Schema::from_toml(
+            "t.toml",
+            r#"
+table = "t"
+time_column = "time"
+[[columns]]
+name = "time"
+type = "timestamptz"
+[[columns]]
+name = "d"
+type = "text"
+[[columns]]
+name = "f"
+type = "jsonb"
+[[columns]]
+name = "c"
+type = "float8"
+"#,
+        )
+        .unwrap();
+        let mut b = FrameBuilder::new(&schema);
+        for i in 0..5 {
+            b.push_row(&[
+                Cell::Time(i),
+                Cell::Text(format!("row {i}")),
+                Cell::Json("{\"a\":[1,2]}".into()),
+                Cell::Float8(i as f64 / 3.0),
+            ]);
+        }
+        zstd::bulk::decompress(&b.finish(1), 1 << 20).unwrap()
+    }
+
+    /// Decodes and reads every row, as batch-writer and `inspect` do.
+    fn decode_all(compressed: &[u8]) -> Result<usize, FrameError> {
+        let frame = Frame::decode(compressed, 1 << 20)?;
+        let mut it = frame.rows();
+        let mut row = Vec::new();
+        let mut n = 0;
+        while it.next_row(&mut row)? {
+            n += 1;
+        }
+        frame.to_cells()?;
+        Ok(n)
+    }
+
+    /// Random bytes, and valid frames mutated and truncated before compression: decoding
+    /// never panics, and never allocates more than the input justifies.
+    #[test]
+    fn decode_survives_arbitrary_frames() {
+        use rand::{Rng, SeedableRng};
+        let good = sample_frame();
+        assert_eq!(
+            decode_all(&zstd::bulk::compress(&good, 1).unwrap()).unwrap(),
+            5
+        );
+        let mut decoded = 0;
+        for seed in 0..3000u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let bytes: Vec<u8> = if seed % 4 == 0 {
+                (0..rng.random_range(0..200))
+                    .map(|_| rng.random())
+                    .collect()
+            } else {
+                let mut m = good.clone();
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..m.len());
+                    match rng.random_range(0..4) {
+                        0 => m[at] = rng.random(),
+                        1 => m.truncate(at.max(1)),
+                        2 => m[at] = [0xdd, 0xdb, 0xc6, 0xcf, 0xff][rng.random_range(0..5)],
+                        _ => m.insert(at, 0xff),
+                    }
+                }
+                zstd::bulk::compress(&m, 1).unwrap()
+            };
+            decoded += usize::from(decode_all(&bytes).is_ok());
+        }
+        assert!(decoded > 0, "no mutated frame decoded");
+    }
+
+    #[test]
+    fn lying_lengths_do_not_preallocate() {
+        // 2^32 − 1 columns, and 2^32 − 1 rows of nothing.
+        for raw in [
+            &b"\x94\x01\xdd\xff\xff\xff\xff"[..],
+            b"\x94\x01\x90\xc4\x00\xdd\xff\xff\xff\xff",
+        ] {
+            let frame = zstd::bulk::compress(raw, 1).unwrap();
+            assert!(matches!(
+                decode_all(&frame),
+                Err(FrameError::Malformed("truncated"))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_zstd_bomb_is_bounded_by_max_bytes() {
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+        assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+        assert!(matches!(
+            Frame::decode(&bomb, 1 << 20),
+            Err(FrameError::Zstd(_))
+        ));
     }
 }

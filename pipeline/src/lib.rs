@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: `config.toml` and its environment overrides ([`lifecycle_config`]: the lifecycle sections).
 //! - [`schema`]: table schemas from `schemas/*.toml`, and typed cells parsed from events.
+//! - [`pg_limits`]: what PostgreSQL refuses for its data (NUL, jsonb, time range, index size).
 //! - [`frame`]: the MessagePack + zstd frames ingest writes to `rows:{T}`.
 //! - [`streams`]: every Redis Streams call: keys, groups, reads, claims, the atomic commit step.
 //! - [`resp`]: the read path's own connection and zero-copy entry fields.
@@ -24,6 +25,7 @@ pub mod frame;
 pub mod latency;
 pub mod lifecycle_config;
 pub mod observe;
+pub mod pg_limits;
 pub mod resp;
 pub mod runner;
 pub mod schema;

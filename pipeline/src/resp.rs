@@ -238,7 +238,9 @@ impl Scanner {
                     };
                     let mut next = self.pos + at;
                     if kind == b'*' && n > 0 {
-                        self.left += n as usize;
+                        // Nested lying counts must not overflow (a panic in debug builds, a
+                        // wrong reply end in release); saturated, the scan just waits.
+                        self.left = self.left.saturating_add(n as usize);
                     } else if kind == b'$' && n >= 0 {
                         next += n as usize + 2;
                         if buf.len() < next {
@@ -249,7 +251,8 @@ impl Scanner {
                 }
                 Some(b'+' | b'-' | b':') => match line(rest) {
                     None => return Ok(None),
-                    Some((header, _)) => self.pos + header.len() + 2,
+                    // Past the LF, even a bare one (`header.len() + 2` would overshoot it).
+                    Some((_, after)) => self.pos + (rest.len() - after.len()),
                 },
                 Some(_) => return Err(RespError::Protocol("unknown reply type")),
             };
@@ -299,7 +302,8 @@ impl Reader {
     /// `[[id, [name, value, …] | nil], …]`: entries, and IDs deleted while pending.
     fn entries(&mut self, deliveries: u64) -> Result<(Vec<Entry>, Vec<String>), RespError> {
         let n = self.array()?.unwrap_or(0);
-        let mut entries = Vec::with_capacity(n);
+        // Each entry takes bytes of the reply: a lying count cannot reserve more than that.
+        let mut entries = Vec::with_capacity(n.min(self.buf.len() - self.pos));
         let mut deleted = Vec::new();
         for _ in 0..n {
             if self.array()? != Some(2) {
@@ -549,5 +553,96 @@ mod tests {
             "{e:?}"
         );
         assert!(Scanner::default().scan(b"?what\r\n").is_err());
+    }
+
+    /// Scans `buf` as one read would (in `cuts` pieces), then parses what the scanner says is
+    /// a whole reply: what `ReadConnection` does with bytes from the socket.
+    fn scan_and_parse(buf: &[u8], cuts: &[usize]) -> Result<Option<usize>, RespError> {
+        let mut s = Scanner::default();
+        for &cut in cuts.iter().filter(|&&c| c < buf.len()) {
+            if let Some(len) = s.scan(&buf[..cut])? {
+                return parse_prefix(buf, len);
+            }
+        }
+        match s.scan(buf)? {
+            Some(len) => parse_prefix(buf, len),
+            None => Ok(None),
+        }
+    }
+
+    fn parse_prefix(buf: &[u8], len: usize) -> Result<Option<usize>, RespError> {
+        assert!(len <= buf.len());
+        let mut r = Reader {
+            buf: Bytes::copy_from_slice(&buf[..len]),
+            pos: 0,
+        };
+        let (entries, _) = r.entries(1)?;
+        for e in &entries {
+            assert!(e.fields.iter_bytes().count() == e.fields.len());
+        }
+        Ok(Some(entries.len()))
+    }
+
+    /// Random, mutated and truncated replies: no panic, no allocation beyond the reply.
+    #[test]
+    fn reader_survives_arbitrary_replies() {
+        use rand::{Rng, SeedableRng};
+        let good: &[u8] = b"*2\r\n*2\r\n$3\r\n1-0\r\n*4\r\n$1\r\na\r\n$4\r\nx\r\ny\r\n$1\r\nb\r\n$0\r\n\r\n*2\r\n$3\r\n2-0\r\n*-1\r\n";
+        assert_eq!(scan_and_parse(good, &[]).unwrap(), Some(1));
+        const BYTES: &[u8] = b"*$+-:0123456789\r\n";
+        let mut parsed = 0;
+        for seed in 0..5000u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut m = good.to_vec();
+            if seed % 5 == 0 {
+                m = (0..rng.random_range(0..100))
+                    .map(|_| BYTES[rng.random_range(0..BYTES.len())])
+                    .collect();
+            }
+            for _ in 0..rng.random_range(0..4) {
+                if m.is_empty() {
+                    break;
+                }
+                let at = rng.random_range(0..m.len());
+                match rng.random_range(0..3) {
+                    0 => m[at] = BYTES[rng.random_range(0..BYTES.len())],
+                    1 => m.truncate(at),
+                    _ => m.insert(at, rng.random()),
+                }
+            }
+            // A connection's buffer only grows between scans.
+            let mut cuts: Vec<usize> = (0..3).map(|_| rng.random_range(0..=m.len())).collect();
+            cuts.sort_unstable();
+            parsed += usize::from(matches!(scan_and_parse(&m, &cuts), Ok(Some(_))));
+        }
+        assert!(parsed > 0, "no mutated reply parsed");
+    }
+
+    #[test]
+    fn huge_counts_wait_for_data_instead_of_reserving_it() {
+        for header in [
+            &b"*2147483647\r\n"[..],
+            b"$999999999999999999\r\n",
+            b"*1\r\n$2147483647\r\nab",
+        ] {
+            assert_eq!(Scanner::default().scan(header).unwrap(), None);
+        }
+        // Counts that would overflow the elements still to scan.
+        let nested = b"*999999999999999999\r\n".repeat(30);
+        assert_eq!(Scanner::default().scan(&nested).unwrap(), None);
+        let mut r = Reader {
+            buf: Bytes::from_static(b"*2147483647\r\n"),
+            pos: 0,
+        };
+        assert!(r.entries(1).is_err());
+    }
+
+    #[test]
+    fn a_bare_lf_ends_a_line_where_it_is() {
+        assert_eq!(Scanner::default().scan(b"+OK\n").unwrap(), Some(4));
+        assert_eq!(
+            Scanner::default().scan(b"*2\r\n:1\n:2\r\n").unwrap(),
+            Some(11)
+        );
     }
 }

@@ -20,10 +20,11 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Timelike, Utc};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+use crate::pg_limits;
 
 /// Field names with a meaning of their own in producer events; no column may use them.
 pub const MSGPACK_FIELD: &str = "msgpack";
@@ -187,6 +188,9 @@ pub struct Schema {
     pub unknown_fields: UnknownFields,
     /// Secondary indexes created by `migrate`.
     pub indexes: Vec<Index>,
+    /// For each of `indexes`, the positions of its columns in `columns` (for the index entry
+    /// size check on every row).
+    pub index_columns: Vec<Vec<usize>>,
     /// What happens to chunks as they age.
     pub policy: LifecyclePolicy,
 }
@@ -313,6 +317,17 @@ impl Schema {
                 "drop_after_archive = true needs archive_after".into(),
             ));
         }
+        let index_columns = file
+            .indexes
+            .iter()
+            .map(|index| {
+                index
+                    .columns
+                    .iter()
+                    .filter_map(|name| file.columns.iter().position(|c| &c.name == name))
+                    .collect()
+            })
+            .collect();
         let mut columns = file.columns;
         // The time column is never NULL: a missing time takes the entry ID's milliseconds.
         columns[time_index].required = true;
@@ -325,6 +340,7 @@ impl Schema {
             chunk_interval: file.chunk_interval,
             unknown_fields: file.unknown_fields,
             indexes: file.indexes,
+            index_columns,
             policy,
         })
     }
@@ -345,11 +361,11 @@ impl Schema {
         }
         let t = text.trim();
         Ok(match column.ty {
-            ColumnType::Text => Cell::Text(text.to_string()),
-            ColumnType::Float8 => Cell::Float8(
-                t.parse::<f64>()
-                    .map_err(|_| format!("not a number: {}", quote(text)))?,
-            ),
+            ColumnType::Text => {
+                pg_limits::check_text(raw)?;
+                Cell::Text(text.to_string())
+            }
+            ColumnType::Float8 => Cell::Float8(parse_float8(t)?),
             ColumnType::Int8 => Cell::Int8(
                 t.parse::<i64>()
                     .map_err(|_| format!("not a 64-bit integer: {}", quote(text)))?,
@@ -364,8 +380,7 @@ impl Schema {
                 _ => return Err(format!("not a boolean: {}", quote(text))),
             }),
             ColumnType::Jsonb => {
-                serde_json::from_str::<serde::de::IgnoredAny>(t)
-                    .map_err(|e| format!("invalid JSON ({e})"))?;
+                check_json_text(t)?;
                 Cell::Json(t.to_string())
             }
             ColumnType::Timestamptz => Cell::Time(self.parse_time_text(t)?),
@@ -376,22 +391,38 @@ impl Schema {
         if let Ok(n) = t.parse::<i64>() {
             return self.epoch_to_micros(n);
         }
-        DateTime::parse_from_rfc3339(t)
-            .map(|d| d.timestamp_micros())
-            .map_err(|_| {
-                format!(
-                    "not RFC 3339 or an integer epoch in {}: {}",
-                    self.time_unit.name(),
-                    quote(t)
-                )
-            })
+        let time = DateTime::parse_from_rfc3339(t).map_err(|_| {
+            format!(
+                "not RFC 3339 or an integer epoch in {}: {}",
+                self.time_unit.name(),
+                quote(t)
+            )
+        })?;
+        // chrono reads `:60` as a nanosecond count of 1e9 or more; PostgreSQL takes `:60` as the
+        // next second but refuses a fraction on it.
+        if time.nanosecond() > LEAP_SECOND_NANOS {
+            return Err(format!(
+                "time {}: a leap second (:60) cannot have a fraction",
+                quote(t)
+            ));
+        }
+        let us = time.timestamp_micros();
+        if !pg_limits::time_in_range(us) {
+            return Err(pg_limits::time_out_of_range(format_args!(
+                "time {}",
+                quote(t)
+            )));
+        }
+        Ok(us)
     }
 
     fn epoch_to_micros(&self, n: i64) -> Result<i64, String> {
         self.time_unit
             .to_micros(n)
-            .filter(|us| Utc.timestamp_micros(*us).single().is_some())
-            .ok_or_else(|| format!("epoch {n} {} is out of range", self.time_unit.name()))
+            .filter(|us| pg_limits::time_in_range(*us))
+            .ok_or_else(|| {
+                pg_limits::time_out_of_range(format_args!("epoch {n} {}", self.time_unit.name()))
+            })
     }
 
     /// Converts one MessagePack value for column `col`.
@@ -404,7 +435,11 @@ impl Schema {
         let wrong = |what: &str| format!("expected {what}, got {}", short(v));
         Ok(match column.ty {
             ColumnType::Text => match v {
-                V::String(s) => Cell::Text(s.as_str().ok_or("not valid UTF-8")?.to_string()),
+                V::String(s) => {
+                    let text = s.as_str().ok_or("not valid UTF-8")?;
+                    pg_limits::check_text(text.as_bytes())?;
+                    Cell::Text(text.to_string())
+                }
                 _ => return Err(wrong("a string")),
             },
             ColumnType::Float8 => match v {
@@ -433,7 +468,11 @@ impl Schema {
             },
             ColumnType::Jsonb => match v {
                 V::String(s) => return self.parse_text(col, s.as_bytes()),
-                other => Cell::Json(msgpack_to_json(other)?.to_string()),
+                other => {
+                    let json = msgpack_to_json(other)?.to_string();
+                    pg_limits::check_json(json.as_bytes()).map_err(|e| e.to_string())?;
+                    Cell::Json(json)
+                }
             },
             ColumnType::Timestamptz => match v {
                 V::Integer(i) => {
@@ -442,30 +481,103 @@ impl Schema {
                 V::String(s) => {
                     Cell::Time(self.parse_time_text(s.as_str().ok_or("not valid UTF-8")?.trim())?)
                 }
-                V::Ext(-1, data) => {
-                    Cell::Time(msgpack_timestamp(data).ok_or_else(|| wrong("a timestamp"))?)
-                }
+                V::Ext(MSGPACK_TIMESTAMP_EXT, data) => Cell::Time(msgpack_timestamp(data)?),
                 _ => return Err(wrong("a timestamp")),
             },
         })
     }
 }
 
-/// MessagePack's timestamp extension (type -1) in microseconds.
-fn msgpack_timestamp(data: &[u8]) -> Option<i64> {
+/// The MessagePack extension type of timestamps.
+const MSGPACK_TIMESTAMP_EXT: i8 = -1;
+
+/// Nanoseconds in a second: the exclusive bound of a timestamp's nanoseconds field.
+const NANOS_PER_SECOND: u32 = 1_000_000_000;
+
+/// chrono's nanosecond field of a whole leap second (`:60`): more means a fraction on it.
+const LEAP_SECOND_NANOS: u32 = NANOS_PER_SECOND;
+
+/// MessagePack's timestamp extension (type -1) in microseconds, within the accepted range.
+fn msgpack_timestamp(data: &[u8]) -> Result<i64, String> {
+    let (seconds, nanos) = msgpack_timestamp_parts(data).ok_or_else(|| {
+        format!(
+            "a timestamp extension has 4, 8 or 12 bytes, not {}",
+            data.len()
+        )
+    })?;
+    if nanos >= NANOS_PER_SECOND {
+        return Err(format!(
+            "timestamp extension: nanoseconds {nanos} must be less than {NANOS_PER_SECOND}"
+        ));
+    }
+    seconds
+        .checked_mul(1_000_000)
+        .and_then(|us| us.checked_add(i64::from(nanos / 1_000)))
+        .filter(|us| pg_limits::time_in_range(*us))
+        .ok_or_else(|| {
+            pg_limits::time_out_of_range(format_args!("timestamp extension {seconds} s {nanos} ns"))
+        })
+}
+
+/// Seconds and nanoseconds of the 4-, 8- and 12-byte timestamp forms.
+fn msgpack_timestamp_parts(data: &[u8]) -> Option<(i64, u32)> {
     match data.len() {
-        4 => Some(u32::from_be_bytes(data.try_into().ok()?) as i64 * 1_000_000),
+        4 => Some((u32::from_be_bytes(data.try_into().ok()?) as i64, 0)),
         8 => {
             let v = u64::from_be_bytes(data.try_into().ok()?);
-            Some((v & 0x3_ffff_ffff) as i64 * 1_000_000 + (v >> 34) as i64 / 1_000)
+            Some(((v & 0x3_ffff_ffff) as i64, (v >> 34) as u32))
         }
         12 => {
-            let ns = u32::from_be_bytes(data[..4].try_into().ok()?) as i64;
-            let s = i64::from_be_bytes(data[4..].try_into().ok()?);
-            s.checked_mul(1_000_000)?.checked_add(ns / 1_000)
+            let nanos = u32::from_be_bytes(data.get(..4)?.try_into().ok()?);
+            let seconds = i64::from_be_bytes(data.get(4..)?.try_into().ok()?);
+            Some((seconds, nanos))
         }
         _ => None,
     }
+}
+
+/// Parses float8 text as PostgreSQL would: a finite number that overflows to infinity or
+/// underflows to zero is refused (22003) rather than stored changed; `Infinity`, `inf`, `NaN`
+/// (any case, signed) are their values.
+fn parse_float8(t: &str) -> Result<f64, String> {
+    let f = t
+        .parse::<f64>()
+        .map_err(|_| format!("not a number: {}", quote(t)))?;
+    let word = t
+        .trim_start_matches(['+', '-'])
+        .starts_with(|c: char| c.is_ascii_alphabetic());
+    if word {
+        return Ok(f);
+    }
+    if f.is_infinite() {
+        return Err(format!(
+            "{} is out of range for float8 (largest magnitude {:e})",
+            quote(t),
+            f64::MAX
+        ));
+    }
+    let mantissa = t.split(['e', 'E']).next().unwrap_or_default();
+    if f == 0.0 && mantissa.bytes().any(|b| matches!(b, b'1'..=b'9')) {
+        return Err(format!(
+            "{} is out of range for float8 (smallest magnitude {:e})",
+            quote(t),
+            f64::from_bits(1)
+        ));
+    }
+    Ok(f)
+}
+
+/// Checks JSON text for a jsonb column: what PostgreSQL refuses first (bounded nesting also
+/// keeps serde_json's recursion shallow), then the syntax.
+fn check_json_text(t: &str) -> Result<(), String> {
+    pg_limits::check_json(t.as_bytes()).map_err(|e| e.to_string())?;
+    serde_json::from_str::<serde::de::IgnoredAny>(t).map_err(|e| format!("invalid JSON ({e})"))?;
+    Ok(())
+}
+
+/// The message for a float JSON cannot represent.
+fn non_finite_json(f: f64) -> String {
+    format!("float {f} cannot be stored in jsonb (JSON has no NaN or Infinity)")
 }
 
 fn msgpack_to_json(v: &rmpv::Value) -> Result<serde_json::Value, String> {
@@ -481,10 +593,10 @@ fn msgpack_to_json(v: &rmpv::Value) -> Result<serde_json::Value, String> {
         },
         V::F32(f) => serde_json::Number::from_f64(*f as f64)
             .map(J::Number)
-            .unwrap_or(J::Null),
+            .ok_or_else(|| non_finite_json(*f as f64))?,
         V::F64(f) => serde_json::Number::from_f64(*f)
             .map(J::Number)
-            .unwrap_or(J::Null),
+            .ok_or_else(|| non_finite_json(*f))?,
         V::String(s) => J::String(s.as_str().ok_or("not valid UTF-8")?.to_string()),
         V::Binary(_) | V::Ext(..) => return Err("binary values cannot be stored as JSON".into()),
         V::Array(items) => J::Array(
@@ -659,6 +771,257 @@ type = "jsonb"
             .unwrap_err()
             .starts_with("invalid JSON"));
         assert_eq!(s.parse_text(2, b"").unwrap(), Cell::Null);
+    }
+
+    /// time (unit as given), name text, tags jsonb, value float8, seen timestamptz.
+    fn hostile(unit: &str) -> Schema {
+        Schema::from_toml(
+            "h.toml",
+            &format!(
+                r#"
+table = "h"
+time_column = "time"
+time_unit = "{unit}"
+[[columns]]
+name = "time"
+type = "timestamptz"
+[[columns]]
+name = "name"
+type = "text"
+[[columns]]
+name = "tags"
+type = "jsonb"
+[[columns]]
+name = "value"
+type = "float8"
+[[columns]]
+name = "seen"
+type = "timestamptz"
+"#
+            ),
+        )
+        .unwrap()
+    }
+
+    const RANGE: &str =
+        "is outside the accepted range 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z";
+
+    #[test]
+    fn nul_in_text_is_refused_from_text_and_msgpack() {
+        let s = hostile("ms");
+        let nul = "NUL (0x00) at byte 1: PostgreSQL text cannot hold it";
+        assert_eq!(s.parse_text(1, b"a\0b").unwrap_err(), nul);
+        assert_eq!(s.parse_msgpack(1, &"a\0b".into()).unwrap_err(), nul);
+        assert_eq!(
+            s.parse_text(1, b"a\\0b").unwrap(),
+            Cell::Text("a\\0b".into())
+        );
+    }
+
+    #[test]
+    fn jsonb_limits_apply_to_text_and_msgpack() {
+        let s = hostile("ms");
+        assert_eq!(
+            s.parse_text(2, br#"{"a":"\u0000"}"#).unwrap_err(),
+            "JSON escape \\u0000 at byte 6: jsonb cannot hold NUL"
+        );
+        assert_eq!(
+            s.parse_msgpack(2, &r#"["\udc00"]"#.into()).unwrap_err(),
+            "JSON escape \\udc00 at byte 2 is an unpaired UTF-16 surrogate"
+        );
+        assert!(s
+            .parse_text(2, b"1e131072")
+            .unwrap_err()
+            .starts_with("JSON number at byte 0"));
+        assert_eq!(
+            s.parse_text(2, b" 1e131071 ").unwrap(),
+            Cell::Json("1e131071".into())
+        );
+        let deep = "[".repeat(129) + &"]".repeat(129);
+        assert_eq!(
+            s.parse_text(2, deep.as_bytes()).unwrap_err(),
+            "JSON nests deeper than 128 levels (at byte 128)"
+        );
+        // MessagePack: a string with NUL becomes the escape \u0000.
+        let map = rmpv::Value::Map(vec![("k".into(), "a\0".into())]);
+        assert_eq!(
+            s.parse_msgpack(2, &map).unwrap_err(),
+            "JSON escape \\u0000 at byte 7: jsonb cannot hold NUL"
+        );
+        let mut nested = rmpv::Value::from(1);
+        for _ in 0..128 {
+            nested = rmpv::Value::Array(vec![nested]);
+        }
+        assert!(
+            s.parse_msgpack(2, &nested).is_ok(),
+            "128 levels are accepted"
+        );
+        let err = s
+            .parse_msgpack(2, &rmpv::Value::Array(vec![nested]))
+            .unwrap_err();
+        assert_eq!(err, "JSON nests deeper than 128 levels (at byte 128)");
+        for (f, shown) in [
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "inf"),
+            (f64::NEG_INFINITY, "-inf"),
+        ] {
+            let v = rmpv::Value::Array(vec![f.into()]);
+            assert_eq!(
+                s.parse_msgpack(2, &v).unwrap_err(),
+                format!("float {shown} cannot be stored in jsonb (JSON has no NaN or Infinity)")
+            );
+        }
+        let v = rmpv::Value::Array(vec![rmpv::Value::F32(f32::NAN)]);
+        assert!(s.parse_msgpack(2, &v).unwrap_err().starts_with("float NaN"));
+        let v = rmpv::Value::Array(vec![f64::MAX.into(), 5e-324.into()]);
+        assert_eq!(
+            s.parse_msgpack(2, &v).unwrap(),
+            Cell::Json("[1.7976931348623157e+308,5e-324]".into())
+        );
+    }
+
+    #[test]
+    fn epochs_in_every_unit_stay_in_range() {
+        // (unit, the first and last accepted epoch, the first refused ones); nanoseconds in
+        // an i64 only span 1677..2262, so every i64 is in range.
+        let cases: [(&str, i64, i64, &[i64]); 4] = [
+            (
+                "s",
+                -62_135_596_800,
+                253_402_300_799,
+                &[-62_135_596_801, 253_402_300_800, i64::MAX, i64::MIN],
+            ),
+            (
+                "ms",
+                -62_135_596_800_000,
+                253_402_300_799_999,
+                &[-62_135_596_800_001, 253_402_300_800_000, i64::MAX],
+            ),
+            (
+                "us",
+                -62_135_596_800_000_000,
+                253_402_300_799_999_999,
+                &[-62_135_596_800_000_001, 253_402_300_800_000_000, i64::MIN],
+            ),
+            ("ns", i64::MIN, i64::MAX, &[]),
+        ];
+        for (unit, min, max, refused) in cases {
+            let s = hostile(unit);
+            for col in [0, 4] {
+                for ok in [min, max] {
+                    assert!(
+                        s.parse_text(col, ok.to_string().as_bytes()).is_ok(),
+                        "{unit} {ok}"
+                    );
+                    assert!(s.parse_msgpack(col, &ok.into()).is_ok(), "{unit} {ok}");
+                }
+                for &bad in refused {
+                    assert_eq!(
+                        s.parse_text(col, bad.to_string().as_bytes()).unwrap_err(),
+                        format!("epoch {bad} {unit} {RANGE}")
+                    );
+                    assert!(s
+                        .parse_msgpack(col, &bad.into())
+                        .unwrap_err()
+                        .ends_with(RANGE));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rfc3339_bounds_and_corner_cases() {
+        let s = hostile("ms");
+        let us = |t: &str| s.parse_text(0, t.as_bytes());
+        assert_eq!(
+            us("9999-12-31T23:59:59.999999Z"),
+            Ok(Cell::Time(crate::pg_limits::MAX_TIME_US))
+        );
+        assert_eq!(
+            us("0001-01-01T00:00:00Z"),
+            Ok(Cell::Time(crate::pg_limits::MIN_TIME_US))
+        );
+        assert_eq!(
+            us("0001-01-01T00:00:00+00:01").unwrap_err(),
+            format!("time \"0001-01-01T00:00:00+00:01\" {RANGE}")
+        );
+        assert!(us("9999-12-31T23:59:59-00:01")
+            .unwrap_err()
+            .ends_with(RANGE));
+        assert!(s
+            .parse_msgpack(4, &"0000-06-01T00:00:00Z".into())
+            .unwrap_err()
+            .ends_with(RANGE));
+        // PostgreSQL's readings: `:60` is the next second, lowercase t/z and offsets are fine.
+        assert_eq!(us("2016-12-31T23:59:60Z"), us("2017-01-01T00:00:00Z"));
+        assert_eq!(us("2026-11-01t12:34:60z"), us("2026-11-01T12:35:00Z"));
+        assert_eq!(us("2026-11-01T14:00:00+02:00"), us("2026-11-01T12:00:00Z"));
+        assert_eq!(
+            us("2016-12-31T23:59:60.5Z").unwrap_err(),
+            "time \"2016-12-31T23:59:60.5Z\": a leap second (:60) cannot have a fraction"
+        );
+    }
+
+    #[test]
+    fn msgpack_timestamp_extension_forms() {
+        let s = hostile("ms");
+        let ext = |data: Vec<u8>| s.parse_msgpack(0, &rmpv::Value::Ext(-1, data));
+        assert_eq!(
+            ext(1_000u32.to_be_bytes().to_vec()),
+            Ok(Cell::Time(1_000_000_000))
+        );
+        let eight = |secs: u64, nanos: u64| ext(((nanos << 34) | secs).to_be_bytes().to_vec());
+        assert_eq!(eight(1, 999_999_999), Ok(Cell::Time(1_999_999)));
+        assert_eq!(
+            eight(1, 1_000_000_000).unwrap_err(),
+            "timestamp extension: nanoseconds 1000000000 must be less than 1000000000"
+        );
+        let twelve = |nanos: u32, secs: i64| {
+            let mut d = nanos.to_be_bytes().to_vec();
+            d.extend_from_slice(&secs.to_be_bytes());
+            ext(d)
+        };
+        assert_eq!(
+            twelve(999_999_000, 253_402_300_799),
+            Ok(Cell::Time(crate::pg_limits::MAX_TIME_US))
+        );
+        assert_eq!(
+            twelve(0, 253_402_300_800).unwrap_err(),
+            format!("timestamp extension 253402300800 s 0 ns {RANGE}")
+        );
+        assert!(twelve(0, i64::MIN).unwrap_err().ends_with(RANGE));
+        assert!(twelve(u32::MAX, 0)
+            .unwrap_err()
+            .contains("nanoseconds 4294967295"));
+        assert_eq!(
+            ext(vec![0; 5]).unwrap_err(),
+            "a timestamp extension has 4, 8 or 12 bytes, not 5"
+        );
+        assert_eq!(
+            s.parse_msgpack(0, &rmpv::Value::Ext(3, vec![0; 4]))
+                .unwrap_err(),
+            "expected a timestamp, got [3, [0, 0, 0, 0]]"
+        );
+    }
+
+    #[test]
+    fn float8_text_that_would_change_is_refused() {
+        let s = hostile("ms");
+        let f = |t: &str| s.parse_text(3, t.as_bytes());
+        assert_eq!(
+            f("1e400").unwrap_err(),
+            "\"1e400\" is out of range for float8 (largest magnitude 1.7976931348623157e308)"
+        );
+        assert_eq!(
+            f("-1e-400").unwrap_err(),
+            "\"-1e-400\" is out of range for float8 (smallest magnitude 5e-324)"
+        );
+        assert_eq!(f("4.9e-324"), Ok(Cell::Float8(5e-324)));
+        assert_eq!(f("0.000e-999"), Ok(Cell::Float8(0.0)));
+        assert_eq!(f("1.7976931348623157e308"), Ok(Cell::Float8(f64::MAX)));
+        assert_eq!(f("-Infinity"), Ok(Cell::Float8(f64::NEG_INFINITY)));
+        assert_eq!(f("inf"), Ok(Cell::Float8(f64::INFINITY)));
+        assert!(matches!(f("NaN"), Ok(Cell::Float8(x)) if x.is_nan()));
     }
 
     #[test]

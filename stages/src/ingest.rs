@@ -2,6 +2,7 @@
 //! rows of a batch as one frame to `rows:{T}`; each invalid entry is dead-lettered on its own.
 
 use strata_pipeline::frame::{FrameBuilder, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
+use strata_pipeline::pg_limits::{self, BTREE_MAX_INDEX_ROW};
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef, UnknownFields, MSGPACK_FIELD, TRACEPARENT_FIELD};
 use strata_pipeline::streams::Entry;
@@ -210,15 +211,15 @@ impl Ingest {
     }
 
     /// Fills absent columns: the time from the entry ID, NULL for nullable ones; a missing or
-    /// empty required field is an error.
+    /// empty required field is an error. Then checks the row's index entries.
     fn complete(&self, entry: &Entry, cells: Vec<Option<Cell>>) -> Result<Vec<Cell>, String> {
-        cells
+        let row = cells
             .into_iter()
             .enumerate()
             .map(|(i, cell)| {
                 let column = &self.schema.columns[i];
                 match cell {
-                    None if i == self.schema.time_index => Ok(Cell::Time(entry.ms() as i64 * 1000)),
+                    None if i == self.schema.time_index => self.entry_time(entry),
                     None | Some(Cell::Null) if column.required => {
                         Err(format!("missing required field `{}`", column.name))
                     }
@@ -226,7 +227,53 @@ impl Ingest {
                     Some(c) => Ok(c),
                 }
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        self.check_index_entries(&row)?;
+        Ok(row)
+    }
+
+    /// The time of an event without a time field: its entry ID's milliseconds, which a
+    /// producer choosing the ID (`XADD … 18446744073709551615-0 …`) can put out of range.
+    fn entry_time(&self, entry: &Entry) -> Result<Cell, String> {
+        let ms = entry.ms();
+        i64::try_from(ms)
+            .ok()
+            .and_then(|ms| ms.checked_mul(1_000))
+            .filter(|us| pg_limits::time_in_range(*us))
+            .map(Cell::Time)
+            .ok_or_else(|| {
+                let time = &self.schema.columns[self.schema.time_index].name;
+                format!(
+                    "no field `{time}`, and {}",
+                    pg_limits::time_out_of_range(format_args!("the entry ID's time {ms} ms"))
+                )
+            })
+    }
+
+    /// Refuses a row whose values would make a B-tree entry larger than PostgreSQL allows
+    /// (SQLSTATE 54000), by [`pg_limits::index_entry_estimate`]; the message names the largest
+    /// variable-length field of the index.
+    fn check_index_entries(&self, row: &[Cell]) -> Result<(), String> {
+        for (index, positions) in self.schema.indexes.iter().zip(&self.schema.index_columns) {
+            let size = pg_limits::index_entry_estimate(positions.iter().map(|&p| &row[p]));
+            if size <= BTREE_MAX_INDEX_ROW {
+                continue;
+            }
+            let largest = positions
+                .iter()
+                .copied()
+                .max_by_key(|&p| pg_limits::index_cell_estimate(&row[p]))
+                .unwrap_or(self.schema.time_index);
+            return Err(format!(
+                "field `{}`: too large for index ({}): its entry would take about {size} bytes, \
+                 more than PostgreSQL's B-tree maximum of {BTREE_MAX_INDEX_ROW} (text counts \
+                 its length, jsonb {}× its length)",
+                self.schema.columns[largest].name,
+                index.columns.join(", "),
+                pg_limits::JSONB_INDEX_FACTOR,
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -332,6 +379,253 @@ type = "float8"
         assert!(
             err.starts_with("field `msgpack`: not valid MessagePack"),
             "{err}"
+        );
+    }
+
+    /// source text + time indexed together, tags jsonb indexed alone.
+    fn indexed() -> Ingest {
+        let schema = Schema::from_toml(
+            "i.toml",
+            r#"
+table = "i"
+time_column = "time"
+[[columns]]
+name = "time"
+type = "timestamptz"
+[[columns]]
+name = "source"
+type = "text"
+[[columns]]
+name = "tags"
+type = "jsonb"
+[[columns]]
+name = "n"
+type = "int4"
+[[indexes]]
+columns = ["source", "time"]
+[[indexes]]
+columns = ["tags"]
+"#,
+        )
+        .unwrap();
+        Ingest {
+            schema: Arc::new(schema),
+            max_event_bytes: 65536,
+            zstd_level: 1,
+            max_event_spans: 0,
+        }
+    }
+
+    #[test]
+    fn the_entry_id_time_must_be_in_range() {
+        let ing = ingest("reject");
+        let mut rows = Vec::new();
+        for id in [
+            "18446744073709551615-0",
+            "9223372036854775807-0",
+            "253402300800000-0",
+        ] {
+            let e = Entry::new(id, [("source", "h")]);
+            let ms = id.split('-').next().unwrap();
+            assert_eq!(
+                ing.validate(&e, &mut rows).unwrap_err(),
+                format!(
+                    "no field `time`, and the entry ID's time {ms} ms is outside the accepted \
+                     range 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
+                )
+            );
+        }
+        let e = Entry::new("253402300799999-0", [("source", "h")]);
+        ing.validate(&e, &mut rows).unwrap();
+        assert_eq!(rows[0][0], Cell::Time(253_402_300_799_999_000));
+        // With a time field, the ID does not matter.
+        let e = Entry::new("18446744073709551615-0", [("source", "h"), ("time", "1")]);
+        ing.validate(&e, &mut rows).unwrap();
+    }
+
+    #[test]
+    fn index_entries_stay_under_the_btree_maximum() {
+        let ing = indexed();
+        let mut rows = Vec::new();
+        // source + time: 16 + (8 + len) + 8 ≤ 2704.
+        let ok = "x".repeat(2672);
+        ing.validate(&entry(&[("source", ok.as_bytes())]), &mut rows)
+            .unwrap();
+        let big = "x".repeat(2673);
+        assert_eq!(
+            ing.validate(&entry(&[("source", big.as_bytes())]), &mut rows)
+                .unwrap_err(),
+            "field `source`: too large for index (source, time): its entry would take about 2705 \
+             bytes, more than PostgreSQL's B-tree maximum of 2704 (text counts its length, jsonb \
+             8× its length)"
+        );
+        // tags alone: 16 + 8 + 16 + 8 × len ≤ 2704, so 333 bytes of JSON.
+        let json = |len: usize| format!("\"{}\"", "y".repeat(len - 2));
+        ing.validate(&entry(&[("tags", json(333).as_bytes())]), &mut rows)
+            .unwrap();
+        let err = ing
+            .validate(&entry(&[("tags", json(334).as_bytes())]), &mut rows)
+            .unwrap_err();
+        assert!(
+            err.starts_with("field `tags`: too large for index (tags)"),
+            "{err}"
+        );
+        // The same through MessagePack, naming the element.
+        let row = |source: &str| {
+            rmpv::Value::Map(vec![
+                ("source".into(), source.into()),
+                ("n".into(), 1.into()),
+            ])
+        };
+        let mut buf = Vec::new();
+        let items = vec![row("a"), row("b"), row("c"), row(&big)];
+        rmpv::encode::write_value(&mut buf, &rmpv::Value::Array(items)).unwrap();
+        let err = ing
+            .validate(&entry(&[("msgpack", &buf)]), &mut rows)
+            .unwrap_err();
+        assert!(
+            err.starts_with("msgpack[3]: field `source`: too large for index (source, time)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn msgpack_errors_name_the_element_and_the_limit() {
+        let ing = indexed();
+        let mut rows = Vec::new();
+        let items = vec![
+            rmpv::Value::Map(vec![("tags".into(), rmpv::Value::Array(vec![1.5.into()]))]),
+            rmpv::Value::Map(vec![(
+                "tags".into(),
+                rmpv::Value::Array(vec![f64::NAN.into()]),
+            )]),
+        ];
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &rmpv::Value::Array(items)).unwrap();
+        assert_eq!(
+            ing.validate(&entry(&[("msgpack", &buf)]), &mut rows)
+                .unwrap_err(),
+            "msgpack[1]: field `tags`: float NaN cannot be stored in jsonb (JSON has no NaN or \
+             Infinity)"
+        );
+        let one = rmpv::Value::Map(vec![("source".into(), "a\0".into())]);
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &one).unwrap();
+        assert_eq!(
+            ing.validate(&entry(&[("msgpack", &buf)]), &mut rows)
+                .unwrap_err(),
+            "msgpack: field `source`: NUL (0x00) at byte 1: PostgreSQL text cannot hold it"
+        );
+        assert_eq!(
+            ing.validate(&entry(&[("source", b"a\0")]), &mut rows)
+                .unwrap_err(),
+            "field `source`: NUL (0x00) at byte 1: PostgreSQL text cannot hold it"
+        );
+    }
+
+    /// Checks an accepted row against what PostgreSQL refuses, independently of the parser.
+    fn assert_storable(row: &[Cell]) {
+        use strata_pipeline::pg_limits::{check_json, time_in_range};
+        for cell in row {
+            match cell {
+                Cell::Text(s) => assert!(!s.contains('\0'), "{row:?}"),
+                Cell::Json(s) => {
+                    assert_eq!(check_json(s.as_bytes()), Ok(()), "{s}");
+                    assert!(serde_json::from_str::<serde_json::Value>(s).is_ok(), "{s}");
+                }
+                Cell::Time(us) => assert!(time_in_range(*us), "{row:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Random and mutated MessagePack payloads and random text fields: validate never panics,
+    /// and every row it accepts is storable.
+    #[test]
+    fn validate_survives_arbitrary_input() {
+        use rand::{Rng, SeedableRng};
+        let ing = indexed();
+        let base = rmpv::Value::Array(vec![
+            rmpv::Value::Map(vec![
+                (
+                    "time".into(),
+                    rmpv::Value::Ext(-1, vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9]),
+                ),
+                ("source".into(), "host-1".into()),
+                (
+                    "tags".into(),
+                    rmpv::Value::Map(vec![
+                        (
+                            "a".into(),
+                            rmpv::Value::Array(vec![1.into(), 2.5.into(), "x".into()]),
+                        ),
+                        ("b".into(), rmpv::Value::Nil),
+                    ]),
+                ),
+                ("n".into(), 7.into()),
+            ]),
+            rmpv::Value::Map(vec![
+                ("source".into(), "h2".into()),
+                ("time".into(), 1_793_491_200_000i64.into()),
+            ]),
+        ]);
+        let mut good = Vec::new();
+        rmpv::encode::write_value(&mut good, &base).unwrap();
+        const TEXTS: &[&[u8]] = &[
+            b"{\"a\":[1,2,{\"b\":\"\\ud83d\\ude00\"}]}",
+            b"2026-11-01T00:00:00Z",
+            b"1793491200000",
+            b"-1e400",
+            b"[[[[[[[[]]]]]]]]",
+        ];
+        const NAMES: &[&str] = &["time", "source", "tags", "n", "msgpack", "other"];
+        let (mut accepted, mut rows) = (0, Vec::new());
+        for seed in 0..6000u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let e = match seed % 3 {
+                0 => {
+                    let mut m = good.clone();
+                    for _ in 0..rng.random_range(1..3) {
+                        let at = rng.random_range(0..m.len());
+                        match rng.random_range(0..3) {
+                            0 => m[at] = rng.random(),
+                            1 => m.truncate(at),
+                            _ => m.insert(at, rng.random()),
+                        }
+                        if m.is_empty() {
+                            break;
+                        }
+                    }
+                    Entry::new("1793491200000-0", [("msgpack", m)])
+                }
+                1 => {
+                    let len = rng.random_range(0..200);
+                    let bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                    Entry::new("1793491200000-0", [("msgpack", bytes)])
+                }
+                _ => {
+                    let fields: Vec<(&str, Vec<u8>)> = (0..rng.random_range(0..5))
+                        .map(|_| {
+                            let mut v = TEXTS[rng.random_range(0..TEXTS.len())].to_vec();
+                            if !v.is_empty() && rng.random_bool(0.3) {
+                                let at = rng.random_range(0..v.len());
+                                v[at] = rng.random();
+                            }
+                            (NAMES[rng.random_range(0..NAMES.len())], v)
+                        })
+                        .collect();
+                    Entry::new(format!("{}-0", rng.random::<u64>()), fields)
+                }
+            };
+            rows.clear();
+            if ing.validate(&e, &mut rows).is_ok() {
+                accepted += 1;
+                rows.iter().for_each(|r| assert_storable(r));
+            }
+        }
+        assert!(
+            accepted > 100,
+            "the inputs are too random to test acceptance: {accepted}"
         );
     }
 }
