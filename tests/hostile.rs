@@ -15,11 +15,14 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{TestEnv, T0_MS};
+use common::TestEnv;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use strata_pipeline::schema::ColumnType;
 use strata_pipeline::streams;
+
+/// 2026-11-01T00:00:00Z in ms: when the good events happened.
+const T0_MS: u64 = 1_793_491_200_000;
 
 /// Good events per seed, and hostile ones among them.
 const GOOD: usize = 1500;
@@ -107,11 +110,13 @@ fn pick<'a, T>(rng: &mut StdRng, items: &'a [T]) -> &'a T {
     &items[rng.random_range(0..items.len())]
 }
 
-fn random_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
+fn random_bytes(rng: &mut StdRng, len: std::ops::Range<usize>) -> Vec<u8> {
+    let n = rng.random_range(len);
     (0..n).map(|_| rng.random()).collect()
 }
 
-fn random_text(rng: &mut StdRng, n: usize) -> String {
+fn random_text(rng: &mut StdRng, len: std::ops::Range<usize>) -> String {
+    let n = rng.random_range(len);
     (0..n)
         .map(|_| char::from_u32(rng.random_range(0x20..0x2FFFF)).unwrap_or('x'))
         .collect()
@@ -139,7 +144,7 @@ fn hostile_value(rng: &mut StdRng, ty: ColumnType) -> Vec<u8> {
         return pick(rng, &common).to_vec();
     }
     let v: &str = match ty {
-        ColumnType::Float8 => pick(
+        ColumnType::Float8 => *pick(
             rng,
             &[
                 "1e309", "-1e309", "1e-400", "NaN", "nan", "-nan", "inf", "-inf", "+inf",
@@ -147,7 +152,7 @@ fn hostile_value(rng: &mut StdRng, ty: ColumnType) -> Vec<u8> {
                 "１２", "1.7976931348623157e308", "4.9e-324", "12,5", "+-1",
             ],
         ),
-        ColumnType::Int8 | ColumnType::Int4 => pick(
+        ColumnType::Int8 | ColumnType::Int4 => *pick(
             rng,
             &[
                 "9223372036854775807", "9223372036854775808", "-9223372036854775808",
@@ -155,11 +160,11 @@ fn hostile_value(rng: &mut StdRng, ty: ColumnType) -> Vec<u8> {
                 "1e3", "1.0", " 7 ", "0x1F", "007", "٣",
             ],
         ),
-        ColumnType::Bool => pick(
+        ColumnType::Bool => *pick(
             rng,
             &["true", "FALSE", "t", "yes", "on", "1", "0", "off", "tru", "2", "T ", "ja"],
         ),
-        ColumnType::Timestamptz => pick(
+        ColumnType::Timestamptz => *pick(
             rng,
             &[
                 "0", "-1", "253402300799999", "253402300800000", "-62135596800000",
@@ -183,18 +188,18 @@ fn hostile_value(rng: &mut StdRng, ty: ColumnType) -> Vec<u8> {
                     .to_string(),
                 6 => r#"{"a":1,"a":2}"#.into(),
                 7 => pick(rng, &["NaN", "{bad", "[1,]", "'x'", "{\"a\":01}", "\"\\x\""]).to_string(),
-                8 => format!("{{\"k\":\"{}\"}}", random_text(rng, rng.random_range(1..3000))),
-                _ => format!("[{}]", vec!["{}"; rng.random_range(1..5000)].join(",")),
+                8 => format!("{{\"k\":\"{}\"}}", random_text(rng, 1..3000)),
+                _ => { let n = rng.random_range(1..5000); format!("[{}]", vec!["{}"; n].join(",")) },
             }
             .into_bytes();
         }
         ColumnType::Text => {
             return match rng.random_range(0..5) {
-                0 => random_bytes(rng, rng.random_range(1..200)),
-                1 => random_text(rng, rng.random_range(1..200)).into_bytes(),
+                0 => random_bytes(rng, 1..200),
+                1 => random_text(rng, 1..200).into_bytes(),
                 2 => format!("a{}b", "\0".repeat(rng.random_range(1..3))).into_bytes(),
                 3 => vec![b'x'; rng.random_range(1..60_000)],
-                _ => random_text(rng, 3).into_bytes(),
+                _ => random_text(rng, 3..4).into_bytes(),
             };
         }
     };
@@ -243,7 +248,7 @@ fn hostile_msgpack(rng: &mut StdRng, shape: &Shape, env: &TestEnv, good: &Fields
         map
     };
     match rng.random_range(0..6) {
-        0 => random_bytes(rng, rng.random_range(0..300)),
+        0 => random_bytes(rng, 0..300),
         // An array32 that claims 2^31 elements, a str32 that claims 4 GiB.
         1 => vec![0xdd, 0x80, 0, 0, 0, 0xc0],
         2 => vec![0xdb, 0xff, 0xff, 0xff, 0xff, b'a'],
@@ -256,7 +261,8 @@ fn hostile_msgpack(rng: &mut StdRng, shape: &Shape, env: &TestEnv, good: &Fields
         _ => {
             // Deep nesting inside a jsonb column, where there is one.
             let mut v = V::from(1);
-            for _ in 0..rng.random_range(100..600) {
+            let depth = rng.random_range(100..600);
+            for _ in 0..depth {
                 v = V::Array(vec![v]);
             }
             let mut map = map;
@@ -291,7 +297,7 @@ fn hostile_event(rng: &mut StdRng, shape: &Shape, env: &TestEnv, good: Fields) -
         }
         4 => {
             // An indexed text value too big for a B-tree entry (incompressible).
-            let v = random_text(rng, rng.random_range(2000..4000)).into_bytes();
+            let v = random_text(rng, 2000..4000).into_bytes();
             let f = fields
                 .iter_mut()
                 .find(|(k, _)| k == shape.indexed_text.as_bytes())
@@ -308,7 +314,7 @@ fn hostile_event(rng: &mut StdRng, shape: &Shape, env: &TestEnv, good: Fields) -
         }
         6 => {
             // A field twice, or a field named like one strata adds or reads.
-            let name: &[u8] = pick(
+            let name: &[u8] = *pick(
                 rng,
                 &[
                     b"time" as &[u8],
@@ -327,7 +333,7 @@ fn hostile_event(rng: &mut StdRng, shape: &Shape, env: &TestEnv, good: Fields) -
                     b"",
                 ],
             );
-            fields.push((name.to_vec(), random_bytes(rng, 8)));
+            fields.push((name.to_vec(), random_bytes(rng, 8..9)));
             format!("extra field {:?}", String::from_utf8_lossy(name))
         }
         7 => {

@@ -22,6 +22,7 @@ use futures_util::SinkExt;
 use strata_pipeline::frame::{CellRef, Frame, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
 use strata_pipeline::latency::LatencyHistogram;
 use strata_pipeline::observe::WriterMetrics;
+use strata_pipeline::pg_limits::{MAX_TIME_US, MIN_TIME_US};
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef};
 use strata_pipeline::streams::{Entry, Fields};
@@ -30,10 +31,6 @@ use strata_pipeline::{RetryHint, StageError};
 
 use crate::catalog::{self, ident, KnownPartitions, Partitioning, APPLIED_FRAMES};
 use crate::copy;
-
-// TODO(merge): the bounds ingest enforces, from strata_pipeline::schema.
-const MIN_TIME_US: i64 = -62_135_596_800_000_000;
-const MAX_TIME_US: i64 = 253_402_300_799_999_999;
 
 /// Largest decompressed frame accepted (a frame is at most one ingest batch).
 const MAX_FRAME_BYTES: usize = 256 << 20;
@@ -534,8 +531,10 @@ impl Stage for BatchWriter {
                 refused.push(Refused {
                     tuple: r,
                     message: format!(
-                        "column `{}`: the time is outside the range strata accepts",
-                        self.schema.columns[self.schema.time_index].name
+                        "column `{}`: the time is outside the accepted range {} to {}",
+                        self.schema.columns[self.schema.time_index].name,
+                        strata_pipeline::pg_limits::MIN_TIME_TEXT,
+                        strata_pipeline::pg_limits::MAX_TIME_TEXT
                     ),
                     sqlstate: None,
                 });
