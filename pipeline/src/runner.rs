@@ -739,21 +739,14 @@ impl<S: Stage> Worker<S> {
             .iter()
             .map(|d| {
                 let entry = &batch.entries[d.entry];
-                let mut fields = d.fields.clone().unwrap_or_else(|| entry.fields.to_vec());
-                fields.push((streams::DLQ_ERROR.into(), d.error.clone().into_bytes()));
-                fields.push((
-                    streams::DLQ_STAGE.into(),
-                    self.spec.stage.as_bytes().to_vec(),
-                ));
-                fields.push((streams::DLQ_SOURCE_ID.into(), entry.id.clone().into_bytes()));
-                fields.push((
-                    streams::DLQ_DELIVERIES.into(),
-                    entry.deliveries.to_string().into_bytes(),
-                ));
-                if let Some(code) = &d.sqlstate {
-                    fields.push((streams::DLQ_SQLSTATE.into(), code.clone().into_bytes()));
-                }
-                fields
+                streams::dead_letter_fields(
+                    d.fields.clone().unwrap_or_else(|| entry.fields.to_vec()),
+                    &d.error,
+                    self.spec.stage,
+                    &entry.id,
+                    entry.deliveries,
+                    d.sqlstate.as_deref(),
+                )
             })
             .collect();
         let mut step = CommitStep {

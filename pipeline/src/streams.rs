@@ -12,12 +12,180 @@ pub const CHUNK_WATCHER: &str = "chunk-watcher";
 pub const ARCHIVER: &str = "archiver";
 pub const CONFIRMER: &str = "confirmer";
 
-/// Dead-letter fields added to the original fields of a rejected entry.
+/// Dead-letter field added to the original fields of a rejected entry: why it was rejected.
 pub const DLQ_ERROR: &str = "error";
+/// Dead-letter field: the stage (consumer group) that rejected it.
 pub const DLQ_STAGE: &str = "stage";
+/// Dead-letter field: the rejected entry's ID in its stream.
 pub const DLQ_SOURCE_ID: &str = "source_id";
+/// Dead-letter field: how many times the entry had been delivered.
 pub const DLQ_DELIVERIES: &str = "deliveries";
+/// Dead-letter field: the SQLSTATE, for rows PostgreSQL refused.
 pub const DLQ_SQLSTATE: &str = "sqlstate";
+/// Dead-letter field holding the original fields packed (see [`dead_letter_fields`]).
+pub const DLQ_PACKED: &str = "fields";
+
+/// A rejected entry with more field pairs than this is dead-lettered with its fields packed
+/// into one field [`DLQ_PACKED`], so every dead letter stays well within what one XADD from a
+/// script can write ([`MAX_SCRIPT_FIELDS`]).
+pub const DLQ_PACK_THRESHOLD: usize = 1_000;
+
+/// The most values strata's scripts pass to one `redis.call` (command name included). Lua in
+/// Redis refuses more than about 8,000 (LUAI_MAXCSTACK: "too many results to unpack").
+pub const MAX_SCRIPT_CALL_ARGS: usize = 7_900;
+
+/// The most field pairs of one entry a script can XADD (`XADD key * f v …`).
+pub const MAX_SCRIPT_FIELDS: usize = (MAX_SCRIPT_CALL_ARGS - 3) / 2;
+
+/// Error code of a script step refused before any write because it exceeds a script limit or
+/// its arguments are malformed (an entry without fields or with more than
+/// [`MAX_SCRIPT_FIELDS`], an invalid ID). Not transient: the same step is refused again.
+pub const ERR_LIMIT: &str = "STRATA_LIMIT";
+/// Error code of a script step refused before any write because a key it writes exists and is
+/// not a stream. Not transient until an operator removes or renames the key.
+pub const ERR_WRONGTYPE: &str = "STRATA_WRONGTYPE";
+/// Error code of a script step in which a write failed: every entry it had added was deleted
+/// again and nothing was acknowledged or removed, so it may be retried as it is. Whether a
+/// retry can succeed depends on Redis's error, which follows the code.
+pub const ERR_ROLLBACK: &str = "STRATA_ROLLBACK";
+/// Error code of a commit step whose second or later XACK failed after an earlier one
+/// succeeded (every ID is checked first, so this is not expected to happen): the outputs stay,
+/// some entries are acknowledged. Not transient; nothing can be undone.
+pub const ERR_PARTIAL: &str = "STRATA_PARTIAL";
+
+/// Why one of strata's scripts refused or undid a step, from its reply's error code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScriptFailure {
+    /// [`ERR_LIMIT`]: refused, nothing written.
+    Limit,
+    /// [`ERR_WRONGTYPE`]: refused, nothing written.
+    WrongType,
+    /// [`ERR_ROLLBACK`]: a write failed and was undone; nothing remains of the step.
+    RolledBack,
+    /// [`ERR_PARTIAL`]: partly applied.
+    Partial,
+}
+
+impl ScriptFailure {
+    /// Every failure, for lookups by code.
+    pub const ALL: [ScriptFailure; 4] = [
+        ScriptFailure::Limit,
+        ScriptFailure::WrongType,
+        ScriptFailure::RolledBack,
+        ScriptFailure::Partial,
+    ];
+
+    /// The error code the scripts reply with.
+    pub const fn code(self) -> &'static str {
+        match self {
+            ScriptFailure::Limit => ERR_LIMIT,
+            ScriptFailure::WrongType => ERR_WRONGTYPE,
+            ScriptFailure::RolledBack => ERR_ROLLBACK,
+            ScriptFailure::Partial => ERR_PARTIAL,
+        }
+    }
+
+    /// The failure a script's error reply reports, by its code; None for any other error.
+    pub fn of(err: &redis::RedisError) -> Option<ScriptFailure> {
+        let code = err.code()?;
+        Self::ALL.into_iter().find(|f| f.code() == code)
+    }
+
+    /// True when nothing of the step remains, so retrying it unchanged is safe (and may succeed
+    /// once the cause is gone); false when a retry would be refused again or cannot help.
+    pub const fn is_transient(self) -> bool {
+        matches!(self, ScriptFailure::RolledBack)
+    }
+}
+
+/// The Lua source of a strata script: `body` after the shared prelude (the error codes and
+/// [`MAX_SCRIPT_CALL_ARGS`] as locals, and helpers `refuse`, `err_text`, `not_a_stream`,
+/// `valid_id`; see `scripts/prelude.lua`).
+pub fn script_source(body: &str) -> String {
+    format!(
+        "local E_LIMIT, E_WRONGTYPE, E_ROLLBACK, E_PARTIAL, MAX_ARGS = '{ERR_LIMIT}', '{ERR_WRONGTYPE}', '{ERR_ROLLBACK}', '{ERR_PARTIAL}', {MAX_SCRIPT_CALL_ARGS}\n{}\n{body}",
+        include_str!("scripts/prelude.lua")
+    )
+}
+
+/// A strata script: `body` after the shared prelude (see [`script_source`]).
+pub fn script(body: &str) -> redis::Script {
+    redis::Script::new(&script_source(body))
+}
+
+/// The fields of a dead letter: the rejected entry's `original` fields, then `error`, `stage`,
+/// `source_id`, `deliveries` and (when given) `sqlstate`, in that order, always last.
+///
+/// With more than [`DLQ_PACK_THRESHOLD`] original pairs, or when the original is exactly one
+/// field named [`DLQ_PACKED`] (which would otherwise read as packed), the original fields are
+/// packed into one field [`DLQ_PACKED`] (see [`pack_fields`]); `strata dlq` unpacks them.
+pub fn dead_letter_fields(
+    original: Fields,
+    error: &str,
+    stage: &str,
+    source_id: &str,
+    deliveries: u64,
+    sqlstate: Option<&str>,
+) -> Fields {
+    let pack =
+        original.len() > DLQ_PACK_THRESHOLD || (original.len() == 1 && original[0].0 == DLQ_PACKED);
+    let mut fields = if pack {
+        vec![(DLQ_PACKED.to_string(), pack_fields(&original))]
+    } else {
+        original
+    };
+    fields.reserve(5);
+    fields.push((DLQ_ERROR.into(), error.as_bytes().to_vec()));
+    fields.push((DLQ_STAGE.into(), stage.as_bytes().to_vec()));
+    fields.push((DLQ_SOURCE_ID.into(), source_id.as_bytes().to_vec()));
+    fields.push((DLQ_DELIVERIES.into(), deliveries.to_string().into_bytes()));
+    if let Some(code) = sqlstate {
+        fields.push((DLQ_SQLSTATE.into(), code.as_bytes().to_vec()));
+    }
+    fields
+}
+
+/// Fields packed as one MessagePack value: an array of `[name, value]` arrays, both binary
+/// (bin 8/16/32), in order, duplicates kept.
+pub fn pack_fields(fields: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let size: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 11).sum();
+    let mut buf = Vec::with_capacity(size + 5);
+    rmp::encode::write_array_len(&mut buf, fields.len() as u32).expect("vec write");
+    for (k, v) in fields {
+        rmp::encode::write_array_len(&mut buf, 2).expect("vec write");
+        rmp::encode::write_bin(&mut buf, k.as_bytes()).expect("vec write");
+        rmp::encode::write_bin(&mut buf, v).expect("vec write");
+    }
+    buf
+}
+
+/// The fields [`pack_fields`] packed; None unless `packed` is exactly such an array (names
+/// and values binary or text, names UTF-8) with nothing after it.
+pub fn unpack_fields(packed: &[u8]) -> Option<Fields> {
+    let mut rd = packed;
+    let value = rmpv::decode::read_value(&mut rd).ok()?;
+    if !rd.is_empty() {
+        return None;
+    }
+    let rmpv::Value::Array(items) = value else {
+        return None;
+    };
+    let bytes = |v: rmpv::Value| match v {
+        rmpv::Value::Binary(b) => Some(b),
+        rmpv::Value::String(s) => Some(s.into_bytes()),
+        _ => None,
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let rmpv::Value::Array(pair) = item else {
+                return None;
+            };
+            let [k, v]: [rmpv::Value; 2] = pair.try_into().ok()?;
+            Some((String::from_utf8(bytes(k)?).ok()?, bytes(v)?))
+        })
+        .collect()
+}
 
 /// The stream producers XADD to for table `table`. The braces are a Redis Cluster hash tag.
 pub fn telemetry_stream(table: &str) -> String {
@@ -256,8 +424,11 @@ pub async fn read_new<C: redis::aio::ConnectionLike>(
 /// copies from both being forwarded.
 /// XAUTOCLAIM looks at no more than 10 × COUNT pending entries from the cursor, so the idle
 /// entries among the first 10 × COUNT are all it can take.
+/// The claims hash is checked first, so a step never claims entries it then fails to record.
 const CLAIM_SCRIPT: &str = r#"
 local group, consumer = ARGV[1], ARGV[2]
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'hash' and t ~= 'none' then return refuse(E_WRONGTYPE, KEYS[2] .. ' is a ' .. t .. ', not a hash') end
 local owner = {}
 for _, e in ipairs(redis.call('XPENDING', KEYS[1], group, 'IDLE', ARGV[3], ARGV[4], '+', 10 * tonumber(ARGV[5]))) do
   owner[e[1]] = e[2]
@@ -275,7 +446,7 @@ return reply
 "#;
 
 static CLAIM: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(CLAIM_SCRIPT));
+    std::sync::LazyLock::new(|| script(CLAIM_SCRIPT));
 
 /// One XAUTOCLAIM step: entries idle longer than `min_idle_ms` move to `consumer`, with their
 /// delivery counts. Returns the claimed entries, IDs deleted while pending (already removed
@@ -375,46 +546,17 @@ pub async fn ack<C: redis::aio::ConnectionLike>(
 
 /// The atomic step: checks this consumer still owns every entry, then XADDs the outputs and the
 /// dead letters and XACKs the entries. If any entry has moved to another consumer, nothing is
-/// written and the moved IDs are returned.
+/// written and the moved IDs are returned. All or nothing: limits (fields per entry, key types,
+/// IDs) are checked before the first write, and a write that fails anyway is undone (see
+/// `scripts/commit.lua` and [`ScriptFailure`]).
 ///
 /// Entries move between consumers only through [`autoclaim`], which records the consumers it
 /// took from in KEYS[4]; a consumer not recorded there still owns everything it read, so the
 /// per-entry check (most of the step's cost) runs only for consumers that lost entries, and for
-/// a retried step (the last argument is 1), whose first attempt may have been applied with its
-/// reply lost: then the entries are no longer pending and nothing is written twice.
-const COMMIT_SCRIPT: &str = r#"
-local group, consumer = ARGV[1], ARGV[2]
-local n = tonumber(ARGV[5])
-local lost = {}
-if n > 0 and (ARGV[#ARGV] == '1' or redis.call('HEXISTS', KEYS[4], group .. ' ' .. consumer) == 1) then
-  -- One range query for the batch (ARGV[3] and ARGV[4] are its smallest and largest ID);
-  -- an ID it did not return (beyond the count, or moved) is checked on its own.
-  local owned = {}
-  for _, e in ipairs(redis.call('XPENDING', KEYS[1], group, ARGV[3], ARGV[4], 2 * n, consumer)) do
-    owned[e[1]] = true
-  end
-  for k = 6, 5 + n do
-    local id = ARGV[k]
-    if not owned[id] and #redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer) == 0 then
-      lost[#lost + 1] = id
-    end
-  end
-end
-if #lost > 0 then return lost end
-local i = 6 + n
-for _, key in ipairs({KEYS[2], KEYS[3]}) do
-  local m = tonumber(ARGV[i]); i = i + 1
-  for e = 1, m do
-    local np = tonumber(ARGV[i]); i = i + 1
-    redis.call('XADD', key, '*', unpack(ARGV, i, i + 2 * np - 1))
-    i = i + 2 * np
-  end
-end
-for k = 6, 5 + n, 4000 do
-  redis.call('XACK', KEYS[1], group, unpack(ARGV, k, math.min(k + 3999, 5 + n)))
-end
-return {}
-"#;
+/// a retried step (`verify`), whose first attempt may have been applied with its reply lost:
+/// then the entries are no longer pending and nothing is written twice.
+static SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| script(include_str!("scripts/commit.lua")));
 
 /// What one atomic commit step writes.
 pub struct CommitStep<'a> {
@@ -439,12 +581,11 @@ pub struct CommitStep<'a> {
     pub verify: bool,
 }
 
-static SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(COMMIT_SCRIPT));
-
 impl CommitStep<'_> {
     /// Runs the step; `Ok(lost)` lists entries that another consumer owns now (then nothing
-    /// was written).
+    /// was written). An error whose [`ScriptFailure::of`] is `Some` left nothing written
+    /// (except [`ScriptFailure::Partial`]); any other error may have been applied with its
+    /// reply lost, so retry with `verify` set.
     pub async fn run<C: redis::aio::ConnectionLike>(
         &self,
         conn: &mut C,
@@ -463,7 +604,8 @@ impl CommitStep<'_> {
             .arg(self.consumer)
             .arg(lo)
             .arg(hi)
-            .arg(self.ids.len());
+            .arg(self.ids.len())
+            .arg(if self.verify { "1" } else { "0" });
         for id in &self.ids {
             inv.arg(*id);
         }
@@ -476,7 +618,6 @@ impl CommitStep<'_> {
                 }
             }
         }
-        inv.arg(if self.verify { "1" } else { "0" });
         let reply: Value = inv.invoke_async(conn).await?;
         let Value::Array(items) = reply else {
             return Ok(Vec::new());
@@ -769,4 +910,73 @@ pub async fn len<C: redis::aio::ConnectionLike>(
     stream: &str,
 ) -> redis::RedisResult<u64> {
     redis::cmd("XLEN").arg(stream).query_async(conn).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &[u8])]) -> Fields {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn dead_letter_fields_keep_few_originals_and_add_strata_fields_last() {
+        let original = fields(&[("error", b"mine"), ("v", b"\x00\xff"), ("v", b"2")]);
+        let got = dead_letter_fields(original.clone(), "bad", INGEST, "5-1", 2, Some("23514"));
+        let mut want = original;
+        want.extend(fields(&[
+            (DLQ_ERROR, b"bad"),
+            (DLQ_STAGE, b"ingest"),
+            (DLQ_SOURCE_ID, b"5-1"),
+            (DLQ_DELIVERIES, b"2"),
+            (DLQ_SQLSTATE, b"23514"),
+        ]));
+        assert_eq!(got, want);
+        let at_threshold: Fields = (0..DLQ_PACK_THRESHOLD)
+            .map(|i| (format!("f{i}"), vec![1]))
+            .collect();
+        let got = dead_letter_fields(at_threshold, "e", INGEST, "1-0", 1, None);
+        assert_eq!(got.len(), DLQ_PACK_THRESHOLD + 4);
+    }
+
+    #[test]
+    fn many_fields_are_packed_in_order_with_duplicates() {
+        let original: Fields = (0..5_000)
+            .map(|i| (format!("f{}", i % 3_000), vec![(i % 256) as u8; i % 5]))
+            .collect();
+        let got = dead_letter_fields(original.clone(), "e", BATCH_WRITER, "1-0", 7, None);
+        let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                DLQ_PACKED,
+                DLQ_ERROR,
+                DLQ_STAGE,
+                DLQ_SOURCE_ID,
+                DLQ_DELIVERIES
+            ]
+        );
+        assert_eq!(unpack_fields(&got[0].1), Some(original));
+        // A lone original field named like the packed one is packed too, so it reads back.
+        let lone = fields(&[(DLQ_PACKED, b"\x90")]);
+        let got = dead_letter_fields(lone.clone(), "e", INGEST, "1-0", 1, None);
+        assert_eq!(unpack_fields(&got[0].1), Some(lone));
+        assert_eq!(unpack_fields(b"\x90\x00"), None, "trailing bytes");
+        assert_eq!(unpack_fields(b"\x91\x91\xc4\x00"), None, "not a pair");
+    }
+
+    #[test]
+    fn script_failures_are_classified_by_code() {
+        for f in ScriptFailure::ALL {
+            let e = redis::make_extension_error(f.code().to_string(), Some("detail".into()));
+            assert_eq!(ScriptFailure::of(&e), Some(f));
+        }
+        assert!(ScriptFailure::RolledBack.is_transient());
+        assert!(!ScriptFailure::Limit.is_transient());
+        assert_eq!(MAX_SCRIPT_FIELDS, 3_948);
+    }
 }

@@ -3,15 +3,26 @@
 //! `S` is a stream (`telemetry:{metrics}`) or its dead-letter stream (`telemetry:{metrics}:dlq`);
 //! either way the dead letters of that stream are meant. A dead letter is the rejected entry's
 //! original fields followed by the fields the runner added: `error`, `stage`, `source_id`,
-//! `deliveries` and, for rows PostgreSQL refused, `sqlstate`.
+//! `deliveries` and, for rows PostgreSQL refused, `sqlstate` (see
+//! [`streams::dead_letter_fields`]). The added fields are always the last ones, so an original
+//! field with one of those names stays original; original fields packed into one field
+//! [`streams::DLQ_PACKED`] are unpacked.
 //!
 //! - **list** prints each as a JSON line: its ID, the added fields, where `replay` would send
 //!   it, and the original `fields` (rendered as by `strata inspect`).
 //! - **replay** re-adds the original fields (without the added ones) to the source stream and
-//!   deletes the dead letter, in one Lua script per batch: for each entry, check it is still in
-//!   the dead-letter stream, XADD it to its target, then XDEL it. A crash, a Redis error or a
+//!   deletes the dead letter, in one Lua script per batch (`replay.lua`): check which entries
+//!   are still in the dead-letter stream, XADD them to their targets, then XDEL them; a failed
+//!   write deletes what the step added and removes no dead letter. A crash, a Redis error or a
 //!   concurrent replay never loses an entry nor adds it twice. Every key shares the table's hash
 //!   tag, so this also holds on Redis Cluster.
+//!   - A dead letter with more fields than one XADD from a script can take
+//!     ([`streams::MAX_SCRIPT_FIELDS`]; a packed dead letter of a huge entry) is replayed on its
+//!     own in a transaction instead: WATCH the dead-letter stream, check the entry is still
+//!     there, then MULTI, a script recording the target's length in a marker key, XADD, a
+//!     script that XDELs the dead letter only if the target grew by exactly that entry, EXEC.
+//!     A concurrent change of the dead-letter stream aborts the EXEC and the step is tried again
+//!     (at most [`WATCH_ATTEMPTS`] times).
 //!   - Dead letters of `rows:{T}` that are rows (batch-writer stores a refused row as its
 //!     column values in text) go to `telemetry:{T}`, where ingest validates them again; only
 //!     entries that carry a `frame` field go back to `rows:{T}`, which holds frames only.
@@ -31,10 +42,11 @@ use strata_pipeline::config::Config;
 use strata_pipeline::frame::FRAME_FIELD;
 use strata_pipeline::schema::{self, SchemaRef, MSGPACK_FIELD};
 use strata_pipeline::streams::{
-    self, Entry, Fields, DLQ_DELIVERIES, DLQ_ERROR, DLQ_SOURCE_ID, DLQ_SQLSTATE, DLQ_STAGE,
+    self, Entry, Fields, DLQ_DELIVERIES, DLQ_ERROR, DLQ_PACKED, DLQ_SOURCE_ID, DLQ_SQLSTATE,
+    DLQ_STAGE, MAX_SCRIPT_FIELDS,
 };
 
-use super::render::{bytes_json, fields_json, Ordered, Rendered};
+use super::render::{bytes_json, field_json, fields_json, Ordered, Rendered};
 use super::{check_id, redis_info, OpsError, StreamKind, StreamName, STREAM_FORMS};
 
 /// What to do with dead letters.
@@ -63,29 +75,37 @@ pub struct DlqOptions {
 /// Entries replayed per script call: small enough not to block Redis noticeably.
 const REPLAY_BATCH: usize = 100;
 
-/// For each entry: if it is still in the dead-letter stream (KEYS[1]), XADD its original fields
-/// to its target (KEYS[t]), then XDEL it. XADD comes first so an error (which keeps earlier
-/// writes) never leaves an entry deleted but not re-added. Returns per entry the new ID, or 0
-/// when the entry was already gone.
-const REPLAY_SCRIPT: &str = r#"
-local out = {}
-local i = 2
-for e = 1, tonumber(ARGV[1]) do
-  local id, t, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  i = i + 3
-  if #redis.call('XRANGE', KEYS[1], id, id) == 1 then
-    out[e] = redis.call('XADD', KEYS[t], '*', unpack(ARGV, i, i + 2 * n - 1))
-    redis.call('XDEL', KEYS[1], id)
-  else
-    out[e] = 0
-  end
-  i = i + 2 * n
-end
-return out
+/// The replay step of a batch of dead letters (see `replay.lua`).
+static SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| streams::script(include_str!("replay.lua")));
+
+/// Times the transaction replaying one large dead letter is tried while the dead-letter stream
+/// keeps changing under its WATCH.
+pub const WATCH_ATTEMPTS: usize = 20;
+
+/// Inside the transaction of a large dead letter, before its XADD: records the target's length
+/// (KEYS[1]) in the marker key (KEYS[2]).
+const MARK_SCRIPT: &str = r#"
+redis.call('SET', KEYS[2], redis.call('XLEN', KEYS[1]), 'PX', 60000)
+return 1
 "#;
 
-static SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(REPLAY_SCRIPT));
+/// Inside the transaction, after the XADD: XDELs the dead letter ARGV[1] from KEYS[3] only if
+/// the target (KEYS[1]) grew by exactly one entry since the marker (KEYS[2]) was set, i.e. the
+/// XADD happened (a failed command does not stop a transaction).
+const UNMARK_SCRIPT: &str = r#"
+local before = redis.call('GET', KEYS[2])
+redis.call('DEL', KEYS[2])
+if not before or redis.call('XLEN', KEYS[1]) ~= tonumber(before) + 1 then
+  return refuse(E_ROLLBACK, 'nothing was added to ' .. KEYS[1] .. '; dead letter ' .. ARGV[1] .. ' kept')
+end
+return redis.call('XDEL', KEYS[3], ARGV[1])
+"#;
+
+static MARK: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| streams::script_source(MARK_SCRIPT));
+static UNMARK: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| streams::script_source(UNMARK_SCRIPT));
 
 /// A dead letter split into what the producer (or stage) sent and what the runner added.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,36 +117,46 @@ pub struct DeadLetter {
     /// The fields added on dead-lettering: `error`, `stage`, `source_id`, `deliveries`,
     /// `sqlstate`.
     pub added: Fields,
+    /// True when the original fields were packed into one field [`DLQ_PACKED`].
+    pub packed: bool,
 }
 
 impl DeadLetter {
-    /// Splits an entry. The runner appends its fields after the original ones, so the added
-    /// fields are the trailing run that starts at the last `error`; an original field that
-    /// happens to be called `error` or `stage` stays original. An entry not written by the
-    /// runner loses every field with one of those names.
+    /// Splits an entry. The runner appends its fields after the original ones, starting with
+    /// `error` and with no other `error` after it, so the added fields are the trailing run
+    /// that starts at the last `error` and holds only added names; an original field that
+    /// happens to have one of those names (even `error`) stays original, in its place. An
+    /// entry not written by the runner (no such run) has as added fields only its trailing run
+    /// of added names. An original that is exactly one field [`DLQ_PACKED`] holding packed
+    /// fields is unpacked.
     pub fn from_entry(entry: Entry) -> DeadLetter {
-        let added_after = [DLQ_STAGE, DLQ_SOURCE_ID, DLQ_DELIVERIES, DLQ_SQLSTATE];
-        let f = entry.fields.to_vec();
-        let split = (0..f.len()).rev().find(|&i| {
-            f[i].0 == DLQ_ERROR
-                && f[i + 1..]
+        const AFTER_ERROR: [&str; 4] = [DLQ_STAGE, DLQ_SOURCE_ID, DLQ_DELIVERIES, DLQ_SQLSTATE];
+        let mut original = entry.fields.to_vec();
+        let split = (0..original.len())
+            .rev()
+            .find(|&i| {
+                original[i].0 == DLQ_ERROR
+                    && original[i + 1..]
+                        .iter()
+                        .all(|(k, _)| AFTER_ERROR.contains(&k.as_str()))
+            })
+            .unwrap_or_else(|| {
+                original
                     .iter()
-                    .all(|(k, _)| added_after.contains(&k.as_str()))
-        });
-        let (original, added) = match split {
-            Some(i) => {
-                let mut original = f;
-                let added = original.split_off(i);
-                (original, added)
-            }
-            None => f
-                .into_iter()
-                .partition(|(k, _)| k != DLQ_ERROR && !added_after.contains(&k.as_str())),
+                    .rposition(|(k, _)| k != DLQ_ERROR && !AFTER_ERROR.contains(&k.as_str()))
+                    .map_or(0, |i| i + 1)
+            });
+        let added = original.split_off(split);
+        let unpacked = match original.as_slice() {
+            [(name, value)] if name == DLQ_PACKED => streams::unpack_fields(value),
+            _ => None,
         };
+        let packed = unpacked.is_some();
         DeadLetter {
             id: entry.id,
-            original,
+            original: unpacked.unwrap_or(original),
             added,
+            packed,
         }
     }
 
@@ -311,8 +341,34 @@ struct ListLine {
     added: Ordered<Value>,
     /// Where `replay` would send it.
     replay_to: String,
+    /// True when the dead letter holds its original fields packed (omitted otherwise).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    packed: bool,
     /// What `replay` would send (before restoring a missing time).
-    fields: Ordered<Rendered>,
+    fields: OriginalJson,
+}
+
+/// The original fields of `list`: an object in field order, or, when a name occurs more than
+/// once, an array of `[name, value]` pairs, so every field shows.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+enum OriginalJson {
+    Object(Ordered<Rendered>),
+    Pairs(Vec<(String, Rendered)>),
+}
+
+fn original_json(fields: &Fields) -> OriginalJson {
+    let mut names = std::collections::HashSet::new();
+    if fields.iter().all(|(k, _)| names.insert(k.as_str())) {
+        OriginalJson::Object(fields_json(fields))
+    } else {
+        OriginalJson::Pairs(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), field_json(k, v)))
+                .collect(),
+        )
+    }
 }
 
 fn list_line(name: &StreamName, d: &DeadLetter) -> ListLine {
@@ -335,8 +391,129 @@ fn list_line(name: &StreamName, d: &DeadLetter) -> ListLine {
         id: d.id.clone(),
         added,
         replay_to: replay_target(name, d),
-        fields: fields_json(&d.original),
+        packed: d.packed,
+        fields: original_json(&d.original),
     }
+}
+
+/// One dead letter to replay: it, its target, the fields to add there.
+type Work<'a> = (&'a DeadLetter, String, Fields);
+
+/// Replays dead letters with at most [`MAX_SCRIPT_FIELDS`] fields each in one script step;
+/// returns per dead letter its new ID, or None when it was gone already.
+async fn replay_batch<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    keys: &[String],
+    batch: &[Work<'_>],
+) -> Result<Vec<Option<String>>, OpsError> {
+    let mut inv = SCRIPT.prepare_invoke();
+    for k in keys {
+        inv.key(k.as_str());
+    }
+    inv.arg(batch.len());
+    for (d, target, fields) in batch {
+        let t = keys.iter().position(|k| k == target).unwrap_or(1) + 1;
+        inv.arg(d.id.as_str()).arg(t).arg(fields.len());
+        for (k, v) in fields {
+            inv.arg(k.as_str()).arg(v.as_slice());
+        }
+    }
+    let new_ids: Vec<redis::Value> = inv.invoke_async(conn).await?;
+    Ok(new_ids
+        .into_iter()
+        .map(|v| match v {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Replays one dead letter of any size in a WATCH/MULTI/EXEC transaction (see the module
+/// documentation); returns its new ID, or None when it was gone already.
+async fn replay_large<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    dlq_key: &str,
+    target: &str,
+    id: &str,
+    fields: &Fields,
+) -> Result<Option<String>, OpsError> {
+    let failed = |source: redis::RedisError| OpsError::ReplayFailed {
+        stream: dlq_key.to_string(),
+        id: id.to_string(),
+        source,
+    };
+    for _ in 0..WATCH_ATTEMPTS {
+        let () = redis::cmd("WATCH").arg(dlq_key).query_async(conn).await?;
+        let checked = async {
+            if redis_info::xrange(conn, dlq_key, id, id, 1)
+                .await?
+                .is_empty()
+            {
+                return Ok(false);
+            }
+            redis_info::stream_exists(conn, target).await?;
+            Ok::<_, OpsError>(true)
+        }
+        .await;
+        if !matches!(checked, Ok(true)) {
+            let () = redis::cmd("UNWATCH").query_async(conn).await?;
+            return checked.map(|_| None);
+        }
+        let marker = format!("{dlq_key}:replaying:{:016x}", rand::random::<u64>());
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("MULTI");
+        pipe.cmd("EVAL")
+            .arg(MARK.as_str())
+            .arg(2)
+            .arg(target)
+            .arg(&marker);
+        let xadd = pipe.cmd("XADD").arg(target).arg("*");
+        for (k, v) in fields {
+            xadd.arg(k.as_str()).arg(v.as_slice());
+        }
+        pipe.cmd("EVAL")
+            .arg(UNMARK.as_str())
+            .arg(3)
+            .arg(target)
+            .arg(&marker)
+            .arg(dlq_key)
+            .arg(id);
+        pipe.cmd("EXEC");
+        let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        match replies.pop() {
+            // The dead-letter stream changed after WATCH: nothing ran; look again.
+            Some(redis::Value::Nil) => continue,
+            Some(redis::Value::Array(done)) if done.len() == 3 => {
+                let mut done = done.into_iter().skip(1);
+                let (added, removed) = (done.next(), done.next());
+                return match (added, removed) {
+                    (Some(redis::Value::ServerError(e)), _)
+                    | (_, Some(redis::Value::ServerError(e))) => Err(failed(e.into())),
+                    (Some(redis::Value::BulkString(new)), _) => {
+                        Ok(Some(String::from_utf8_lossy(&new).into_owned()))
+                    }
+                    (other, _) => Err(failed(unexpected(other))),
+                };
+            }
+            Some(redis::Value::ServerError(e)) => return Err(failed(e.into())),
+            other => return Err(failed(unexpected(other))),
+        }
+    }
+    Err(OpsError::ReplayContended {
+        stream: dlq_key.to_string(),
+        id: id.to_string(),
+        attempts: WATCH_ATTEMPTS,
+    })
+}
+
+/// A reply of an unexpected shape, as an error.
+fn unexpected(reply: Option<redis::Value>) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected reply to the replay transaction",
+        format!("{reply:?}"),
+    ))
 }
 
 async fn replay<C: redis::aio::ConnectionLike>(
@@ -348,7 +525,7 @@ async fn replay<C: redis::aio::ConnectionLike>(
 ) -> Result<(), OpsError> {
     let dlq_key = name.dlq_key();
     let mut skipped = Vec::new();
-    let mut work: Vec<(&DeadLetter, String, Fields)> = Vec::new();
+    let mut work: Vec<Work> = Vec::new();
     for d in letters {
         if d.original.is_empty() {
             skipped.push(d.id.as_str());
@@ -374,29 +551,32 @@ async fn replay<C: redis::aio::ConnectionLike>(
     }
     let mut replayed: BTreeMap<&str, u64> = BTreeMap::new();
     let mut gone = 0u64;
-    for batch in work.chunks(REPLAY_BATCH) {
-        let mut inv = SCRIPT.prepare_invoke();
-        for k in &keys {
-            inv.key(k.as_str());
-        }
-        inv.arg(batch.len());
-        for (d, target, fields) in batch {
-            let t = keys.iter().position(|k| k == target).unwrap_or(1) + 1;
-            inv.arg(d.id.as_str()).arg(t).arg(fields.len());
-            for (k, v) in fields {
-                inv.arg(k.as_str()).arg(v.as_slice());
-            }
-        }
-        let new_ids: Vec<redis::Value> = inv.invoke_async(conn).await?;
-        for ((d, target, _), new) in batch.iter().zip(new_ids) {
+    let large = |w: &Work| w.2.len() > MAX_SCRIPT_FIELDS;
+    let mut start = 0;
+    while start < work.len() {
+        let (step, results) = if large(&work[start]) {
+            let (d, target, fields) = &work[start];
+            let new = replay_large(conn, &dlq_key, target, &d.id, fields).await?;
+            (&work[start..=start], vec![new])
+        } else {
+            let end = work[start..]
+                .iter()
+                .take(REPLAY_BATCH)
+                .position(large)
+                .map_or((start + REPLAY_BATCH).min(work.len()), |p| start + p);
+            let step = &work[start..end];
+            (step, replay_batch(conn, &keys, step).await?)
+        };
+        for ((d, target, _), new) in step.iter().zip(results) {
             match new {
-                redis::Value::BulkString(b) => {
-                    writeln!(out, "{} → {target} {}", d.id, String::from_utf8_lossy(&b))?;
+                Some(new) => {
+                    writeln!(out, "{} → {target} {new}", d.id)?;
                     *replayed.entry(target.as_str()).or_default() += 1;
                 }
-                _ => gone += 1,
+                None => gone += 1,
             }
         }
+        start += step.len();
     }
     let left = redis_info::xlen(conn, &dlq_key).await?;
     let total: u64 = replayed.values().sum();
@@ -475,6 +655,48 @@ mod tests {
     }
 
     #[test]
+    fn colliding_names_stay_original_and_packed_fields_unpack() {
+        let original: Fields = [
+            ("fields", "f"),
+            ("deliveries", "d"),
+            ("x", "1"),
+            ("x", "2"),
+            ("error", "e"),
+            ("stage", "s"),
+            ("source_id", "i"),
+            ("sqlstate", "q"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        for sqlstate in [None, Some("23514")] {
+            let fields =
+                streams::dead_letter_fields(original.clone(), "bad", "ingest", "1-0", 3, sqlstate);
+            let d = DeadLetter::from_entry(Entry::new("9-0", fields));
+            assert_eq!(d.original, original);
+            assert!(!d.packed);
+            assert_eq!(d.added(DLQ_ERROR).as_deref(), Some("bad"));
+            assert_eq!(d.added(DLQ_SQLSTATE).as_deref(), sqlstate);
+            assert_eq!(d.added.len(), 4 + sqlstate.is_some() as usize);
+        }
+        let many: Fields = (0..1_500)
+            .map(|i| (format!("f{}", i % 700), vec![i as u8, 0xff]))
+            .chain(original.clone())
+            .collect();
+        let fields = streams::dead_letter_fields(many.clone(), "bad", "ingest", "1-0", 1, None);
+        assert_eq!(fields.len(), 5);
+        let d = DeadLetter::from_entry(Entry::new("9-0", fields));
+        assert!(d.packed);
+        assert_eq!(d.original, many);
+        let line =
+            serde_json::to_value(list_line(&StreamName::parse("telemetry:{m}").unwrap(), &d))
+                .unwrap();
+        assert_eq!(line["packed"], true);
+        assert_eq!(line["fields"].as_array().unwrap().len(), many.len());
+        assert_eq!(line["error"], "bad");
+    }
+
+    #[test]
     fn rows_go_to_telemetry_frames_back_to_rows_and_times_are_kept() {
         let name = StreamName::parse("rows:{m}:dlq").unwrap();
         let row = DeadLetter::from_entry(entry(&[("value", "-1"), ("error", "x")]));
@@ -506,6 +728,7 @@ mod tests {
             id: "1-0".into(),
             original: vec![("msgpack".into(), packed)],
             added: vec![("source_id".into(), b"1793491200123-4".to_vec())],
+            packed: false,
         };
         let fields = replay_fields("telemetry:{m}", Some(&schema), &d);
         let v = rmpv::decode::read_value(&mut &fields[0].1[..]).unwrap();

@@ -59,6 +59,25 @@ pub enum OpsError {
         /// The ID asked for.
         id: String,
     },
+    #[error("dead letter {id} of {stream} was not replayed (nothing was added or removed)")]
+    ReplayFailed {
+        /// The dead-letter stream.
+        stream: String,
+        /// The dead letter's ID.
+        id: String,
+        /// What Redis replied to the write that failed.
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("dead letter {id} of {stream} was not replayed: {stream} changed during each of {attempts} attempts; run replay again")]
+    ReplayContended {
+        /// The dead-letter stream.
+        stream: String,
+        /// The dead letter's ID.
+        id: String,
+        /// How many times it was tried.
+        attempts: usize,
+    },
     #[error("{0}")]
     Usage(String),
 }
