@@ -146,7 +146,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// frees it (OOM), a script or load in progress (BUSY, LOADING), a cluster or replica
 /// reconfiguring (TRYAGAIN, CLUSTERDOWN, MASTERDOWN, READONLY, NOREPLICAS), persistence
 /// failing (MISCONF).
-const REDIS_TRANSIENT_CODES: [&str; 9] = [
+pub const REDIS_TRANSIENT_CODES: [&str; 9] = [
     "OOM",
     "BUSY",
     "LOADING",

@@ -83,6 +83,9 @@ pub fn install() -> PrometheusHandle {
 /// Batches split because their commit step kept failing for a reason that is not transient.
 pub const BATCH_SPLITS: &str = "strata_commit_splits_total";
 
+/// Entries left pending because even their dead letter could not be written.
+pub const STUCK_ENTRIES: &str = "strata_stuck_entries_total";
+
 /// The `reason` of an entry dead-lettered because its commit step kept failing on its own.
 pub const REASON_COMMIT_FAILED: &str = "commit_failed";
 
@@ -106,6 +109,8 @@ pub struct LoopMetrics {
     pub retries: Counter,
     /// Batches split (or single entries dead-lettered) after repeated commit failures.
     pub splits: Counter,
+    /// Entries left pending because their dead letter could not be written.
+    pub stuck: Counter,
     pub batch_rows: Histogram,
     pub batch_bytes: Histogram,
     /// Labels for dead letters, whose reason varies.
@@ -122,6 +127,7 @@ impl LoopMetrics {
             claimed: counter!(CLAIMED, &labels),
             retries: counter!(RETRIES, &labels),
             splits: counter!(BATCH_SPLITS, &labels),
+            stuck: counter!(STUCK_ENTRIES, &labels),
             batch_rows: histogram!(BATCH_ROWS, &labels),
             batch_bytes: histogram!(BATCH_BYTES, &labels),
             stage,

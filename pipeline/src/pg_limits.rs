@@ -28,6 +28,10 @@ pub const MAX_TIME_TEXT: &str = "9999-12-31T23:59:59.999999Z";
 
 /// Deepest nesting of arrays and objects accepted in a jsonb value.
 pub const JSON_MAX_DEPTH: usize = 128;
+/// Nesting limit of a decoded MessagePack payload, in rmpv's depth units (two per array or map
+/// level): a payload nested deeper than a jsonb value may be is refused while decoding, before
+/// recursion could exhaust a worker thread's stack.
+pub const MSGPACK_MAX_DEPTH: usize = 2 * (JSON_MAX_DEPTH + 2);
 /// `numeric` holds at most this many decimal digits before the decimal point
 /// (weight 32767 in base-10000 digits): `1e131071` is stored, `10e131071` is refused.
 pub const NUMERIC_MAX_INT_DIGITS: i64 = 131_072;

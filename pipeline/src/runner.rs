@@ -617,12 +617,11 @@ impl<S: Stage> Worker<S> {
                         }
                         Err(CommitFailure::Fatal(e)) => return Err(e),
                         Err(CommitFailure::Stuck(e)) if origin == Origin::CommitFailed => {
-                            // Even the entry's own dead letter cannot be written.
-                            return Err(StageError::fatal(format!(
-                                "cannot dead-letter entry {} to {}: {e}",
-                                batch.entries[0].id,
-                                streams::dlq_stream(&self.spec.input)
-                            )));
+                            // Even the entry's own dead letter cannot be written (the
+                            // dead-letter stream is broken): leave the entry pending, so the rest
+                            // keeps flowing; it is claimed and tried again after claim_idle_ms.
+                            self.metrics.stuck.increment(1);
+                            tracing::error!(stage = self.spec.stage, stream = %self.spec.input, entry = %batch.entries[0].id, dlq = %streams::dlq_stream(&self.spec.input), error = %e, "cannot dead-letter this entry: leaving it pending");
                         }
                         Err(CommitFailure::Stuck(e)) => {
                             self.metrics.splits.increment(1);
@@ -764,7 +763,11 @@ impl<S: Stage> Worker<S> {
         loop {
             let res = match self.redis.get().await {
                 Ok(mut conn) => step.run(&mut conn).await.map_err(|e| {
-                    let hint = crate::error::redis_hint(&e);
+                    // A step that acknowledged part of its entries must not be redone.
+                    let hint = match streams::ScriptFailure::of(&e) {
+                        Some(streams::ScriptFailure::Partial) => RetryHint::Fatal,
+                        _ => crate::error::redis_hint(&e),
+                    };
                     (StageError::from(e), hint)
                 }),
                 Err(e) => Err((StageError::from(e), RetryHint::Backoff)),

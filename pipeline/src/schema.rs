@@ -406,7 +406,7 @@ impl Schema {
                 quote(t)
             ));
         }
-        let us = time.timestamp_micros();
+        let us = time.timestamp() * 1_000_000 + pg_fraction_micros(t, time.nanosecond());
         if !pg_limits::time_in_range(us) {
             return Err(pg_limits::time_out_of_range(format_args!(
                 "time {}",
@@ -496,6 +496,30 @@ const NANOS_PER_SECOND: u32 = 1_000_000_000;
 
 /// chrono's nanosecond field of a whole leap second (`:60`): more means a fraction on it.
 const LEAP_SECOND_NANOS: u32 = NANOS_PER_SECOND;
+
+/// The fractional second of RFC 3339 text `t` in whole microseconds, rounded the way
+/// PostgreSQL's own input rounds it (the digits read as a double, times 10^6, to the nearest
+/// integer, ties to even), so a time sent with more than six fractional digits is stored exactly
+/// as `'…'::timestamptz` would store it. `nanos` (chrono's reading, ≥ 1e9 on a leap second)
+/// is used when the text has no fraction.
+fn pg_fraction_micros(t: &str, nanos: u32) -> i64 {
+    // chrono accepted `t`, so it is `YYYY-MM-DDTHH:MM:SS[.digits](Z|±hh:mm)`.
+    let digits = t
+        .get(19..)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .map(|rest| {
+            &rest[..rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len())]
+        });
+    match digits {
+        Some(d) if d.len() > 6 => format!("0.{d}")
+            .parse::<f64>()
+            .map(|frac| (frac * 1e6).round_ties_even() as i64)
+            .unwrap_or(i64::from(nanos / 1000)),
+        _ => i64::from(nanos / 1000),
+    }
+}
 
 /// MessagePack's timestamp extension (type -1) in microseconds, within the accepted range.
 fn msgpack_timestamp(data: &[u8]) -> Result<i64, String> {
@@ -743,6 +767,20 @@ required = true
 name = "tags"
 type = "jsonb"
 "#;
+
+    #[test]
+    fn sub_microsecond_digits_round_as_postgresql_rounds_them() {
+        let s = Schema::from_toml("m.toml", METRICS).unwrap();
+        let at = |t: &str| match s.parse_text(0, t.as_bytes()).unwrap() {
+            Cell::Time(us) => us - 1_793_491_200_000_000,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(at("2026-11-01T00:00:00.1234567891Z"), 123_457);
+        assert_eq!(at("2026-11-01T00:00:00.1234564Z"), 123_456);
+        assert_eq!(at("2026-11-01T00:00:00.9999996Z"), 1_000_000);
+        assert_eq!(at("2026-11-01T00:00:00.123456Z"), 123_456);
+        assert_eq!(at("2026-11-01T00:00:00Z"), 0);
+    }
 
     #[test]
     fn parses_values_by_type_with_clear_errors() {

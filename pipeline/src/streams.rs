@@ -90,20 +90,19 @@ impl ScriptFailure {
         let code = err.code()?;
         Self::ALL.into_iter().find(|f| f.code() == code)
     }
-
-    /// True when nothing of the step remains, so retrying it unchanged is safe (and may succeed
-    /// once the cause is gone); false when a retry would be refused again or cannot help.
-    pub const fn is_transient(self) -> bool {
-        matches!(self, ScriptFailure::RolledBack)
-    }
 }
 
 /// The Lua source of a strata script: `body` after the shared prelude (the error codes and
 /// [`MAX_SCRIPT_CALL_ARGS`] as locals, and helpers `refuse`, `err_text`, `not_a_stream`,
 /// `valid_id`; see `scripts/prelude.lua`).
 pub fn script_source(body: &str) -> String {
+    let transient: Vec<String> = crate::error::REDIS_TRANSIENT_CODES
+        .iter()
+        .map(|c| format!("['{c}'] = true"))
+        .collect();
     format!(
-        "local E_LIMIT, E_WRONGTYPE, E_ROLLBACK, E_PARTIAL, MAX_ARGS = '{ERR_LIMIT}', '{ERR_WRONGTYPE}', '{ERR_ROLLBACK}', '{ERR_PARTIAL}', {MAX_SCRIPT_CALL_ARGS}\n{}\n{body}",
+        "local E_LIMIT, E_WRONGTYPE, E_ROLLBACK, E_PARTIAL, MAX_ARGS = '{ERR_LIMIT}', '{ERR_WRONGTYPE}', '{ERR_ROLLBACK}', '{ERR_PARTIAL}', {MAX_SCRIPT_CALL_ARGS}\nlocal TRANSIENT = {{{}}}\n{}\n{body}",
+        transient.join(", "),
         include_str!("scripts/prelude.lua")
     )
 }
@@ -163,7 +162,9 @@ pub fn pack_fields(fields: &[(String, Vec<u8>)]) -> Vec<u8> {
 /// and values binary or text, names UTF-8) with nothing after it.
 pub fn unpack_fields(packed: &[u8]) -> Option<Fields> {
     let mut rd = packed;
-    let value = rmpv::decode::read_value(&mut rd).ok()?;
+    let value =
+        rmpv::decode::read_value_with_max_depth(&mut rd, crate::pg_limits::MSGPACK_MAX_DEPTH)
+            .ok()?;
     if !rd.is_empty() {
         return None;
     }
@@ -975,8 +976,6 @@ mod tests {
             let e = redis::make_extension_error(f.code().to_string(), Some("detail".into()));
             assert_eq!(ScriptFailure::of(&e), Some(f));
         }
-        assert!(ScriptFailure::RolledBack.is_transient());
-        assert!(!ScriptFailure::Limit.is_transient());
         assert_eq!(MAX_SCRIPT_FIELDS, 3_948);
     }
 }

@@ -2,7 +2,7 @@
 //! rows of a batch as one frame to `rows:{T}`; each invalid entry is dead-lettered on its own.
 
 use strata_pipeline::frame::{FrameBuilder, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
-use strata_pipeline::pg_limits::{self, BTREE_MAX_INDEX_ROW};
+use strata_pipeline::pg_limits::{self, BTREE_MAX_INDEX_ROW, MSGPACK_MAX_DEPTH};
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef, UnknownFields, MSGPACK_FIELD, TRACEPARENT_FIELD};
 use strata_pipeline::streams::Entry;
@@ -139,7 +139,7 @@ impl Ingest {
         rows: &mut Vec<Vec<Cell>>,
     ) -> Result<(), String> {
         let mut rd = packed;
-        let value = rmpv::decode::read_value(&mut rd)
+        let value = rmpv::decode::read_value_with_max_depth(&mut rd, MSGPACK_MAX_DEPTH)
             .map_err(|e| format!("field `{MSGPACK_FIELD}`: not valid MessagePack ({e})"))?;
         if !rd.is_empty() {
             return Err(format!(
@@ -311,6 +311,27 @@ type = "float8"
             zstd_level: 1,
             max_event_spans: 0,
         }
+    }
+
+    #[test]
+    fn deep_messagepack_is_refused_without_exhausting_a_worker_stack() {
+        // A tokio worker's stack (2 MiB), in a debug build: the deepest nesting that fits in
+        // max_event_bytes must be refused, not overflow it.
+        let mut ing = ingest("reject");
+        ing.max_event_bytes = 65_536;
+        let mut payload = vec![0x81, 0xa3, b'v', b'a', b'l'];
+        payload.extend(std::iter::repeat_n(0x91, 60_000));
+        payload.push(0x01);
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let mut rows = Vec::new();
+                ing.validate(&entry(&[("msgpack", &payload)]), &mut rows)
+                    .unwrap_err()
+            })
+            .unwrap();
+        let err = handle.join().expect("no stack overflow");
+        assert!(err.contains("depth"), "{err}");
     }
 
     fn entry(fields: &[(&str, &[u8])]) -> Entry {

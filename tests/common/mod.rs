@@ -290,20 +290,27 @@ impl TestEnv {
         self.entries(&streams::dlq_stream(stream)).await
     }
 
-    /// Every entry of `stream` with its fields (values as text).
+    /// Every entry of `stream` with its fields (values as text), read in pages.
     pub async fn entries(&self, stream: &str) -> Vec<(String, Vec<(String, String)>)> {
         let mut conn = self.redis().await;
-        let v: redis::Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let (entries, _) = streams::parse_entries(v, 0);
-        entries
-            .into_iter()
-            .map(|e| {
+        let mut out = Vec::new();
+        let mut from = "-".to_string();
+        loop {
+            let v: redis::Value = redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(&from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(100)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let (entries, _) = streams::parse_entries(v, 0);
+            let Some(last) = entries.last() else {
+                return out;
+            };
+            from = format!("({}", last.id);
+            out.extend(entries.into_iter().map(|e| {
                 (
                     e.id,
                     e.fields
@@ -311,8 +318,8 @@ impl TestEnv {
                         .map(|(k, v)| (k.into_owned(), String::from_utf8_lossy(v).into_owned()))
                         .collect(),
                 )
-            })
-            .collect()
+            }));
+        }
     }
 
     /// Starts `strata <args>` with this environment's config, logging to a file in the env dir.

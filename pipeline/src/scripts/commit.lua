@@ -5,7 +5,8 @@
 --       (number of field pairs, name, value, …).
 -- Replies {} when done, the IDs another consumer owns now (nothing written), or an error whose
 -- code is E_LIMIT or E_WRONGTYPE (refused, nothing written), E_ROLLBACK (a write failed; what
--- was added is deleted again, nothing acknowledged) or E_PARTIAL (an acknowledgement failed
+-- was added is deleted again, nothing acknowledged; a transient cause such as OOM keeps its own
+-- code) or E_PARTIAL (an acknowledgement failed
 -- after an earlier one succeeded; nothing removed).
 local group, consumer = ARGV[1], ARGV[2]
 local n, verify = tonumber(ARGV[5]), ARGV[6] == '1'
@@ -95,4 +96,4 @@ if acked then return refuse(E_PARTIAL, err_text(err)) end
 for k = #added, 1, -1 do
   redis.call('XDEL', added[k][1], added[k][2])
 end
-return refuse(E_ROLLBACK, err_text(err) .. ' (' .. #added .. ' added entries deleted again)')
+return undone(E_ROLLBACK, err, #added .. ' added entries deleted again')

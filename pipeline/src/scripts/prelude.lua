@@ -12,6 +12,16 @@ local function err_text(e)
   return tostring(e)
 end
 
+-- The reply after undoing a failed write: the original error when its code is a transient one
+-- (TRANSIENT, generated from Rust: OOM, BUSY, …), so the caller waits and retries; else `code`.
+local function undone(code, e, note)
+  local text = err_text(e)
+  if TRANSIENT[string.match(text, '^(%S+)')] then
+    return redis.error_reply(text .. ' (' .. note .. ')')
+  end
+  return refuse(code, text .. ' (' .. note .. ')')
+end
+
 -- nil when `key` is a stream or absent, else the refusal to return.
 local function not_a_stream(key)
   local t = redis.call('TYPE', key)['ok']

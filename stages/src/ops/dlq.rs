@@ -306,7 +306,11 @@ pub fn replay_fields(target: &str, schema: Option<&SchemaRef>, d: &DeadLetter) -
 /// nothing changes or the payload does not decode (it is then replayed as it was).
 fn msgpack_with_time(packed: &[u8], time_col: &str, time: &str) -> Option<Vec<u8>> {
     let mut rd = packed;
-    let mut value = rmpv::decode::read_value(&mut rd).ok()?;
+    let mut value = rmpv::decode::read_value_with_max_depth(
+        &mut rd,
+        strata_pipeline::pg_limits::MSGPACK_MAX_DEPTH,
+    )
+    .ok()?;
     if !rd.is_empty() {
         return None;
     }

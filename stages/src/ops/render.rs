@@ -143,7 +143,10 @@ pub fn frame_json(value: &[u8]) -> Rendered {
 /// A MessagePack payload as `{"msgpack": value}`, or as bytes with the decoding error.
 pub fn msgpack_json(value: &[u8]) -> Value {
     let mut rd = value;
-    match rmpv::decode::read_value(&mut rd) {
+    match rmpv::decode::read_value_with_max_depth(
+        &mut rd,
+        strata_pipeline::pg_limits::MSGPACK_MAX_DEPTH,
+    ) {
         Ok(v) if rd.is_empty() => json!({ "msgpack": msgpack_to_json(&v) }),
         Ok(_) => undecodable(
             value,
