@@ -367,6 +367,9 @@ impl Config {
             return Err(invalid("[streams] read_count must be > 0".into()));
         }
         self.chunk_watcher.validate().map_err(invalid)?;
+        // A missing bucket or container is a mistake in the file, found when it loads rather
+        // than when the first chunk is archived.
+        self.lake.validate().map_err(invalid)?;
         Ok(())
     }
 }
@@ -374,6 +377,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lake_missing_its_bucket_is_refused_when_the_config_loads() {
+        let dir = std::env::temp_dir().join(format!("strata-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "[lake]\nbackend = \"s3\"\n").unwrap();
+        let err = Config::load(&path, true).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("[lake] bucket is required"), "{err}");
+    }
 
     #[test]
     fn env_overrides_file_and_unknown_fields_are_rejected() {

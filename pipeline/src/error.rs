@@ -1,7 +1,5 @@
 //! Errors that carry a retry hint, so delivery is decided in one place (the runner).
 
-use std::fmt;
-
 /// What the runner does with the entries of a batch whose processing failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryHint {
@@ -17,24 +15,26 @@ pub enum RetryHint {
 }
 
 /// An error raised by a stage while turning a batch into an outcome.
+///
+/// `Display` says what failed (for an error with an underlying cause, only the operation, e.g.
+/// "COPY into metrics"); the cause is [`source()`](std::error::Error::source) — the
+/// `tokio_postgres::Error` or `RedisError` itself. [`StageError::reason`] is the one line for logs
+/// and dead letters, with the cause.
 #[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct StageError {
     /// Decides what happens to the batch; see [`RetryHint`].
     pub hint: RetryHint,
-    /// What went wrong, for logs and dead-letter `error` fields.
+    /// What went wrong, or the operation that failed when `source` says why.
     pub message: String,
     /// The SQLSTATE of a PostgreSQL failure, kept apart so dead letters can carry it.
-    pub sqlstate: Option<String>,
-    /// The underlying error, when the message does not already say it.
+    pub sqlstate: Option<SqlState>,
+    /// The underlying error.
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
-impl fmt::Display for StageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
+pub use tokio_postgres::error::SqlState;
 
 impl StageError {
     pub fn new(hint: RetryHint, message: impl Into<String>) -> Self {
@@ -58,28 +58,51 @@ impl StageError {
         Self::new(RetryHint::Fatal, message)
     }
 
+    /// Keeps `source` as the cause.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
         self
     }
 
-    /// Classifies a PostgreSQL error (see [`postgres_hint`]) and keeps its SQLSTATE.
+    /// Classifies a PostgreSQL error (see [`postgres_hint`]), keeps it as the source and its
+    /// SQLSTATE apart. `context` names the operation.
     pub fn from_postgres(context: &str, err: tokio_postgres::Error) -> Self {
         let hint = postgres_hint(&err);
-        match err.as_db_error() {
+        let sqlstate = err.code().cloned();
+        let mut e = Self::new(hint, context).with_source(err);
+        e.sqlstate = sqlstate;
+        e
+    }
+
+    /// The SQLSTATE as its five characters, for dead letters.
+    pub fn sqlstate_code(&self) -> Option<String> {
+        self.sqlstate.as_ref().map(|s| s.code().to_string())
+    }
+
+    /// The PostgreSQL error behind this one, if any.
+    pub fn postgres(&self) -> Option<&tokio_postgres::Error> {
+        self.source.as_deref()?.downcast_ref()
+    }
+
+    /// One line for logs and dead letters: what failed and why. A PostgreSQL server error reads
+    /// `<operation>: SQLSTATE <code>: <message> (<detail>)`; any other cause is its error chain.
+    pub fn reason(&self) -> String {
+        match self.postgres().and_then(|e| e.as_db_error()) {
             Some(db) => {
-                let code = db.code().code();
-                let mut message = format!("{context}: SQLSTATE {code}: {}", db.message());
+                let mut s = format!(
+                    "{}: SQLSTATE {}: {}",
+                    self.message,
+                    db.code().code(),
+                    db.message()
+                );
                 if let Some(detail) = db.detail() {
-                    message.push_str(" (");
-                    message.push_str(detail);
-                    message.push(')');
+                    s.push_str(" (");
+                    s.push_str(detail);
+                    s.push(')');
                 }
-                let mut e = Self::new(hint, message);
-                e.sqlstate = Some(code.to_string());
-                e
+                s
             }
-            None => Self::new(hint, format!("{context}: {err}")),
+            None => error_chain(self),
         }
     }
 }
@@ -175,20 +198,26 @@ pub fn redis_hint(err: &redis::RedisError) -> RetryHint {
 }
 
 impl From<redis::RedisError> for StageError {
+    /// Inside a stage, a Redis failure is not the input's fault: it waits and retries, unless
+    /// it is a deployment fault ([`redis_hint`] says fatal). The error is kept as the source.
     fn from(err: redis::RedisError) -> Self {
-        StageError::backoff(format!("redis: {err}"))
+        let hint = match redis_hint(&err) {
+            RetryHint::Fatal => RetryHint::Fatal,
+            _ => RetryHint::Backoff,
+        };
+        StageError::new(hint, "redis").with_source(err)
     }
 }
 
 impl From<deadpool_redis::PoolError> for StageError {
     fn from(err: deadpool_redis::PoolError) -> Self {
-        StageError::backoff(format!("redis pool: {err}"))
+        StageError::backoff("redis pool").with_source(err)
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StageError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        StageError::backoff(format!("postgres pool: {err}"))
+        StageError::backoff("postgres pool").with_source(err)
     }
 }
 

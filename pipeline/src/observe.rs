@@ -86,17 +86,44 @@ pub const BATCH_SPLITS: &str = "strata_commit_splits_total";
 /// Entries left pending because even their dead letter could not be written.
 pub const STUCK_ENTRIES: &str = "strata_stuck_entries_total";
 
-/// The `reason` of an entry dead-lettered because its commit step kept failing on its own.
-pub const REASON_COMMIT_FAILED: &str = "commit_failed";
+/// Why an entry (or row) was dead-lettered: the `reason` label of [`DEAD_LETTERS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The stage refused the input itself (validation, a malformed frame or event).
+    InvalidInput,
+    /// PostgreSQL refused a row for a constraint (SQLSTATE class 23).
+    Constraint,
+    /// PostgreSQL refused a row's data (class 22).
+    Data,
+    /// PostgreSQL refused a row for another reason (e.g. 54001, XX000).
+    Database,
+    /// Delivered more than `max_deliveries` times.
+    MaxDeliveries,
+    /// Its commit step kept failing on its own.
+    CommitFailed,
+}
 
-/// The class of a dead letter, for the `reason` label.
-pub fn dead_letter_reason(sqlstate: Option<&str>, max_deliveries: bool) -> &'static str {
-    match sqlstate {
-        _ if max_deliveries => "max_deliveries",
-        Some(s) if s.starts_with("23") => "constraint",
-        Some(s) if s.starts_with("22") => "data",
-        Some(_) => "database",
-        None => "invalid_input",
+impl DeadLetterReason {
+    /// The class of a dead letter the stage made, from the SQLSTATE PostgreSQL gave (if any).
+    pub fn of_sqlstate(sqlstate: Option<&str>) -> Self {
+        match sqlstate {
+            Some(s) if s.starts_with("23") => DeadLetterReason::Constraint,
+            Some(s) if s.starts_with("22") => DeadLetterReason::Data,
+            Some(_) => DeadLetterReason::Database,
+            None => DeadLetterReason::InvalidInput,
+        }
+    }
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DeadLetterReason::InvalidInput => "invalid_input",
+            DeadLetterReason::Constraint => "constraint",
+            DeadLetterReason::Data => "data",
+            DeadLetterReason::Database => "database",
+            DeadLetterReason::MaxDeliveries => "max_deliveries",
+            DeadLetterReason::CommitFailed => "commit_failed",
+        }
     }
 }
 
@@ -135,8 +162,8 @@ impl LoopMetrics {
         }
     }
 
-    pub fn dead_lettered(&self, reason: &'static str, n: u64) {
-        counter!(DEAD_LETTERS, "stage" => self.stage, "stream" => self.stream.clone(), "reason" => reason).increment(n);
+    pub fn dead_lettered(&self, reason: DeadLetterReason, n: u64) {
+        counter!(DEAD_LETTERS, "stage" => self.stage, "stream" => self.stream.clone(), "reason" => reason.label()).increment(n);
     }
 }
 

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{BatchLimits, StreamsConfig};
 use crate::error::{error_chain, RetryHint, StageError};
-use crate::observe::{self, LoopMetrics};
+use crate::observe::{self, DeadLetterReason, LoopMetrics};
 use crate::resp::ReadConnection;
 use crate::streams::{self, CommitStep, Entry, Fields, Held, ReadSpan};
 
@@ -621,12 +621,12 @@ impl<S: Stage> Worker<S> {
                             // dead-letter stream is broken): leave the entry pending, so the rest
                             // keeps flowing; it is claimed and tried again after claim_idle_ms.
                             self.metrics.stuck.increment(1);
-                            tracing::error!(stage = self.spec.stage, stream = %self.spec.input, entry = %batch.entries[0].id, dlq = %streams::dlq_stream(&self.spec.input), error = %e, "cannot dead-letter this entry: leaving it pending");
+                            tracing::error!(stage = self.spec.stage, stream = %self.spec.input, entry = %batch.entries[0].id, dlq = %streams::dlq_stream(&self.spec.input), error = %e.reason(), "cannot dead-letter this entry: leaving it pending");
                         }
                         Err(CommitFailure::Stuck(e)) => {
                             self.metrics.splits.increment(1);
                             if batch.entries.len() > 1 {
-                                warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e, entries = batch.entries.len(), attempts = MAX_COMMIT_ATTEMPTS, "commit keeps failing: splitting the batch");
+                                warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e.reason(), entries = batch.entries.len(), attempts = MAX_COMMIT_ATTEMPTS, "commit keeps failing: splitting the batch");
                                 let right = Batch {
                                     entries: batch.entries.split_off(batch.entries.len() / 2),
                                 };
@@ -640,7 +640,7 @@ impl<S: Stage> Worker<S> {
                                     });
                                 }
                             } else {
-                                warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e, entry = %batch.entries[0].id, "commit keeps failing for this entry alone: dead-lettering it");
+                                warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e.reason(), entry = %batch.entries[0].id, "commit keeps failing for this entry alone: dead-lettering it");
                                 let dl = DeadLetter {
                                     entry: 0,
                                     fields: None,
@@ -667,7 +667,7 @@ impl<S: Stage> Worker<S> {
                 Err(e) => match e.hint {
                     RetryHint::Backoff => {
                         self.metrics.retries.increment(1);
-                        warn!(stage = self.spec.stage, error = %e, entries = batch.entries.len(), "transient failure, retrying");
+                        warn!(stage = self.spec.stage, error = %e.reason(), entries = batch.entries.len(), "transient failure, retrying");
                         if !backoff.wait(&self.stop).await {
                             return Ok(()); // shutdown: the entries stay pending
                         }
@@ -677,7 +677,7 @@ impl<S: Stage> Worker<S> {
                         });
                     }
                     RetryHint::DeadLetter if batch.entries.len() > 1 => {
-                        debug!(stage = self.spec.stage, error = %e, "splitting batch to isolate a poison entry");
+                        debug!(stage = self.spec.stage, error = %e.reason(), "splitting batch to isolate a poison entry");
                         let right = batch.entries.split_off(batch.entries.len() / 2);
                         todo.push(Todo {
                             batch: Batch { entries: right },
@@ -692,8 +692,8 @@ impl<S: Stage> Worker<S> {
                         let dl = DeadLetter {
                             entry: 0,
                             fields: None,
-                            error: e.message,
-                            sqlstate: e.sqlstate,
+                            error: e.reason(),
+                            sqlstate: e.sqlstate_code(),
                         };
                         todo.push(Todo {
                             batch,
@@ -728,9 +728,9 @@ impl<S: Stage> Worker<S> {
         let dlq = streams::dlq_stream(&self.spec.input);
         for d in &outcome.dead_letters {
             reasons.push(match origin {
-                Origin::Stage => observe::dead_letter_reason(d.sqlstate.as_deref(), false),
-                Origin::MaxDeliveries => observe::dead_letter_reason(None, true),
-                Origin::CommitFailed => observe::REASON_COMMIT_FAILED,
+                Origin::Stage => DeadLetterReason::of_sqlstate(d.sqlstate.as_deref()),
+                Origin::MaxDeliveries => DeadLetterReason::MaxDeliveries,
+                Origin::CommitFailed => DeadLetterReason::CommitFailed,
             });
         }
         let dead_letters: Vec<Fields> = outcome
@@ -783,7 +783,7 @@ impl<S: Stage> Worker<S> {
                             .fetch_add(step.dead_letters.len() as u64, Ordering::Relaxed);
                         self.metrics.acked.increment(step.ids.len() as u64);
                         for reason in &reasons {
-                            self.metrics.dead_lettered(reason, 1);
+                            self.metrics.dead_lettered(*reason, 1);
                         }
                         if !step.dead_letters.is_empty() {
                             warn!(stage = self.spec.stage, count = step.dead_letters.len(), dlq = %dlq, "dead-lettered");
@@ -794,7 +794,7 @@ impl<S: Stage> Worker<S> {
                 Err((e, RetryHint::Fatal)) => return Err(CommitFailure::Fatal(e)),
                 Err((e, RetryHint::DeadLetter)) => {
                     refused += 1;
-                    warn!(stage = self.spec.stage, error = %e, attempt = refused, "commit step refused");
+                    warn!(stage = self.spec.stage, error = %e.reason(), attempt = refused, "commit step refused");
                     if refused >= MAX_COMMIT_ATTEMPTS {
                         return Err(CommitFailure::Stuck(e));
                     }
@@ -802,7 +802,7 @@ impl<S: Stage> Worker<S> {
                     backoff.wait(&CancellationToken::new()).await;
                 }
                 Err((e, RetryHint::Backoff)) => {
-                    warn!(stage = self.spec.stage, error = %e, "commit failed, retrying");
+                    warn!(stage = self.spec.stage, error = %e.reason(), "commit failed, retrying");
                     // The step may have been applied with only its reply lost.
                     step.verify = true;
                     // The outcome is only in memory (and maybe committed to PostgreSQL): keep

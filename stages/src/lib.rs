@@ -126,7 +126,7 @@ impl Running {
                     });
                     if let Err(e) = r {
                         if result.is_ok() {
-                            tracing::error!(error = %e, "stage failed; stopping the process");
+                            tracing::error!(error = %e.reason(), "stage failed; stopping the process");
                             shutdown.cancel();
                             result = Err(StopError::Stage(e));
                         }
@@ -290,7 +290,7 @@ async fn prune_applied_frames(
                     "pruned applied frames"
                 ),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "pruning applied frames failed"),
+                Err(e) => tracing::warn!(error = %e.reason(), "pruning applied frames failed"),
             }
         }
     }
@@ -309,7 +309,7 @@ async fn connect_writer(
         match writer::BatchWriter::new(schema.clone(), input.to_string(), pg.clone()).await {
             Ok(w) => return Ok(w),
             Err(e) if e.hint == RetryHint::Backoff => {
-                tracing::warn!(table = %schema.table, error = %e, "waiting for PostgreSQL");
+                tracing::warn!(table = %schema.table, error = %e.reason(), "waiting for PostgreSQL");
                 if !backoff.wait(shutdown).await {
                     return Err(e);
                 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
+use strata_pipeline::error::SqlState;
 use strata_pipeline::frame::{CellRef, Frame, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
 use strata_pipeline::latency::LatencyHistogram;
 use strata_pipeline::observe::WriterMetrics;
@@ -351,19 +352,19 @@ impl BatchWriter {
                     }
                     return Err(StageError::backoff(format!(
                         "{} (the partition was dropped after archiving; creating it again)",
-                        e.message
+                        e.reason()
                     )));
                 }
                 Err(e) if e.hint == RetryHint::DeadLetter => {
                     sp("ROLLBACK TO SAVEPOINT strata_copy").await?;
                     if set.len() == 1 {
                         if bad.is_empty() {
-                            tracing::warn!(table = %self.schema.table, error = %e, "a row failed on its own: dead-lettering it");
+                            tracing::warn!(table = %self.schema.table, error = %e.reason(), "a row failed on its own: dead-lettering it");
                         }
                         bad.push(Refused {
                             tuple: set[0],
-                            message: e.message,
-                            sqlstate: e.sqlstate,
+                            message: e.reason(),
+                            sqlstate: e.sqlstate_code(),
                         });
                     } else {
                         let mut left = set;
@@ -397,10 +398,13 @@ impl BatchWriter {
     }
 }
 
-/// PostgreSQL found no partition for a row (SQLSTATE 23514 with this message; a CHECK
-/// violation has the same code and another message).
+/// PostgreSQL found no partition for a row: a check violation (23514) on the partitioned table
+/// that names no constraint (a CHECK constraint you added has a name).
 fn missing_partition(e: &StageError) -> bool {
-    e.sqlstate.as_deref() == Some("23514") && e.message.contains("no partition of relation")
+    e.sqlstate == Some(SqlState::CHECK_VIOLATION)
+        && e.postgres()
+            .and_then(|pg| pg.as_db_error())
+            .is_some_and(|db| db.constraint().is_none())
 }
 
 /// A dead letter as stored with its frame ID in `strata.applied_frames` (JSON in the bytea
@@ -543,8 +547,8 @@ impl Stage for BatchWriter {
             match t.chunk.and_then(|c| unmade.get(&c)) {
                 Some(e) => refused.push(Refused {
                     tuple: r,
-                    message: e.message.clone(),
-                    sqlstate: e.sqlstate.clone(),
+                    message: e.reason(),
+                    sqlstate: e.sqlstate_code(),
                 }),
                 None => rows.push(r),
             }

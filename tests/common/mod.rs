@@ -58,14 +58,8 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[allow(unused_imports)]
+pub use strata_testkit::free_port;
 
 pub fn rand_suffix() -> String {
     format!("{:08x}", rand::random::<u32>())

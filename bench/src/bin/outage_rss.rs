@@ -1,7 +1,7 @@
 //! `outage_rss`: the memory of `strata batch-writer` (and `strata ingest`) while PostgreSQL is
 //! down for 60 s under a steady load of 20,000 events/s.
 //!
-//! The benchmark starts a PostgreSQL cluster of its own (initdb + pg_ctl from Debian's
+//! The benchmark starts a PostgreSQL cluster of its own (`strata_testkit::OwnPostgres`: initdb + pg_ctl from Debian's
 //! PostgreSQL packages, on a free loopback port, run as `postgres` when we are root) so it can
 //! stop it, and uses the Redis at `--redis-url` with a table of its own (`metrics_outage_<pid>`,
 //! whose streams it deletes at the end). Timeline: 20 s of load, PostgreSQL stopped
@@ -12,7 +12,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
+use strata_testkit::OwnPostgres;
 
 use clap::Parser;
 
@@ -32,123 +34,8 @@ struct Args {
     strata: Option<PathBuf>,
 }
 
-fn pg_bin(tool: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server binaries (apt install postgresql)")
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join(tool).exists())
-        .collect();
-    dirs.sort();
-    dirs.pop().expect("no PostgreSQL bin folder").join(tool)
-}
-
-fn pg(tool: &str) -> Command {
-    let root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
-        || std::fs::read_to_string("/proc/self/status")
-            .map(|s| {
-                s.lines()
-                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-            })
-            .unwrap_or(false);
-    let mut c = if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(pg_bin(tool));
-        c
-    } else {
-        Command::new(pg_bin(tool))
-    };
-    c.stdout(Stdio::null()).stderr(Stdio::null());
-    c
-}
-
-fn run(mut c: Command, what: &str) {
-    let status = c.status().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(status.success(), "{what} failed");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Cluster {
-    fn start(dir: &Path) -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir).unwrap();
-        // initdb runs as `postgres` when we are root: it must be able to write here.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let c = Cluster {
-            dir: dir.to_path_buf(),
-            port: free_port(),
-        };
-        let mut init = pg("initdb");
-        init.args(["-U", "postgres", "--auth=trust", "-D"])
-            .arg(dir.join("data"));
-        run(init, "initdb");
-        c.up();
-        c
-    }
-
-    fn up(&self) {
-        let mut ctl = pg("pg_ctl");
-        ctl.args(["-w", "-D"])
-            .arg(self.dir.join("data"))
-            .arg("-l")
-            .arg(self.dir.join("log"))
-            .arg("-o")
-            .arg(format!(
-                "-p {} -c listen_addresses=127.0.0.1 -k {}",
-                self.port,
-                self.dir.display()
-            ));
-        ctl.arg("start");
-        run(ctl, "pg_ctl start");
-    }
-
-    fn down(&self) {
-        let mut ctl = pg("pg_ctl");
-        ctl.args(["-w", "-m", "immediate", "-D"])
-            .arg(self.dir.join("data"))
-            .arg("stop");
-        run(ctl, "pg_ctl stop");
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/strata", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let mut ctl = pg("pg_ctl");
-        ctl.args(["-w", "-m", "immediate", "-D"])
-            .arg(self.dir.join("data"))
-            .arg("stop");
-        let _ = ctl.status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    strata_testkit::rss_kb(pid).map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 fn stop(child: &mut Child) {
@@ -167,7 +54,7 @@ async fn main() {
         .clone()
         .unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("strata"));
     let work = std::env::temp_dir().join(format!("strata-outage-{}", std::process::id()));
-    let cluster = Cluster::start(&work.join("pg"));
+    let cluster = OwnPostgres::start();
     let table = format!("metrics_outage_{}", std::process::id());
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let schema = std::fs::read_to_string(repo.join("schemas/metrics.toml"))
@@ -180,7 +67,7 @@ async fn main() {
         format!(
             "[redis]\nurl = \"{}\"\n[postgres]\nurl = \"{}\"\n[admin]\nenabled = false\n",
             args.redis_url,
-            cluster.url()
+            cluster.url("strata")
         ),
     )
     .unwrap();
@@ -222,18 +109,18 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let t = start.elapsed().as_secs_f64();
         if !down && t >= 20.0 && t < 20.0 + args.outage_s as f64 {
-            cluster.down();
+            cluster.stop();
             down = true;
             phase = "outage";
         } else if down && t >= 20.0 + args.outage_s as f64 {
-            cluster.up();
+            cluster.start_again();
             down = false;
             phase = "recovery";
         }
         samples.push((t, phase, rss_mib(writer.id()), rss_mib(ingest.id())));
     }
     assert!(producer.wait().unwrap().success(), "produce failed");
-    let (client, conn) = tokio_postgres::connect(&cluster.url(), tokio_postgres::NoTls)
+    let (client, conn) = tokio_postgres::connect(&cluster.url("strata"), tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);

@@ -120,7 +120,7 @@ impl Archiver {
                             &client,
                             event.chunk_id,
                             &event.event_id,
-                            &e.message,
+                            &e.reason(),
                         )
                         .await
                         {
@@ -327,7 +327,7 @@ impl Stage for Archiver {
                                 rows: 0,
                                 bytes: 0,
                                 sha256: String::new(),
-                                error_message: e.message.clone(),
+                                error_message: e.reason(),
                             }
                             .to_fields(),
                         );
@@ -335,8 +335,8 @@ impl Stage for Archiver {
                     outcome.dead_letters.push(DeadLetter {
                         entry: i,
                         fields: None,
-                        error: e.message,
-                        sqlstate: e.sqlstate,
+                        error: e.reason(),
+                        sqlstate: e.sqlstate_code(),
                     })
                 }
                 Err(e) => return Err(e),

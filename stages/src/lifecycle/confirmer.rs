@@ -21,6 +21,7 @@ use object_store::path::Path;
 use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::file::metadata::ParquetMetaDataReader;
+use strata_pipeline::error::SqlState;
 use strata_pipeline::lifecycle_config::ConfirmerConfig;
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::SchemaRef;
@@ -479,14 +480,17 @@ impl Confirmer {
 
 /// SQLSTATEs of a lost lock race: chosen as a deadlock victim (40P01), or `lock_timeout`
 /// reached while a writer held the table (55P03).
-const LOCK_CONFLICTS: [&str; 2] = ["40P01", "55P03"];
+const LOCK_CONFLICTS: [SqlState; 2] = [
+    SqlState::T_R_DEADLOCK_DETECTED,
+    SqlState::LOCK_NOT_AVAILABLE,
+];
 
 /// A lost lock race while dropping is transient whatever its class says elsewhere: the chunk
 /// stays `verified` and the drop is retried with backoff, never counted against the chunk.
 fn lock_conflict_is_transient(mut e: StageError) -> StageError {
     if e.sqlstate
-        .as_deref()
-        .is_some_and(|code| LOCK_CONFLICTS.contains(&code))
+        .as_ref()
+        .is_some_and(|code| LOCK_CONFLICTS.contains(code))
     {
         e.hint = RetryHint::Backoff;
         e.message
@@ -506,8 +510,8 @@ impl Stage for Confirmer {
                     outcome.dead_letters.push(DeadLetter {
                         entry: i,
                         fields: None,
-                        error: e.message,
-                        sqlstate: e.sqlstate,
+                        error: e.reason(),
+                        sqlstate: e.sqlstate_code(),
                     })
                 }
                 Err(e) => return Err(e),
@@ -523,15 +527,15 @@ mod tests {
 
     #[test]
     fn a_lost_lock_race_while_dropping_is_retried() {
-        for code in LOCK_CONFLICTS {
+        for code in &LOCK_CONFLICTS {
             let mut e = StageError::dead_letter("dropping chunk c: DETACH and DROP");
-            e.sqlstate = Some(code.to_string());
+            e.sqlstate = Some(code.clone());
             let e = lock_conflict_is_transient(e);
-            assert_eq!(e.hint, RetryHint::Backoff, "{code}");
+            assert_eq!(e.hint, RetryHint::Backoff, "{}", code.code());
             assert!(e.message.contains("retried"), "{}", e.message);
         }
         let mut other = StageError::dead_letter("dropping chunk c: bad");
-        other.sqlstate = Some("22P02".into());
+        other.sqlstate = Some(SqlState::INVALID_TEXT_REPRESENTATION);
         assert_eq!(
             lock_conflict_is_transient(other).hint,
             RetryHint::DeadLetter
