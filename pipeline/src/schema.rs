@@ -353,7 +353,11 @@ impl Schema {
 
     /// Parses one text value (as `redis-cli` sends it) for column `col`.
     /// An empty value of a non-text column is NULL.
-    pub fn parse_text(&self, col: usize, raw: &[u8]) -> Result<Cell, String> {
+    pub fn parse_text(&self, col: usize, raw: &[u8]) -> Result<Cell, ValueError> {
+        self.parse_text_inner(col, raw).map_err(ValueError)
+    }
+
+    fn parse_text_inner(&self, col: usize, raw: &[u8]) -> Result<Cell, String> {
         let column = &self.columns[col];
         let text = std::str::from_utf8(raw).map_err(|_| "not valid UTF-8".to_string())?;
         if text.is_empty() && column.ty != ColumnType::Text {
@@ -426,7 +430,11 @@ impl Schema {
     }
 
     /// Converts one MessagePack value for column `col`.
-    pub fn parse_msgpack(&self, col: usize, v: &rmpv::Value) -> Result<Cell, String> {
+    pub fn parse_msgpack(&self, col: usize, v: &rmpv::Value) -> Result<Cell, ValueError> {
+        self.parse_msgpack_inner(col, v).map_err(ValueError)
+    }
+
+    fn parse_msgpack_inner(&self, col: usize, v: &rmpv::Value) -> Result<Cell, String> {
         use rmpv::Value as V;
         let column = &self.columns[col];
         if v.is_nil() {
@@ -446,7 +454,7 @@ impl Schema {
                 V::F64(f) => Cell::Float8(*f),
                 V::F32(f) => Cell::Float8(*f as f64),
                 V::Integer(i) => Cell::Float8(i.as_f64().ok_or_else(|| wrong("a number"))?),
-                V::String(s) => return self.parse_text(col, s.as_bytes()),
+                V::String(s) => return self.parse_text_inner(col, s.as_bytes()),
                 _ => return Err(wrong("a number")),
             },
             ColumnType::Int8 | ColumnType::Int4 => match v {
@@ -458,16 +466,16 @@ impl Schema {
                         Cell::Int8(n)
                     }
                 }
-                V::String(s) => return self.parse_text(col, s.as_bytes()),
+                V::String(s) => return self.parse_text_inner(col, s.as_bytes()),
                 _ => return Err(wrong("an integer")),
             },
             ColumnType::Bool => match v {
                 V::Boolean(b) => Cell::Bool(*b),
-                V::String(s) => return self.parse_text(col, s.as_bytes()),
+                V::String(s) => return self.parse_text_inner(col, s.as_bytes()),
                 _ => return Err(wrong("a boolean")),
             },
             ColumnType::Jsonb => match v {
-                V::String(s) => return self.parse_text(col, s.as_bytes()),
+                V::String(s) => return self.parse_text_inner(col, s.as_bytes()),
                 other => {
                     let json = msgpack_to_json(other)?.to_string();
                     pg_limits::check_json(json.as_bytes()).map_err(|e| e.to_string())?;
@@ -660,6 +668,12 @@ fn short(v: &rmpv::Value) -> String {
     }
 }
 
+/// Why a value cannot be stored in its column: what is wrong and the limit it breaks (the
+/// caller adds which field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValueError(pub String);
+
 /// One typed value of a row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
@@ -789,7 +803,7 @@ type = "jsonb"
         assert!(s.columns[0].required, "the time column is always required");
         assert_eq!(s.parse_text(1, b"12.5").unwrap(), Cell::Float8(12.5));
         assert_eq!(
-            s.parse_text(1, b"abc").unwrap_err(),
+            s.parse_text(1, b"abc").unwrap_err().to_string(),
             "not a number: \"abc\""
         );
         assert_eq!(
@@ -803,10 +817,12 @@ type = "jsonb"
         assert!(s
             .parse_text(0, b"yesterday")
             .unwrap_err()
+            .to_string()
             .contains("RFC 3339"));
         assert!(s
             .parse_text(2, b"{bad")
             .unwrap_err()
+            .to_string()
             .starts_with("invalid JSON"));
         assert_eq!(s.parse_text(2, b"").unwrap(), Cell::Null);
     }
@@ -848,8 +864,11 @@ type = "timestamptz"
     fn nul_in_text_is_refused_from_text_and_msgpack() {
         let s = hostile("ms");
         let nul = "NUL (0x00) at byte 1: PostgreSQL text cannot hold it";
-        assert_eq!(s.parse_text(1, b"a\0b").unwrap_err(), nul);
-        assert_eq!(s.parse_msgpack(1, &"a\0b".into()).unwrap_err(), nul);
+        assert_eq!(s.parse_text(1, b"a\0b").unwrap_err().to_string(), nul);
+        assert_eq!(
+            s.parse_msgpack(1, &"a\0b".into()).unwrap_err().to_string(),
+            nul
+        );
         assert_eq!(
             s.parse_text(1, b"a\\0b").unwrap(),
             Cell::Text("a\\0b".into())
@@ -860,16 +879,21 @@ type = "timestamptz"
     fn jsonb_limits_apply_to_text_and_msgpack() {
         let s = hostile("ms");
         assert_eq!(
-            s.parse_text(2, br#"{"a":"\u0000"}"#).unwrap_err(),
+            s.parse_text(2, br#"{"a":"\u0000"}"#)
+                .unwrap_err()
+                .to_string(),
             "JSON escape \\u0000 at byte 6: jsonb cannot hold NUL"
         );
         assert_eq!(
-            s.parse_msgpack(2, &r#"["\udc00"]"#.into()).unwrap_err(),
+            s.parse_msgpack(2, &r#"["\udc00"]"#.into())
+                .unwrap_err()
+                .to_string(),
             "JSON escape \\udc00 at byte 2 is an unpaired UTF-16 surrogate"
         );
         assert!(s
             .parse_text(2, b"1e131072")
             .unwrap_err()
+            .to_string()
             .starts_with("JSON number at byte 0"));
         assert_eq!(
             s.parse_text(2, b" 1e131071 ").unwrap(),
@@ -877,13 +901,13 @@ type = "timestamptz"
         );
         let deep = "[".repeat(129) + &"]".repeat(129);
         assert_eq!(
-            s.parse_text(2, deep.as_bytes()).unwrap_err(),
+            s.parse_text(2, deep.as_bytes()).unwrap_err().to_string(),
             "JSON nests deeper than 128 levels (at byte 128)"
         );
         // MessagePack: a string with NUL becomes the escape \u0000.
         let map = rmpv::Value::Map(vec![("k".into(), "a\0".into())]);
         assert_eq!(
-            s.parse_msgpack(2, &map).unwrap_err(),
+            s.parse_msgpack(2, &map).unwrap_err().to_string(),
             "JSON escape \\u0000 at byte 7: jsonb cannot hold NUL"
         );
         let mut nested = rmpv::Value::from(1);
@@ -896,7 +920,8 @@ type = "timestamptz"
         );
         let err = s
             .parse_msgpack(2, &rmpv::Value::Array(vec![nested]))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "JSON nests deeper than 128 levels (at byte 128)");
         for (f, shown) in [
             (f64::NAN, "NaN"),
@@ -905,12 +930,16 @@ type = "timestamptz"
         ] {
             let v = rmpv::Value::Array(vec![f.into()]);
             assert_eq!(
-                s.parse_msgpack(2, &v).unwrap_err(),
+                s.parse_msgpack(2, &v).unwrap_err().to_string(),
                 format!("float {shown} cannot be stored in jsonb (JSON has no NaN or Infinity)")
             );
         }
         let v = rmpv::Value::Array(vec![rmpv::Value::F32(f32::NAN)]);
-        assert!(s.parse_msgpack(2, &v).unwrap_err().starts_with("float NaN"));
+        assert!(s
+            .parse_msgpack(2, &v)
+            .unwrap_err()
+            .to_string()
+            .starts_with("float NaN"));
         let v = rmpv::Value::Array(vec![f64::MAX.into(), 5e-324.into()]);
         assert_eq!(
             s.parse_msgpack(2, &v).unwrap(),
@@ -955,12 +984,15 @@ type = "timestamptz"
                 }
                 for &bad in refused {
                     assert_eq!(
-                        s.parse_text(col, bad.to_string().as_bytes()).unwrap_err(),
+                        s.parse_text(col, bad.to_string().as_bytes())
+                            .unwrap_err()
+                            .to_string(),
                         format!("epoch {bad} {unit} {RANGE}")
                     );
                     assert!(s
                         .parse_msgpack(col, &bad.into())
                         .unwrap_err()
+                        .to_string()
                         .ends_with(RANGE));
                 }
             }
@@ -980,22 +1012,24 @@ type = "timestamptz"
             Ok(Cell::Time(crate::pg_limits::MIN_TIME_US))
         );
         assert_eq!(
-            us("0001-01-01T00:00:00+00:01").unwrap_err(),
+            us("0001-01-01T00:00:00+00:01").unwrap_err().to_string(),
             format!("time \"0001-01-01T00:00:00+00:01\" {RANGE}")
         );
         assert!(us("9999-12-31T23:59:59-00:01")
             .unwrap_err()
+            .to_string()
             .ends_with(RANGE));
         assert!(s
             .parse_msgpack(4, &"0000-06-01T00:00:00Z".into())
             .unwrap_err()
+            .to_string()
             .ends_with(RANGE));
         // PostgreSQL's readings: `:60` is the next second, lowercase t/z and offsets are fine.
         assert_eq!(us("2016-12-31T23:59:60Z"), us("2017-01-01T00:00:00Z"));
         assert_eq!(us("2026-11-01t12:34:60z"), us("2026-11-01T12:35:00Z"));
         assert_eq!(us("2026-11-01T14:00:00+02:00"), us("2026-11-01T12:00:00Z"));
         assert_eq!(
-            us("2016-12-31T23:59:60.5Z").unwrap_err(),
+            us("2016-12-31T23:59:60.5Z").unwrap_err().to_string(),
             "time \"2016-12-31T23:59:60.5Z\": a leap second (:60) cannot have a fraction"
         );
     }
@@ -1011,7 +1045,7 @@ type = "timestamptz"
         let eight = |secs: u64, nanos: u64| ext(((nanos << 34) | secs).to_be_bytes().to_vec());
         assert_eq!(eight(1, 999_999_999), Ok(Cell::Time(1_999_999)));
         assert_eq!(
-            eight(1, 1_000_000_000).unwrap_err(),
+            eight(1, 1_000_000_000).unwrap_err().to_string(),
             "timestamp extension: nanoseconds 1000000000 must be less than 1000000000"
         );
         let twelve = |nanos: u32, secs: i64| {
@@ -1024,20 +1058,25 @@ type = "timestamptz"
             Ok(Cell::Time(crate::pg_limits::MAX_TIME_US))
         );
         assert_eq!(
-            twelve(0, 253_402_300_800).unwrap_err(),
+            twelve(0, 253_402_300_800).unwrap_err().to_string(),
             format!("timestamp extension 253402300800 s 0 ns {RANGE}")
         );
-        assert!(twelve(0, i64::MIN).unwrap_err().ends_with(RANGE));
+        assert!(twelve(0, i64::MIN)
+            .unwrap_err()
+            .to_string()
+            .ends_with(RANGE));
         assert!(twelve(u32::MAX, 0)
             .unwrap_err()
+            .to_string()
             .contains("nanoseconds 4294967295"));
         assert_eq!(
-            ext(vec![0; 5]).unwrap_err(),
+            ext(vec![0; 5]).unwrap_err().to_string(),
             "a timestamp extension has 4, 8 or 12 bytes, not 5"
         );
         assert_eq!(
             s.parse_msgpack(0, &rmpv::Value::Ext(3, vec![0; 4]))
-                .unwrap_err(),
+                .unwrap_err()
+                .to_string(),
             "expected a timestamp, got [3, [0, 0, 0, 0]]"
         );
     }
@@ -1047,11 +1086,11 @@ type = "timestamptz"
         let s = hostile("ms");
         let f = |t: &str| s.parse_text(3, t.as_bytes());
         assert_eq!(
-            f("1e400").unwrap_err(),
+            f("1e400").unwrap_err().to_string(),
             "\"1e400\" is out of range for float8 (largest magnitude 1.7976931348623157e308)"
         );
         assert_eq!(
-            f("-1e-400").unwrap_err(),
+            f("-1e-400").unwrap_err().to_string(),
             "\"-1e-400\" is out of range for float8 (smallest magnitude 5e-324)"
         );
         assert_eq!(f("4.9e-324"), Ok(Cell::Float8(5e-324)));
@@ -1065,11 +1104,15 @@ type = "timestamptz"
     #[test]
     fn rejects_bad_schemas_naming_the_problem() {
         let bad = METRICS.replace("time_column = \"time\"", "time_column = \"ts\"");
-        let err = Schema::from_toml("m.toml", &bad).unwrap_err().to_string();
+        let err = Schema::from_toml("m.toml", &bad)
+            .unwrap_err()
+            .to_string()
+            .to_string();
         assert!(err.contains("time_column `ts`"), "{err}");
         let bad = METRICS.replace("\"1 hour\"", "\"soon\"");
         assert!(Schema::from_toml("m.toml", &bad)
             .unwrap_err()
+            .to_string()
             .to_string()
             .contains("chunk_interval"));
     }

@@ -4,7 +4,9 @@
 use strata_pipeline::frame::{FrameBuilder, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
 use strata_pipeline::pg_limits::{self, BTREE_MAX_INDEX_ROW, MSGPACK_MAX_DEPTH};
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
-use strata_pipeline::schema::{Cell, SchemaRef, UnknownFields, MSGPACK_FIELD, TRACEPARENT_FIELD};
+use strata_pipeline::schema::{
+    Cell, SchemaRef, UnknownFields, ValueError, MSGPACK_FIELD, TRACEPARENT_FIELD,
+};
 use strata_pipeline::streams::Entry;
 use strata_pipeline::trace::{self, TRACEPARENTS_FIELD};
 use strata_pipeline::StageError;
@@ -19,6 +21,64 @@ pub struct Ingest {
     pub zstd_level: i32,
     /// Per batch, at most this many traced events get spans.
     pub max_event_spans: usize,
+}
+
+/// Why ingest refused an event, and where: which field, which element of a MessagePack array.
+/// Its text is the dead letter's `error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEvent {
+    /// The entry is larger than `max_event_bytes`; it is not read.
+    #[error("entry is {size} bytes, more than max_event_bytes = {max}")]
+    TooLarge { size: usize, max: usize },
+    /// A `msgpack` entry also carries a column field.
+    #[error("field `{field}`: an entry with a `{MSGPACK_FIELD}` field carries no other columns")]
+    BesideMsgpack { field: String },
+    /// A field naming no column, under `unknown_fields = "reject"`.
+    #[error("field `{field}`: no such column in table `{table}` (set unknown_fields = \"ignore\" in its schema to drop such fields)")]
+    UnknownField { field: String, table: String },
+    /// A column given twice.
+    #[error("field `{field}` appears twice")]
+    Duplicate { field: String },
+    /// A required column absent or empty.
+    #[error("missing required field `{field}`")]
+    Missing { field: String },
+    /// A value its column cannot hold.
+    #[error("field `{field}`: {problem}")]
+    Value { field: String, problem: ValueError },
+    /// A MessagePack map key that is not a string.
+    #[error("map key {key} is not a string")]
+    KeyNotString { key: String },
+    /// The `msgpack` payload itself is unusable.
+    #[error("field `{MSGPACK_FIELD}`: {problem}")]
+    Msgpack { problem: String },
+    /// In the one map of a `msgpack` payload.
+    #[error("{MSGPACK_FIELD}: {0}")]
+    InMap(Box<InvalidEvent>),
+    /// In element `index` of a `msgpack` array (the whole entry is refused).
+    #[error("{MSGPACK_FIELD}[{index}]: {inner}")]
+    InElement {
+        index: usize,
+        inner: Box<InvalidEvent>,
+    },
+    /// Element `index` of a `msgpack` array is not a map.
+    #[error("{MSGPACK_FIELD}[{index}]: expected a map")]
+    NotAMap { index: usize },
+    /// No time field, and the entry ID's time is outside the accepted range.
+    #[error("no field `{field}`, and {problem}")]
+    IdTimeOutOfRange { field: String, problem: String },
+    /// The row's entry in an index would exceed PostgreSQL's B-tree maximum.
+    #[error(
+        "field `{field}`: too large for index ({index}): its entry would take about {size} bytes, \
+         more than PostgreSQL's B-tree maximum of {max} (text counts its length, jsonb {factor}× \
+         its length)",
+        max = BTREE_MAX_INDEX_ROW,
+        factor = pg_limits::JSONB_INDEX_FACTOR
+    )]
+    IndexEntryTooLarge {
+        field: String,
+        index: String,
+        size: usize,
+    },
 }
 
 impl Stage for Ingest {
@@ -43,7 +103,7 @@ impl Stage for Ingest {
                 Err(error) => outcome.dead_letters.push(DeadLetter {
                     entry: i,
                     fields: None,
-                    error,
+                    error: error.to_string(),
                     sqlstate: None,
                 }),
             }
@@ -85,14 +145,14 @@ impl Ingest {
     }
 
     /// Turns one entry into rows (one, or one per map of a MessagePack array), or says which
-    /// field is wrong and why.
-    pub fn validate(&self, entry: &Entry, rows: &mut Vec<Vec<Cell>>) -> Result<(), String> {
+    /// field (of which array element) is wrong and why.
+    pub fn validate(&self, entry: &Entry, rows: &mut Vec<Vec<Cell>>) -> Result<(), InvalidEvent> {
         let size = entry.size();
         if size > self.max_event_bytes {
-            return Err(format!(
-                "entry is {size} bytes, more than max_event_bytes = {}",
-                self.max_event_bytes
-            ));
+            return Err(InvalidEvent::TooLarge {
+                size,
+                max: self.max_event_bytes,
+            });
         }
         let mut cells = vec![None; self.schema.columns.len()];
         // Names are compared as bytes; they become text only for an error message.
@@ -107,9 +167,9 @@ impl Ingest {
                     .iter()
                     .find(|(k, _)| k != MSGPACK_FIELD && k != TRACEPARENT_FIELD)
                 {
-                    return Err(format!(
-                        "field `{k}`: an entry with a `{MSGPACK_FIELD}` field carries no other columns"
-                    ));
+                    return Err(InvalidEvent::BesideMsgpack {
+                        field: k.into_owned(),
+                    });
                 }
                 return self.validate_msgpack(entry, value, rows);
             }
@@ -120,12 +180,15 @@ impl Ingest {
                 }
             };
             if cells[col].is_some() {
-                return Err(format!("field `{}` appears twice", text(name)));
+                return Err(InvalidEvent::Duplicate { field: text(name) });
             }
-            let cell = self
-                .schema
-                .parse_text(col, value)
-                .map_err(|e| format!("field `{}`: {e}", text(name)))?;
+            let cell =
+                self.schema
+                    .parse_text(col, value)
+                    .map_err(|problem| InvalidEvent::Value {
+                        field: text(name),
+                        problem,
+                    })?;
             cells[col] = Some(cell);
         }
         rows.push(self.complete(entry, cells)?);
@@ -137,40 +200,39 @@ impl Ingest {
         entry: &Entry,
         packed: &[u8],
         rows: &mut Vec<Vec<Cell>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), InvalidEvent> {
+        let msgpack = |problem: String| InvalidEvent::Msgpack { problem };
         let mut rd = packed;
         let value = rmpv::decode::read_value_with_max_depth(&mut rd, MSGPACK_MAX_DEPTH)
-            .map_err(|e| format!("field `{MSGPACK_FIELD}`: not valid MessagePack ({e})"))?;
+            .map_err(|e| msgpack(format!("not valid MessagePack ({e})")))?;
         if !rd.is_empty() {
-            return Err(format!(
-                "field `{MSGPACK_FIELD}`: {} bytes after the MessagePack value",
+            return Err(msgpack(format!(
+                "{} bytes after the MessagePack value",
                 rd.len()
-            ));
+            )));
         }
         match value {
             rmpv::Value::Map(pairs) => rows.push(
                 self.msgpack_row(entry, &pairs)
-                    .map_err(|e| format!("{MSGPACK_FIELD}: {e}"))?,
+                    .map_err(|e| InvalidEvent::InMap(Box::new(e)))?,
             ),
             rmpv::Value::Array(items) => {
                 if items.is_empty() {
-                    return Err(format!("field `{MSGPACK_FIELD}`: the array holds no maps"));
+                    return Err(msgpack("the array holds no maps".into()));
                 }
                 for (i, item) in items.iter().enumerate() {
                     let rmpv::Value::Map(pairs) = item else {
-                        return Err(format!("{MSGPACK_FIELD}[{i}]: expected a map"));
+                        return Err(InvalidEvent::NotAMap { index: i });
                     };
-                    rows.push(
-                        self.msgpack_row(entry, pairs)
-                            .map_err(|e| format!("{MSGPACK_FIELD}[{i}]: {e}"))?,
-                    );
+                    rows.push(self.msgpack_row(entry, pairs).map_err(|e| {
+                        InvalidEvent::InElement {
+                            index: i,
+                            inner: Box::new(e),
+                        }
+                    })?);
                 }
             }
-            _ => {
-                return Err(format!(
-                    "field `{MSGPACK_FIELD}`: expected a map or an array of maps"
-                ))
-            }
+            _ => return Err(msgpack("expected a map or an array of maps".into())),
         }
         Ok(())
     }
@@ -179,12 +241,12 @@ impl Ingest {
         &self,
         entry: &Entry,
         pairs: &[(rmpv::Value, rmpv::Value)],
-    ) -> Result<Vec<Cell>, String> {
+    ) -> Result<Vec<Cell>, InvalidEvent> {
         let mut cells = vec![None; self.schema.columns.len()];
         for (k, v) in pairs {
             let name = k
                 .as_str()
-                .ok_or_else(|| format!("map key {k} is not a string"))?;
+                .ok_or_else(|| InvalidEvent::KeyNotString { key: k.to_string() })?;
             let Some(col) = self.schema.column_index(name) else {
                 match self.schema.unknown_fields {
                     UnknownFields::Ignore => continue,
@@ -192,27 +254,31 @@ impl Ingest {
                 }
             };
             if cells[col].is_some() {
-                return Err(format!("field `{name}` appears twice"));
+                return Err(InvalidEvent::Duplicate { field: name.into() });
             }
-            cells[col] = Some(
-                self.schema
-                    .parse_msgpack(col, v)
-                    .map_err(|e| format!("field `{name}`: {e}"))?,
-            );
+            cells[col] =
+                Some(
+                    self.schema
+                        .parse_msgpack(col, v)
+                        .map_err(|problem| InvalidEvent::Value {
+                            field: name.into(),
+                            problem,
+                        })?,
+                );
         }
         self.complete(entry, cells)
     }
 
-    fn unknown(&self, name: &str) -> String {
-        format!(
-            "field `{name}`: no such column in table `{}` (set unknown_fields = \"ignore\" in its schema to drop such fields)",
-            self.schema.table
-        )
+    fn unknown(&self, name: &str) -> InvalidEvent {
+        InvalidEvent::UnknownField {
+            field: name.into(),
+            table: self.schema.table.clone(),
+        }
     }
 
     /// Fills absent columns: the time from the entry ID, NULL for nullable ones; a missing or
     /// empty required field is an error. Then checks the row's index entries.
-    fn complete(&self, entry: &Entry, cells: Vec<Option<Cell>>) -> Result<Vec<Cell>, String> {
+    fn complete(&self, entry: &Entry, cells: Vec<Option<Cell>>) -> Result<Vec<Cell>, InvalidEvent> {
         let row = cells
             .into_iter()
             .enumerate()
@@ -220,9 +286,9 @@ impl Ingest {
                 let column = &self.schema.columns[i];
                 match cell {
                     None if i == self.schema.time_index => self.entry_time(entry),
-                    None | Some(Cell::Null) if column.required => {
-                        Err(format!("missing required field `{}`", column.name))
-                    }
+                    None | Some(Cell::Null) if column.required => Err(InvalidEvent::Missing {
+                        field: column.name.clone(),
+                    }),
                     None => Ok(Cell::Null),
                     Some(c) => Ok(c),
                 }
@@ -234,26 +300,23 @@ impl Ingest {
 
     /// The time of an event without a time field: its entry ID's milliseconds, which a
     /// producer choosing the ID (`XADD … 18446744073709551615-0 …`) can put out of range.
-    fn entry_time(&self, entry: &Entry) -> Result<Cell, String> {
+    fn entry_time(&self, entry: &Entry) -> Result<Cell, InvalidEvent> {
         let ms = entry.ms();
         i64::try_from(ms)
             .ok()
             .and_then(|ms| ms.checked_mul(1_000))
             .filter(|us| pg_limits::time_in_range(*us))
             .map(Cell::Time)
-            .ok_or_else(|| {
-                let time = &self.schema.columns[self.schema.time_index].name;
-                format!(
-                    "no field `{time}`, and {}",
-                    pg_limits::time_out_of_range(format_args!("the entry ID's time {ms} ms"))
-                )
+            .ok_or_else(|| InvalidEvent::IdTimeOutOfRange {
+                field: self.schema.columns[self.schema.time_index].name.clone(),
+                problem: pg_limits::time_out_of_range(format_args!("the entry ID's time {ms} ms")),
             })
     }
 
     /// Refuses a row whose values would make a B-tree entry larger than PostgreSQL allows
     /// (SQLSTATE 54000), by [`pg_limits::index_entry_estimate`]; the message names the largest
     /// variable-length field of the index.
-    fn check_index_entries(&self, row: &[Cell]) -> Result<(), String> {
+    fn check_index_entries(&self, row: &[Cell]) -> Result<(), InvalidEvent> {
         for (index, positions) in self.schema.indexes.iter().zip(&self.schema.index_columns) {
             let size = pg_limits::index_entry_estimate(positions.iter().map(|&p| &row[p]));
             if size <= BTREE_MAX_INDEX_ROW {
@@ -264,14 +327,11 @@ impl Ingest {
                 .copied()
                 .max_by_key(|&p| pg_limits::index_cell_estimate(&row[p]))
                 .unwrap_or(self.schema.time_index);
-            return Err(format!(
-                "field `{}`: too large for index ({}): its entry would take about {size} bytes, \
-                 more than PostgreSQL's B-tree maximum of {BTREE_MAX_INDEX_ROW} (text counts \
-                 its length, jsonb {}× its length)",
-                self.schema.columns[largest].name,
-                index.columns.join(", "),
-                pg_limits::JSONB_INDEX_FACTOR,
-            ));
+            return Err(InvalidEvent::IndexEntryTooLarge {
+                field: self.schema.columns[largest].name.clone(),
+                index: index.columns.join(", "),
+                size,
+            });
         }
         Ok(())
     }
@@ -328,6 +388,7 @@ type = "float8"
                 let mut rows = Vec::new();
                 ing.validate(&entry(&[("msgpack", &payload)]), &mut rows)
                     .unwrap_err()
+                    .to_string()
             })
             .unwrap();
         let err = handle.join().expect("no stack overflow");
@@ -354,11 +415,13 @@ type = "float8"
         );
         let err = ing
             .validate(&entry(&[("value", b"1")]), &mut rows)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "missing required field `source`");
         let err = ing
             .validate(&entry(&[("source", b"h"), ("colour", b"red")]), &mut rows)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("field `colour`: no such column"), "{err}");
         ingest("ignore")
             .validate(&entry(&[("source", b"h"), ("colour", b"red")]), &mut rows)
@@ -366,7 +429,8 @@ type = "float8"
         let big = vec![b'x'; 300];
         let err = ing
             .validate(&entry(&[("source", &big)]), &mut rows)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_event_bytes = 200"), "{err}");
     }
 
@@ -386,7 +450,8 @@ type = "float8"
         let mut rows = Vec::new();
         let err = ing
             .validate(&entry(&[("msgpack", &buf)]), &mut rows)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "msgpack[1]: field `value`: not a number: \"x\"");
         let mut buf = Vec::new();
         rmpv::encode::write_value(&mut buf, &rmpv::Value::Array(vec![good.clone(), good])).unwrap();
@@ -396,7 +461,8 @@ type = "float8"
         assert_eq!(rows.len(), 2);
         let err = ing
             .validate(&entry(&[("msgpack", b"\xdc\x00\x20ab")]), &mut rows)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("field `msgpack`: not valid MessagePack"),
             "{err}"
@@ -449,7 +515,7 @@ columns = ["tags"]
             let e = Entry::new(id, [("source", "h")]);
             let ms = id.split('-').next().unwrap();
             assert_eq!(
-                ing.validate(&e, &mut rows).unwrap_err(),
+                ing.validate(&e, &mut rows).unwrap_err().to_string(),
                 format!(
                     "no field `time`, and the entry ID's time {ms} ms is outside the accepted \
                      range 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
@@ -475,7 +541,8 @@ columns = ["tags"]
         let big = "x".repeat(2673);
         assert_eq!(
             ing.validate(&entry(&[("source", big.as_bytes())]), &mut rows)
-                .unwrap_err(),
+                .unwrap_err()
+                .to_string(),
             "field `source`: too large for index (source, time): its entry would take about 2705 \
              bytes, more than PostgreSQL's B-tree maximum of 2704 (text counts its length, jsonb \
              8× its length)"
@@ -486,7 +553,8 @@ columns = ["tags"]
             .unwrap();
         let err = ing
             .validate(&entry(&[("tags", json(334).as_bytes())]), &mut rows)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("field `tags`: too large for index (tags)"),
             "{err}"
@@ -503,7 +571,8 @@ columns = ["tags"]
         rmpv::encode::write_value(&mut buf, &rmpv::Value::Array(items)).unwrap();
         let err = ing
             .validate(&entry(&[("msgpack", &buf)]), &mut rows)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("msgpack[3]: field `source`: too large for index (source, time)"),
             "{err}"
@@ -525,7 +594,8 @@ columns = ["tags"]
         rmpv::encode::write_value(&mut buf, &rmpv::Value::Array(items)).unwrap();
         assert_eq!(
             ing.validate(&entry(&[("msgpack", &buf)]), &mut rows)
-                .unwrap_err(),
+                .unwrap_err()
+                .to_string(),
             "msgpack[1]: field `tags`: float NaN cannot be stored in jsonb (JSON has no NaN or \
              Infinity)"
         );
@@ -534,12 +604,14 @@ columns = ["tags"]
         rmpv::encode::write_value(&mut buf, &one).unwrap();
         assert_eq!(
             ing.validate(&entry(&[("msgpack", &buf)]), &mut rows)
-                .unwrap_err(),
+                .unwrap_err()
+                .to_string(),
             "msgpack: field `source`: NUL (0x00) at byte 1: PostgreSQL text cannot hold it"
         );
         assert_eq!(
             ing.validate(&entry(&[("source", b"a\0")]), &mut rows)
-                .unwrap_err(),
+                .unwrap_err()
+                .to_string(),
             "field `source`: NUL (0x00) at byte 1: PostgreSQL text cannot hold it"
         );
     }
