@@ -25,7 +25,6 @@
 //! The benchmark owns its database (dropped and recreated; its name must contain `bench`) and
 //! the four `metrics` streams of its Redis (deleted at the start): never point it at production.
 
-mod binary_copy;
 mod machine;
 
 use std::fmt::Display;
@@ -1065,7 +1064,8 @@ async fn ceiling(
         })
         .await
         .context(|| format!("reading {TABLE} back with COPY"))?;
-    let tuples = binary_copy::parse(&data).context(|| format!("COPY {TABLE} TO STDOUT"))?;
+    let tuples =
+        strata_stages::copy::decode::split(&data).context(|| format!("COPY {TABLE} TO STDOUT"))?;
     if tuples.len() as u64 != n {
         return fail(format!(
             "COPY {TABLE} TO STDOUT returned {} rows, not {n}",

@@ -114,6 +114,28 @@ pub async fn partitioning(
     })
 }
 
+/// How one table is partitioned, read from [`TABLES`] once and then cached (a table's
+/// partitioning never changes after `strata migrate`).
+#[derive(Debug, Default)]
+pub struct CachedPartitioning(tokio::sync::OnceCell<Partitioning>);
+
+impl CachedPartitioning {
+    /// The partitioning of `table`, read with a connection from `pool` the first time.
+    pub async fn get(
+        &self,
+        pool: &deadpool_postgres::Pool,
+        table: &str,
+    ) -> Result<Partitioning, StageError> {
+        self.0
+            .get_or_try_init(|| async {
+                let client = pool.get().await?;
+                partitioning(&client, table).await
+            })
+            .await
+            .copied()
+    }
+}
+
 /// Name of the native partition starting at `start_us`.
 pub fn partition_name(table: &str, start_us: i64) -> String {
     let start = Utc.timestamp_micros(start_us).single().unwrap_or_default();

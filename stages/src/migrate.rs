@@ -2,16 +2,16 @@
 //! `schemas/`, idempotently. A new nullable column is added in place.
 
 use strata_pipeline::config::{Config, TimescaleMode};
+use strata_pipeline::db::{self, ConnectError, ConnectLimits};
 use strata_pipeline::schema::Schema;
-use tokio_postgres::NoTls;
 use tracing::{info, warn};
 
 use crate::catalog::{ident, Partitioning, BOOKKEEPING_DDL, TABLES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("cannot connect to PostgreSQL")]
-    Connect(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("{context}")]
     Sql {
         context: String,
@@ -42,10 +42,12 @@ pub struct TableReport {
 
 /// Connects to the configured database, creating it first if it does not exist.
 pub async fn connect_creating(url: &str) -> Result<tokio_postgres::Client, MigrateError> {
-    let config: tokio_postgres::Config = url.parse().map_err(MigrateError::Connect)?;
+    let config = db::postgres_config(url)?;
     match connect(&config).await {
         Err(MigrateError::Connect(e))
-            if e.as_db_error().is_some_and(|d| d.code().code() == "3D000") =>
+            if e.postgres()
+                .and_then(|e| e.as_db_error())
+                .is_some_and(|d| d.code().code() == "3D000") =>
         {
             let db = config.get_dbname().unwrap_or("postgres").to_string();
             let mut admin = config.clone();
@@ -66,14 +68,9 @@ pub async fn connect_creating(url: &str) -> Result<tokio_postgres::Client, Migra
     }
 }
 
+/// A migration waits for the server as long as it takes (no time limits).
 async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, MigrateError> {
-    let (client, conn) = config.connect(NoTls).await.map_err(MigrateError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            warn!(error = %e, "postgres connection closed");
-        }
-    });
-    Ok(client)
+    Ok(db::connect_postgres(config, ConnectLimits::default()).await?)
 }
 
 /// Applies every schema. Runs under an advisory lock, so concurrent migrations queue.

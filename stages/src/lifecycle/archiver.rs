@@ -10,7 +10,6 @@
 //! confirmation again without writing anything. Leftovers of an attempt that crashed (a complete
 //! but unrecorded object, local staging files) are removed before the next attempt.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use strata_pipeline::lifecycle_config::ArchiverConfig;
@@ -19,16 +18,15 @@ use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams::{Entry, Fields};
 use strata_pipeline::{error_chain, RetryHint, StageError};
-use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use crate::catalog::{ident, Partitioning, CHUNKS};
+use crate::catalog::{ident, CachedPartitioning, Partitioning, CHUNKS};
 
 use super::events::{rfc3339_us, ArchivalConfirmation, ArchivalEvent, ArchivalStatus};
 use super::export::{export, footer, writer_properties, ExportError};
 use super::lake::{store_error, Lake, Upload};
-use super::registry::{self, ChunkRow, ChunkState};
-use super::COUNTERS;
+use super::pg;
+use super::registry::{self, Archive, ChunkRow, ChunkState, Key};
 
 /// First key of the advisory lock an archiver holds on a chunk's row (the second is the row id).
 pub const LOCK_CLASS: i32 = 0x5354_4131; // "STA1"
@@ -46,12 +44,12 @@ pub struct Archiver {
     /// Verification failures after which a chunk's event is dead-lettered instead of archived.
     pub max_rearchives: u32,
     /// How the table is partitioned, read once.
-    pub partitioning: OnceCell<Partitioning>,
+    pub partitioning: CachedPartitioning,
 }
 
 impl Archiver {
     async fn partitioning(&self) -> Result<Partitioning, StageError> {
-        super::cached_partitioning(&self.partitioning, &self.pool, &self.schema.table).await
+        self.partitioning.get(&self.pool, &self.schema.table).await
     }
 
     /// `COPY (SELECT <columns> FROM <chunk>) TO STDOUT (FORMAT binary)`, each column cast to its
@@ -113,16 +111,10 @@ impl Archiver {
         let result = self.archive(&event).await;
         if let Err(e) = &result {
             if e.hint == RetryHint::DeadLetter {
-                COUNTERS.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 match self.pool.get().await {
                     Ok(client) => {
-                        if let Err(me) = registry::mark_failed(
-                            &client,
-                            event.chunk_id,
-                            &event.event_id,
-                            &e.reason(),
-                        )
-                        .await
+                        if let Err(me) =
+                            registry::mark_failed(&client, Key::of_event(&event), &e.reason()).await
                         {
                             warn!(table = %table, chunk = %event.chunk, error = %me, "could not record the failure");
                         }
@@ -141,11 +133,11 @@ impl Archiver {
         let chunk = &event.chunk;
         let pg = |what: &str| {
             let context = format!("archiving chunk {chunk} of `{table}`: {what}");
-            move |e| StageError::from_postgres(&context, e)
+            pg::context(context)
         };
         let partitioning = self.partitioning().await?;
         let mut conn = self.pool.get().await?;
-        let tx = super::begin_with_lock_timeout(
+        let tx = pg::begin_with_lock_timeout(
             &mut conn,
             self.config.lock_timeout_ms,
             &format!("archiving chunk {chunk} of `{table}`"),
@@ -184,14 +176,7 @@ impl Archiver {
                 // fixed the cause, so the chunk gets a fresh verification budget.
                 info!(table = %table, chunk = %chunk, "archival event of a failed chunk replayed; archiving it again");
                 let c2 = self.pool.get().await?;
-                c2.execute(
-                    &format!("UPDATE {CHUNKS} SET state = 'pending', verify_failures = 0, failed_at = NULL WHERE id = $1 AND event_id = $2 AND state = 'failed'"),
-                    &[&row.id, &row.event_id],
-                )
-                .await
-                .map_err(pg("resetting the failed chunk"))?;
-                row.state = ChunkState::Pending;
-                row.verify_failures = 0;
+                row = registry::replay_failed(&c2, row.key()).await?;
             }
             ChunkState::Pending | ChunkState::Archiving => {}
         }
@@ -224,16 +209,12 @@ impl Archiver {
                 .map_err(|e| store_error(&format!("removing {previous}"), e))?;
         }
         let key = self.lake.new_key(table, &row.chunk, row.range_start_us);
-        {
+        // On a second connection, so the attempt and its key are visible at once.
+        let row = {
             let c2 = self.pool.get().await?;
-            c2.execute(
-                &format!("UPDATE {CHUNKS} SET state = 'archiving', archiving_at = now(), attempts = attempts + 1, lake_path = $3 WHERE id = $1 AND event_id = $2"),
-                &[&row.id, &row.event_id, &key],
-            )
-            .await
-            .map_err(pg("recording the attempt"))?;
-        }
-        info!(table = %table, chunk = %chunk, path = %key, attempt = row.attempts + 1, "archiving chunk");
+            registry::begin_archiving(&c2, row.key(), &key).await?
+        };
+        info!(table = %table, chunk = %chunk, path = %key, attempt = row.attempts, "archiving chunk");
         let started = std::time::Instant::now();
         let copy = tx
             .copy_out(&self.copy_sql(&row, partitioning))
@@ -258,7 +239,7 @@ impl Archiver {
             .map_err(|e| {
                 let context = format!("archiving chunk {chunk} of `{table}` to {key}");
                 match e {
-                    ExportError::Postgres(e) => StageError::from_postgres(&context, e),
+                    ExportError::Postgres(e) => pg::error(&context, e),
                     ExportError::Store(e) => store_error(&context, e),
                     ExportError::Encoder(m) => StageError::backoff(format!("{context}: {m}")),
                     other => StageError::dead_letter(format!("{context}: {}", error_chain(&other))),
@@ -266,24 +247,22 @@ impl Archiver {
             })?;
         let rows = exported.rows as i64;
         let bytes = exported.bytes as i64;
-        tx.execute(
-            &format!("UPDATE {CHUNKS} SET state = 'archived', archived_at = now(), rows = $3, bytes = $4, sha256 = $5, lake_path = $6, last_error = NULL WHERE id = $1 AND event_id = $2"),
-            &[&row.id, &row.event_id, &rows, &bytes, &exported.sha256, &key],
+        let done = registry::mark_archived(
+            &tx,
+            row.key(),
+            &Archive {
+                rows,
+                bytes,
+                sha256: &exported.sha256,
+                lake_path: &key,
+            },
         )
-        .await
-        .map_err(pg("recording the archive"))?;
+        .await?;
         tx.commit().await.map_err(pg("COMMIT"))?;
-        COUNTERS.archived.fetch_add(1, Ordering::Relaxed);
         let labels = [("table", table.clone())];
         metrics::histogram!(observe::UPLOAD_DURATION, &labels)
             .record(started.elapsed().as_secs_f64());
         metrics::counter!(observe::ARCHIVED_BYTES, &labels).increment(exported.bytes);
-        COUNTERS
-            .archived_rows
-            .fetch_add(exported.rows, Ordering::Relaxed);
-        COUNTERS
-            .archived_bytes
-            .fetch_add(exported.bytes, Ordering::Relaxed);
         info!(
             table = %table,
             chunk = %chunk,
@@ -293,14 +272,6 @@ impl Archiver {
             seconds = started.elapsed().as_secs_f64(),
             "archived chunk"
         );
-        let done = ChunkRow {
-            state: ChunkState::Archived,
-            lake_path: Some(key),
-            rows: Some(rows),
-            bytes: Some(bytes),
-            sha256: Some(exported.sha256),
-            ..row
-        };
         Ok(Some(self.confirmation(&done)))
     }
 }

@@ -23,8 +23,7 @@ use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema as ArrowSchema, SchemaRef as ArrowSchemaRef, TimeUnit};
 use strata_pipeline::schema::{ColumnType, Schema, PG_EPOCH_OFFSET_US};
 
-/// The 11-byte signature opening every binary COPY stream.
-const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+use crate::copy::decode::{self, FormatError, Unit};
 
 /// The Arrow type archived for a column type.
 pub fn arrow_type(ty: ColumnType) -> DataType {
@@ -67,22 +66,36 @@ pub fn arrow_schema(schema: &Schema) -> ArrowSchemaRef {
 /// Why a COPY stream could not be turned into batches.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("binary COPY stream: bad header")]
-    Header,
-    #[error("binary COPY stream: a tuple has {got} fields, expected {expected}")]
-    FieldCount { got: i16, expected: usize },
-    #[error("binary COPY stream: row {row}, column `{column}`: {message}")]
+    /// The bytes are not a binary COPY stream of the table's columns.
+    #[error("binary COPY stream")]
+    Format(#[from] FormatError),
+    /// A field does not hold a value of its column's type.
+    #[error("binary COPY stream: row {row}, column `{column}`")]
     Value {
         row: u64,
         column: String,
-        message: String,
+        #[source]
+        source: ValueError,
     },
     #[error("binary COPY stream ended without its trailer")]
     Truncated,
-    #[error("binary COPY stream: data after the trailer")]
-    AfterTrailer,
-    #[error("building an Arrow batch: {0}")]
+    #[error("building an Arrow batch")]
     Arrow(#[from] arrow_schema::ArrowError),
+}
+
+/// What is wrong with one field's bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{got} bytes, expected {expected}")]
+    Length { got: usize, expected: usize },
+    #[error("timestamp out of range")]
+    TimestampOutOfRange,
+    #[error("empty jsonb value")]
+    EmptyJsonb,
+    #[error("jsonb format version {0}, expected 1")]
+    JsonbVersion(u8),
+    #[error("not valid UTF-8")]
+    Utf8(#[source] std::str::Utf8Error),
 }
 
 /// One column being built.
@@ -123,48 +136,28 @@ impl Builder {
     }
 
     /// Appends one non-NULL field; `Err` says what is wrong with it.
-    fn append(&mut self, v: &[u8]) -> Result<(), String> {
-        let fixed = |n: usize| -> Result<(), String> {
-            if v.len() == n {
-                Ok(())
-            } else {
-                Err(format!("{} bytes, expected {n}", v.len()))
-            }
-        };
+    fn append(&mut self, v: &[u8]) -> Result<(), ValueError> {
         match self {
             Builder::Time(b) => {
-                fixed(8)?;
-                let pg = i64::from_be_bytes(v.try_into().map_err(|_| "8 bytes")?);
+                let pg = i64::from_be_bytes(fixed(v)?);
                 // ±infinity have no Arrow value; they cannot be in a chunk with bounds anyway.
                 b.append_value(
                     pg.checked_add(PG_EPOCH_OFFSET_US)
-                        .ok_or("timestamp out of range")?,
+                        .ok_or(ValueError::TimestampOutOfRange)?,
                 );
             }
             Builder::Text(b) => b.append_value(utf8(v)?),
             Builder::Json(b) => {
-                let (version, text) = v.split_first().ok_or("empty jsonb value")?;
+                let (version, text) = v.split_first().ok_or(ValueError::EmptyJsonb)?;
                 if *version != 1 {
-                    return Err(format!("jsonb format version {version}, expected 1"));
+                    return Err(ValueError::JsonbVersion(*version));
                 }
                 b.append_value(utf8(text)?);
             }
-            Builder::F64(b) => {
-                fixed(8)?;
-                b.append_value(f64::from_be_bytes(v.try_into().map_err(|_| "8 bytes")?));
-            }
-            Builder::I64(b) => {
-                fixed(8)?;
-                b.append_value(i64::from_be_bytes(v.try_into().map_err(|_| "8 bytes")?));
-            }
-            Builder::I32(b) => {
-                fixed(4)?;
-                b.append_value(i32::from_be_bytes(v.try_into().map_err(|_| "4 bytes")?));
-            }
-            Builder::Bool(b) => {
-                fixed(1)?;
-                b.append_value(v[0] != 0);
-            }
+            Builder::F64(b) => b.append_value(f64::from_be_bytes(fixed(v)?)),
+            Builder::I64(b) => b.append_value(i64::from_be_bytes(fixed(v)?)),
+            Builder::I32(b) => b.append_value(i32::from_be_bytes(fixed(v)?)),
+            Builder::Bool(b) => b.append_value(fixed::<1>(v)?[0] != 0),
         }
         Ok(())
     }
@@ -181,8 +174,16 @@ impl Builder {
     }
 }
 
-fn utf8(v: &[u8]) -> Result<&str, String> {
-    std::str::from_utf8(v).map_err(|e| format!("not valid UTF-8 ({e})"))
+/// The `N` bytes of a fixed-size value.
+fn fixed<const N: usize>(v: &[u8]) -> Result<[u8; N], ValueError> {
+    v.try_into().map_err(|_| ValueError::Length {
+        got: v.len(),
+        expected: N,
+    })
+}
+
+fn utf8(v: &[u8]) -> Result<&str, ValueError> {
+    std::str::from_utf8(v).map_err(ValueError::Utf8)
 }
 
 /// Turns a binary COPY stream (`COPY (SELECT <schema columns>) TO STDOUT (FORMAT binary)`) into
@@ -282,85 +283,43 @@ impl CopyDecoder {
     ) -> Result<usize, E> {
         let mut pos = 0;
         if !self.header_done {
-            let fixed = SIGNATURE.len() + 8;
-            if buf.len() < fixed {
+            let Some(len) = decode::header_len(buf).map_err(DecodeError::from)? else {
                 return Ok(0);
-            }
-            if &buf[..SIGNATURE.len()] != SIGNATURE {
-                return Err(DecodeError::Header.into());
-            }
-            let ext =
-                u32::from_be_bytes(buf[fixed - 4..fixed].try_into().expect("4 bytes")) as usize;
-            if buf.len() < fixed + ext {
-                return Ok(0);
-            }
-            pos = fixed + ext;
+            };
+            pos = len;
             self.header_done = true;
         }
         let ncols = self.builders.len();
         loop {
             if self.ended {
                 if pos < buf.len() {
-                    return Err(DecodeError::AfterTrailer.into());
+                    return Err(
+                        DecodeError::from(FormatError::AfterTrailer(buf.len() - pos)).into(),
+                    );
                 }
                 return Ok(pos);
             }
-            let Some(count) = buf.get(pos..pos + 2) else {
-                return Ok(pos);
+            let tuple = match decode::next_unit(buf, pos, Some(ncols)).map_err(DecodeError::from)? {
+                None => return Ok(pos),
+                Some(Unit::Trailer) => {
+                    self.ended = true;
+                    pos += 2;
+                    continue;
+                }
+                Some(Unit::Tuple(t)) => t,
             };
-            let count = i16::from_be_bytes([count[0], count[1]]);
-            if count == -1 {
-                self.ended = true;
-                pos += 2;
-                continue;
-            }
-            if count as usize != ncols || count < 0 {
-                return Err(DecodeError::FieldCount {
-                    got: count,
-                    expected: ncols,
-                }
-                .into());
-            }
-            // Is the whole tuple here?
-            let mut p = pos + 2;
-            let mut complete = true;
-            for _ in 0..ncols {
-                let Some(len) = buf.get(p..p + 4) else {
-                    complete = false;
-                    break;
-                };
-                let len = i32::from_be_bytes(len.try_into().expect("4 bytes"));
-                p += 4;
-                if len > 0 {
-                    p += len as usize;
-                    if p > buf.len() {
-                        complete = false;
-                        break;
-                    }
+            for (col, field) in tuple.fields().enumerate() {
+                let builder = &mut self.builders[col];
+                match field {
+                    None => builder.append_null(),
+                    Some(v) => builder.append(v).map_err(|source| DecodeError::Value {
+                        row: self.rows,
+                        column: self.names[col].clone(),
+                        source,
+                    })?,
                 }
             }
-            if !complete {
-                return Ok(pos);
-            }
-            let mut p = pos + 2;
-            for col in 0..ncols {
-                let len = i32::from_be_bytes(buf[p..p + 4].try_into().expect("4 bytes"));
-                p += 4;
-                if len < 0 {
-                    self.builders[col].append_null();
-                } else {
-                    let v = &buf[p..p + len as usize];
-                    p += len as usize;
-                    self.builders[col]
-                        .append(v)
-                        .map_err(|message| DecodeError::Value {
-                            row: self.rows,
-                            column: self.names[col].clone(),
-                            message,
-                        })?;
-                }
-            }
-            pos = p;
+            pos += tuple.len();
             self.rows += 1;
             self.in_batch += 1;
             if self.in_batch == self.batch_rows {
@@ -466,5 +425,41 @@ type = "jsonb"
         dec.push::<DecodeError>(&stream[..stream.len() - 2], &mut |_| Ok(()))
             .unwrap();
         assert!(matches!(dec.finish(), Err(DecodeError::Truncated)));
+    }
+
+    #[test]
+    fn a_bad_field_names_its_row_and_column_and_keeps_the_cause() {
+        let schema = Schema::from_toml("t.toml", SCHEMA).unwrap();
+        let mut stream = crate::copy::HEADER.to_vec();
+        tuple(&mut stream, 0, Some("h"), 1.0, 1, "{}");
+        tuple(&mut stream, 0, Some("h"), 1.0, 1, "{}");
+        // Row 1, column `j` (jsonb, the last): format version 2 instead of 1.
+        let version = stream.len() - "{}".len() - 1;
+        stream[version] = 2;
+        stream.extend_from_slice(crate::copy::TRAILER);
+        let mut dec = CopyDecoder::new(&schema, 10);
+        let err = dec
+            .push::<DecodeError>(&stream, &mut |_| Ok(()))
+            .unwrap_err();
+        let DecodeError::Value {
+            row,
+            column,
+            source,
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!((*row, column.as_str()), (1, "j"));
+        assert_eq!(*source, ValueError::JsonbVersion(2));
+        assert_eq!(
+            strata_pipeline::error_chain(&err),
+            "binary COPY stream: row 1, column `j`: jsonb format version 2, expected 1"
+        );
+        let mut bad = stream.clone();
+        bad[0] = b'X';
+        let err = CopyDecoder::new(&schema, 10)
+            .push::<DecodeError>(&bad, &mut |_| Ok(()))
+            .unwrap_err();
+        assert!(matches!(err, DecodeError::Format(FormatError::Signature)));
     }
 }

@@ -14,7 +14,6 @@
 //! is forwarded to `archive:{T}`. Past `[confirmer] max_rearchives` the archiver dead-letters
 //! that event to `archive:{T}:dlq`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use object_store::path::Path;
@@ -23,21 +22,21 @@ use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::file::metadata::ParquetMetaDataReader;
 use strata_pipeline::error::SqlState;
 use strata_pipeline::lifecycle_config::ConfirmerConfig;
+use strata_pipeline::observe;
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams::{Entry, Fields};
 use strata_pipeline::{RetryHint, StageError};
-use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use crate::catalog::{ident, Partitioning, CHUNKS};
+use crate::catalog::{ident, CachedPartitioning, Partitioning, CHUNKS};
 
 use super::columnar::{arrow_type, column_type_from_sql};
 use super::events::{rfc3339_us, ArchivalConfirmation, ArchivalStatus};
 use super::export::{META_CHUNK, META_ROWS, META_TABLE};
 use super::lake::{store_error, Lake};
-use super::registry::{self, ChunkRow, ChunkState, ROW_COLUMNS};
-use super::COUNTERS;
+use super::pg;
+use super::registry::{self, ChunkRow, ChunkState, Found};
 use strata_pipeline::error_chain;
 
 /// Verifies archives of one table and drops their chunks.
@@ -51,7 +50,7 @@ pub struct Confirmer {
     /// What to verify, how often to re-archive.
     pub config: ConfirmerConfig,
     /// How the table is partitioned, read once.
-    pub partitioning: OnceCell<Partitioning>,
+    pub partitioning: CachedPartitioning,
 }
 
 /// The outcome of checking one archive.
@@ -64,7 +63,7 @@ enum Check {
 
 impl Confirmer {
     async fn partitioning(&self) -> Result<Partitioning, StageError> {
-        super::cached_partitioning(&self.partitioning, &self.pool, &self.schema.table).await
+        self.partitioning.get(&self.pool, &self.schema.table).await
     }
 
     async fn handle(&self, entry: &Entry) -> Result<Option<Fields>, StageError> {
@@ -102,15 +101,18 @@ impl Confirmer {
             Check::Good => {}
         }
         let client = self.pool.get().await?;
-        client
-            .execute(
-                &format!("UPDATE {CHUNKS} SET state = 'verified', verified_at = now(), last_error = NULL WHERE id = $1 AND event_id = $2 AND state = 'archived'"),
-                &[&row.id, &row.event_id],
-            )
-            .await
-            .map_err(|e| StageError::from_postgres(&format!("marking chunk {} of `{table}` verified", row.display_name()), e))?;
+        match registry::mark_verified(&client, row.key()).await {
+            Ok(_) => {}
+            // Another confirmer verified it meanwhile (a redelivered confirmation): go on to
+            // the drop, which checks the state again under the chunk's lock.
+            Err(e) if e.found() == Some(&Found::State(ChunkState::Verified)) => {}
+            Err(e) if e.found().is_some() => {
+                info!(table = %table, chunk = %row.display_name(), reason = %e, "the chunk moved on meanwhile; nothing to verify");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
         drop(client);
-        COUNTERS.verified.fetch_add(1, Ordering::Relaxed);
         info!(table = %table, chunk = %row.display_name(), rows = row.rows.unwrap_or(0), "archive verified");
         if drop_after {
             return self.drop_chunk(&row).await;
@@ -206,7 +208,7 @@ impl Confirmer {
         let client = self.pool.get().await?;
         let pg = |what: &str| {
             let context = format!("verifying chunk {chunk} of `{table}`: {what}");
-            move |e| StageError::from_postgres(&context, e)
+            pg::context(context)
         };
         let columns = client
             .query(
@@ -305,7 +307,7 @@ impl Confirmer {
             }
         };
         r.map(|r| r.get(0)).map_err(|e| {
-            StageError::from_postgres(
+            pg::error(
                 &format!(
                     "counting chunk {} of `{}`",
                     row.display_name(),
@@ -330,11 +332,11 @@ impl Confirmer {
         let chunk = row.display_name();
         let pg = |what: &str| {
             let context = format!("dropping chunk {chunk} of `{table}`: {what}");
-            move |e| StageError::from_postgres(&context, e)
+            pg::context(context)
         };
         let partitioning = self.partitioning().await?;
         let mut conn = self.pool.get().await?;
-        let tx = super::begin_with_lock_timeout(
+        let tx = pg::begin_with_lock_timeout(
             &mut conn,
             self.config.lock_timeout_ms,
             &format!("dropping chunk {chunk} of `{table}`"),
@@ -349,12 +351,12 @@ impl Confirmer {
             .map_err(pg("looking it up"))?
             .is_some();
         if !same {
-            tx.execute(
-                &format!("UPDATE {CHUNKS} SET state = 'dropped', dropped_at = now(), last_error = 'the chunk was gone when strata came to drop it' WHERE id = $1 AND event_id = $2"),
-                &[&row.id, &row.event_id],
+            registry::mark_dropped(
+                &tx,
+                row.key(),
+                Some("the chunk was gone when strata came to drop it"),
             )
-            .await
-            .map_err(pg("recording it"))?;
+            .await?;
             tx.commit().await.map_err(pg("COMMIT"))?;
             warn!(table = %table, chunk = %chunk, "verified chunk was already gone");
             return Ok(None);
@@ -427,15 +429,9 @@ impl Confirmer {
                 }
             }
         }
-        tx.execute(
-            &format!("UPDATE {CHUNKS} SET state = 'dropped', dropped_at = now() WHERE id = $1 AND event_id = $2"),
-            &[&row.id, &row.event_id],
-        )
-        .await
-        .map_err(pg("recording it"))?;
+        registry::mark_dropped(&tx, row.key(), None).await?;
         tx.commit().await.map_err(pg("COMMIT"))?;
-        COUNTERS.dropped.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(super::CHUNKS_DROPPED, "table" => table.clone()).increment(1);
+        metrics::counter!(observe::CHUNKS_DROPPED, "table" => table.clone()).increment(1);
         info!(table = %table, chunk = %chunk, rows, "dropped chunk; its archive is the only copy now");
         Ok(None)
     }
@@ -453,19 +449,16 @@ impl Confirmer {
                 })?;
         }
         let client = self.pool.get().await?;
-        let updated = client
-            .query_opt(
-                &format!("UPDATE {CHUNKS} SET state = 'pending', event_id = $3, verify_failures = verify_failures + 1, last_error = $4, emitted_at = now(), lake_path = NULL, rows = NULL, bytes = NULL, sha256 = NULL WHERE id = $1 AND event_id = $2 RETURNING {ROW_COLUMNS}"),
-                &[&row.id, &row.event_id, &uuid::Uuid::new_v4().to_string(), &reason],
-            )
-            .await
-            .map_err(|e| StageError::from_postgres(&format!("sending chunk {chunk} of `{table}` back to archiving"), e))?;
-        let Some(updated) = updated else {
-            return Ok(None); // another confirmer got there first
+        let updated = match registry::send_back_to_pending(&client, row.key(), reason).await {
+            Ok(updated) => updated,
+            Err(e) if e.found().is_some() => {
+                // Another confirmer got there first.
+                info!(table = %table, chunk = %chunk, reason = %e, "chunk already sent back");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
         };
-        let updated = ChunkRow::from_row(&updated)?;
-        COUNTERS.verify_failures.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(super::VERIFY_FAILURES, "table" => table.clone()).increment(1);
+        metrics::counter!(observe::VERIFY_FAILURES, "table" => table.clone()).increment(1);
         warn!(
             table = %table,
             chunk = %chunk,

@@ -14,24 +14,74 @@ pub fn rfc3339_us(us: i64) -> String {
         .unwrap_or_else(|| us.to_string())
 }
 
-fn parse_time(entry: &Entry, name: &str) -> Result<i64, String> {
-    let text = text(entry, name)?;
+/// Which field of a lifecycle stream entry is wrong, and how.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("missing field `{0}`")]
+    Missing(&'static str),
+    #[error("field `{field}`: not valid UTF-8")]
+    NotUtf8 {
+        field: &'static str,
+        #[source]
+        source: std::str::Utf8Error,
+    },
+    #[error("field `{field}`: not an RFC 3339 time: {value:?}")]
+    NotTime {
+        field: &'static str,
+        value: String,
+        #[source]
+        source: chrono::ParseError,
+    },
+    #[error("field `{field}`: not an integer: {value:?}")]
+    NotInteger {
+        field: &'static str,
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("field `{field}`: unknown status {value:?}")]
+    UnknownStatus { field: &'static str, value: String },
+}
+
+impl FieldError {
+    /// The field it is about.
+    pub fn field(&self) -> &'static str {
+        match self {
+            FieldError::Missing(field)
+            | FieldError::NotUtf8 { field, .. }
+            | FieldError::NotTime { field, .. }
+            | FieldError::NotInteger { field, .. }
+            | FieldError::UnknownStatus { field, .. } => field,
+        }
+    }
+}
+
+fn parse_time(entry: &Entry, field: &'static str) -> Result<i64, FieldError> {
+    let text = text(entry, field)?;
     DateTime::parse_from_rfc3339(text)
         .map(|d| d.timestamp_micros())
-        .map_err(|_| format!("field `{name}`: not an RFC 3339 time: {text:?}"))
+        .map_err(|source| FieldError::NotTime {
+            field,
+            value: text.to_string(),
+            source,
+        })
 }
 
-fn text<'a>(entry: &'a Entry, name: &str) -> Result<&'a str, String> {
-    let raw = entry
-        .field(name)
-        .ok_or_else(|| format!("missing field `{name}`"))?;
-    std::str::from_utf8(raw).map_err(|_| format!("field `{name}`: not valid UTF-8"))
+fn text<'a>(entry: &'a Entry, field: &'static str) -> Result<&'a str, FieldError> {
+    let raw = entry.field(field).ok_or(FieldError::Missing(field))?;
+    std::str::from_utf8(raw).map_err(|source| FieldError::NotUtf8 { field, source })
 }
 
-fn number<T: std::str::FromStr>(entry: &Entry, name: &str) -> Result<T, String> {
-    let t = text(entry, name)?;
-    t.parse()
-        .map_err(|_| format!("field `{name}`: not an integer: {t:?}"))
+fn number<T>(entry: &Entry, field: &'static str) -> Result<T, FieldError>
+where
+    T: std::str::FromStr<Err = std::num::ParseIntError>,
+{
+    let t = text(entry, field)?;
+    t.parse().map_err(|source| FieldError::NotInteger {
+        field,
+        value: t.to_string(),
+        source,
+    })
 }
 
 fn push(fields: &mut Fields, name: &str, value: impl Into<String>) {
@@ -76,7 +126,7 @@ impl ArchivalEvent {
     }
 
     /// Reads an entry of `archive:{T}`; `Err` says which field is wrong.
-    pub fn from_entry(entry: &Entry) -> Result<Self, String> {
+    pub fn from_entry(entry: &Entry) -> Result<Self, FieldError> {
         Ok(Self {
             event_id: text(entry, "event_id")?.to_string(),
             chunk_id: number(entry, "chunk_id")?,
@@ -153,11 +203,16 @@ impl ArchivalConfirmation {
     }
 
     /// Reads an entry of `archived:{T}`; `Err` says which field is wrong.
-    pub fn from_entry(entry: &Entry) -> Result<Self, String> {
+    pub fn from_entry(entry: &Entry) -> Result<Self, FieldError> {
         let status = match text(entry, "status")? {
             "archived" => ArchivalStatus::Archived,
             "failed" => ArchivalStatus::Failed,
-            other => return Err(format!("field `status`: unknown status {other:?}")),
+            other => {
+                return Err(FieldError::UnknownStatus {
+                    field: "status",
+                    value: other.to_string(),
+                })
+            }
         };
         Ok(Self {
             event_id: text(entry, "event_id")?.to_string(),
@@ -222,6 +277,19 @@ mod tests {
         );
         let err = ArchivalEvent::from_entry(&entry(vec![("event_id".into(), b"x".to_vec())]))
             .unwrap_err();
-        assert_eq!(err, "missing field `chunk_id`");
+        assert_eq!(err.to_string(), "missing field `chunk_id`");
+        assert_eq!(err, FieldError::Missing("chunk_id"));
+        let mut bad = e.to_fields();
+        bad[6].1 = b"seven".to_vec();
+        let err = ArchivalEvent::from_entry(&entry(bad)).unwrap_err();
+        assert_eq!(err.field(), "chunk_id");
+        assert_eq!(
+            err.to_string(),
+            "field `chunk_id`: not an integer: \"seven\""
+        );
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the parse error is kept"
+        );
     }
 }

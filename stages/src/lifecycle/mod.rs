@@ -11,10 +11,14 @@
 //! - [`watcher`]: the periodic scan that records closed chunks and emits archival events.
 //! - [`archiver`]: the [`Stage`](strata_pipeline::runner::Stage) writing one object per chunk.
 //! - [`confirmer`]: the stage verifying archives and dropping chunks.
-//! - [`registry`]: `strata.chunks`, the lifecycle table.
+//! - [`registry`]: `strata.chunks` and the chunk state machine (pending → archiving → archived →
+//!   verified → dropped, or failed): the only writer of that table, one typed function per
+//!   transition.
 //! - [`events`]: the stream entries (ArchivalEvent, ArchivalConfirmation).
 //! - [`columnar`]: binary COPY → Arrow; [`export`]: Arrow → Parquet → upload.
 //! - [`lake`]: the object stores and the bounded multipart upload.
+//! - `pg`: the transaction with a bounded lock wait, PostgreSQL errors that keep their cause.
+//! - this file: wiring only ([`spawn`] starts a lifecycle stage of one table).
 
 pub mod archiver;
 pub mod columnar;
@@ -22,10 +26,10 @@ pub mod confirmer;
 pub mod events;
 pub mod export;
 pub mod lake;
+mod pg;
 pub mod registry;
 pub mod watcher;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use strata_pipeline::config::{BatchLimits, Config};
@@ -62,82 +66,6 @@ pub struct Context<'a> {
     pub pg: &'a deadpool_postgres::Pool,
     /// Fires on SIGTERM/SIGINT: stop after the work in flight.
     pub shutdown: &'a CancellationToken,
-}
-
-/// Process-wide lifecycle counters (all tables), for logs, tests and metrics.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Chunks the watcher recorded and emitted.
-    pub chunks_recorded: AtomicU64,
-    /// Archival events the watcher emitted again.
-    pub events_reemitted: AtomicU64,
-    /// Archives written.
-    pub archived: AtomicU64,
-    /// Rows in archives written.
-    pub archived_rows: AtomicU64,
-    /// Bytes of archives written.
-    pub archived_bytes: AtomicU64,
-    /// Archives verified.
-    pub verified: AtomicU64,
-    /// Chunks dropped after verification.
-    pub dropped: AtomicU64,
-    /// Archives that failed verification (each sends its chunk back to archiving).
-    pub verify_failures: AtomicU64,
-    /// Archival events dead-lettered to `archive:{T}:dlq` (verification kept failing, or the
-    /// chunk cannot be archived).
-    pub dead_lettered: AtomicU64,
-}
-
-impl Counters {
-    const fn new() -> Self {
-        Self {
-            chunks_recorded: AtomicU64::new(0),
-            events_reemitted: AtomicU64::new(0),
-            archived: AtomicU64::new(0),
-            archived_rows: AtomicU64::new(0),
-            archived_bytes: AtomicU64::new(0),
-            verified: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            verify_failures: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-        }
-    }
-}
-
-/// The lifecycle counters of this process.
-pub static COUNTERS: Counters = Counters::new();
-
-pub use strata_pipeline::observe::{CHUNKS_DROPPED, VERIFY_FAILURES};
-
-/// How `table` is partitioned, read once and cached in `cell`.
-async fn cached_partitioning(
-    cell: &tokio::sync::OnceCell<crate::catalog::Partitioning>,
-    pool: &deadpool_postgres::Pool,
-    table: &str,
-) -> Result<crate::catalog::Partitioning, StageError> {
-    cell.get_or_try_init(|| async {
-        let client = pool.get().await?;
-        crate::catalog::partitioning(&client, table).await
-    })
-    .await
-    .copied()
-}
-
-/// BEGIN with `lock_timeout` set for the transaction, so waiting for a chunk's lock is bounded.
-/// Errors read "<context>: BEGIN" / "<context>: SET lock_timeout".
-async fn begin_with_lock_timeout<'a>(
-    conn: &'a mut deadpool_postgres::Object,
-    lock_timeout_ms: u64,
-    context: &str,
-) -> Result<deadpool_postgres::Transaction<'a>, StageError> {
-    let tx = conn
-        .transaction()
-        .await
-        .map_err(|e| StageError::from_postgres(&format!("{context}: BEGIN"), e))?;
-    tx.batch_execute(&format!("SET LOCAL lock_timeout = {lock_timeout_ms}"))
-        .await
-        .map_err(|e| StageError::from_postgres(&format!("{context}: SET lock_timeout"), e))?;
-    Ok(tx)
 }
 
 /// One entry per batch: each event is a whole chunk, processed and acknowledged on its own.

@@ -49,7 +49,6 @@
 //! - `pg_stat_reset()` or a crash recovery resets the counters: a change, so the clock restarts.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -64,8 +63,7 @@ use tracing::{debug, info, warn};
 
 use crate::catalog::{self, ident, Partitioning, CHUNKS};
 
-use super::registry::{ChunkRow, ROW_COLUMNS};
-use super::COUNTERS;
+use super::registry;
 
 /// How long a PostgreSQL backend that has gone idle may keep its statistics pending before it
 /// flushes them (`PGSTAT_IDLE_INTERVAL`, PostgreSQL 15 and later): a quiet period shorter than
@@ -177,7 +175,7 @@ impl Watcher {
         };
         let pg = |what: &'static str| move |e| StageError::from_postgres(what, e);
         let closed = closed_chunks_sql(partitioning);
-        let mut params: Vec<&(dyn ToSql + Sync)> = match partitioning {
+        let params: Vec<&(dyn ToSql + Sync)> = match partitioning {
             Partitioning::Native => vec![table, &regclass, &after_us],
             Partitioning::Hypertable => vec![table, &after_us],
         };
@@ -204,70 +202,16 @@ impl Watcher {
         let new_rows = if quiet.is_empty() {
             Vec::new()
         } else {
-            let oids_param = format!("${}", params.len() + 1);
-            params.push(&quiet);
-            client
-                .query(
-                    &format!(
-                        "INSERT INTO {CHUNKS} (table_name, chunk_schema, chunk, chunk_oid, range_start, range_end, event_id)
-                         SELECT $1::text, q.chunk_schema, q.chunk, q.chunk_oid, q.range_start, q.range_end, gen_random_uuid()::text
-                         FROM ({closed}) q
-                         WHERE q.chunk_oid = ANY({oids_param}::oid[])
-                         ORDER BY q.range_start
-                         ON CONFLICT DO NOTHING
-                         RETURNING {ROW_COLUMNS}"
-                    ),
-                    &params,
-                )
-                .await
-                .map_err(pg("recording closed chunks"))?
+            registry::record_closed(&client, &closed, &params, &quiet).await?
         };
         let reemit_us = (self.config.reemit_after_ms as i64).saturating_mul(1000);
-        let stale = client
-            .query(
-                &format!(
-                    "UPDATE {CHUNKS} SET emitted_at = now()
-                     WHERE table_name = $1 AND state IN ('pending', 'archiving', 'archived')
-                       AND emitted_at < now() - $2::bigint * interval '1 microsecond'
-                     RETURNING {ROW_COLUMNS}"
-                ),
-                &[table, &reemit_us],
-            )
-            .await
-            .map_err(pg("finding chunks to emit again"))?;
-        let by_state = client
-            .query(
-                &format!(
-                    "SELECT state, count(*) FROM {CHUNKS} WHERE table_name = $1 GROUP BY state"
-                ),
-                &[table],
-            )
-            .await
-            .map_err(pg("counting chunks by state"))?;
+        let stale = registry::claim_reemission(&client, table, reemit_us).await?;
+        let by_state = registry::count_by_state(&client, table).await?;
         drop(client);
-        for state in [
-            "pending",
-            "archiving",
-            "archived",
-            "verified",
-            "dropped",
-            "failed",
-        ] {
-            let n = by_state
-                .iter()
-                .find(|r| r.get::<_, &str>(0) == state)
-                .map_or(0, |r| r.get::<_, i64>(1));
-            metrics::gauge!(observe::CHUNKS, "table" => table.clone(), "state" => state)
+        for (state, n) in by_state {
+            metrics::gauge!(observe::CHUNKS, "table" => table.clone(), "state" => state.as_str())
                 .set(n as f64);
         }
-        let new_rows: Vec<ChunkRow> = new_rows
-            .iter()
-            .map(ChunkRow::from_row)
-            .collect::<Result<_, _>>()?;
-        let stale: Vec<ChunkRow> = stale
-            .iter()
-            .map(ChunkRow::from_row)
-            .collect::<Result<_, _>>()?;
         let scan = Scan {
             recorded: new_rows.len(),
             reemitted: stale.len(),
@@ -294,12 +238,6 @@ impl Watcher {
                 new_rows.len() + stale.len()
             ))
         })?;
-        COUNTERS
-            .chunks_recorded
-            .fetch_add(new_rows.len() as u64, Ordering::Relaxed);
-        COUNTERS
-            .events_reemitted
-            .fetch_add(stale.len() as u64, Ordering::Relaxed);
         for row in &new_rows {
             info!(table = %table, chunk = %row.display_name(), range_end = %super::events::rfc3339_us(row.range_end_us), "chunk closed; archival event emitted");
         }

@@ -398,22 +398,19 @@ async fn oldest_pending(
 /// A PostgreSQL connection for one snapshot, or why there is none. Short timeouts: a status
 /// must come back quickly.
 async fn pg_connect(config: &Config) -> Result<tokio_postgres::Client, String> {
-    let mut pg: tokio_postgres::Config = config
-        .postgres
-        .url
-        .parse()
-        .map_err(|e| format!("invalid DATABASE_URL / [postgres] url: {e}"))?;
-    pg.connect_timeout(Duration::from_secs(3));
-    let connect = pg.connect(tokio_postgres::NoTls);
-    let (client, connection) = tokio::time::timeout(Duration::from_secs(5), connect)
-        .await
-        .map_err(|_| "no answer within 5 s".to_string())?
-        .map_err(|e| pg_error(&e))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    use strata_pipeline::db::{connect_postgres, postgres_config, ConnectError, ConnectLimits};
+    let limits = ConnectLimits {
+        connect_timeout: Some(Duration::from_secs(3)),
+        total: Some(Duration::from_secs(5)),
+        statement_timeout: Some(Duration::from_secs(5)),
+    };
+    let pg = postgres_config(&config.postgres.url).map_err(|e| error_chain(&e))?;
+    let client = connect_postgres(&pg, limits).await.map_err(|e| match &e {
+        ConnectError::Postgres(pe) | ConnectError::Setup(pe) => pg_error(pe),
+        _ => error_chain(&e),
+    })?;
     client
-        .batch_execute("SET statement_timeout = '5s'; SET TIME ZONE 'UTC'")
+        .batch_execute("SET TIME ZONE 'UTC'")
         .await
         .map_err(|e| pg_error(&e))?;
     Ok(client)

@@ -1,15 +1,16 @@
-//! PostgreSQL binary COPY encoding, written straight from frame cells (no per-row allocation).
+//! Binary COPY encoding, written straight from frame cells (no per-row allocation): a stream is
+//! [`HEADER`](super::HEADER), per row [`begin_tuple`] and one [`put_cell`] per column, then
+//! [`TRAILER`](super::TRAILER).
 
 use bytes::{BufMut, BytesMut};
 use strata_pipeline::frame::CellRef;
 use strata_pipeline::schema::{ColumnType, PG_EPOCH_OFFSET_US};
 
-pub const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
-pub const TRAILER: &[u8] = &[0xff, 0xff];
-
 /// Why a cell cannot be encoded for its column.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("column {column}: the cell does not fit the column's type")]
 pub struct CellMismatch {
+    /// Index of the column.
     pub column: usize,
 }
 
