@@ -174,9 +174,11 @@ pub fn redis_hint(err: &redis::RedisError) -> RetryHint {
     }
 }
 
+/// A failed Redis call, retried with backoff; the `RedisError` stays the [`source`]
+/// (`std::error::Error::source`), so [`error_chain`] prints `redis: <Redis's error>`.
 impl From<redis::RedisError> for StageError {
     fn from(err: redis::RedisError) -> Self {
-        StageError::backoff(format!("redis: {err}"))
+        StageError::backoff("redis").with_source(err)
     }
 }
 

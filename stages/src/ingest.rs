@@ -35,7 +35,7 @@ impl Stage for Ingest {
                     for row in &rows {
                         frame.push_row(row);
                     }
-                    first_ms = first_ms.min(entry.ms());
+                    first_ms = first_ms.min(entry.id.ms);
                     if let Some(tp) = self.event_span(entry, traced.len()) {
                         traced.push(tp);
                     }
@@ -235,7 +235,7 @@ impl Ingest {
     /// The time of an event without a time field: its entry ID's milliseconds, which a
     /// producer choosing the ID (`XADD … 18446744073709551615-0 …`) can put out of range.
     fn entry_time(&self, entry: &Entry) -> Result<Cell, String> {
-        let ms = entry.ms();
+        let ms = entry.id.ms;
         i64::try_from(ms)
             .ok()
             .and_then(|ms| ms.checked_mul(1_000))

@@ -281,9 +281,9 @@ async fn prune_applied_frames(
         let Ok(mut conn) = redis.get().await else {
             continue;
         };
-        let oldest = streams::oldest_unacknowledged(&mut conn, writer.stream(), BATCH_WRITER).await;
-        if let Ok(Some(oldest)) = oldest {
-            match writer.prune_applied(&oldest).await {
+        let group = streams::ConsumerGroup::new(writer.stream(), BATCH_WRITER);
+        if let Ok(Some(oldest)) = group.oldest_unacknowledged(&mut conn).await {
+            match writer.prune_applied(oldest).await {
                 Ok(n) if n > 0 => tracing::debug!(
                     stream = writer.stream(),
                     pruned = n,
