@@ -447,7 +447,7 @@ columns = ["tags"]
             "253402300800000-0",
         ] {
             let e = Entry::new(id, [("source", "h")]);
-            let ms = id.split('-').next().unwrap();
+            let ms = e.id.ms;
             assert_eq!(
                 ing.validate(&e, &mut rows).unwrap_err(),
                 format!(

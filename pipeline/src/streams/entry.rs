@@ -25,7 +25,7 @@ pub struct RawFields {
 }
 
 impl RawFields {
-    /// Encodes name/value pairs (for entries that did not come through [`ReadConnection`]).
+    /// Encodes name/value pairs (for entries that did not come through [`super::ReadConnection`]).
     pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> Self {

@@ -18,9 +18,9 @@
 //!
 //! # Layout
 //! - this file: the options, the snapshot (the `--json` document) and the command's loop.
-//! - [`collect`]: the snapshot from Redis (streams, groups, consumers, pending entries) and
+//! - `collect.rs`: the snapshot from Redis (streams, groups, consumers, pending entries) and
 //!   PostgreSQL (rows, chunks, archives).
-//! - [`render`]: the snapshot as an aligned, optionally coloured table.
+//! - `render.rs`: the snapshot as an aligned, optionally coloured table.
 
 mod collect;
 mod render;
