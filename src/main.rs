@@ -415,8 +415,12 @@ async fn demo(
             break;
         }
         let mut conn = redis.get().await?;
-        if streams::drained(&mut conn, &input, streams::INGEST).await?
-            && streams::drained(&mut conn, &rows, streams::BATCH_WRITER).await?
+        if streams::ConsumerGroup::new(&input, streams::INGEST)
+            .drained(&mut conn)
+            .await?
+            && streams::ConsumerGroup::new(&rows, streams::BATCH_WRITER)
+                .drained(&mut conn)
+                .await?
         {
             break;
         }

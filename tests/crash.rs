@@ -168,10 +168,12 @@ async fn a_dead_consumers_entries_are_claimed_and_the_consumer_forgotten() {
     env.migrate().await;
     env.producer().produce_known(0, 1000, 100_000).await;
     let mut conn = env.redis().await;
-    streams::ensure_group(&mut conn, &env.input(), streams::INGEST)
+    streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+        .ensure(&mut conn)
         .await
         .unwrap();
-    let (held, _) = streams::read_new(&mut conn, &env.input(), streams::INGEST, "doomed", 600, 100)
+    let (held, _) = streams::Consumer::new(&env.input(), streams::INGEST, "doomed")
+        .read_new(&mut conn, 600, 100)
         .await
         .unwrap();
     assert_eq!(held.len(), 600, "the dead consumer holds 600 entries");
@@ -187,7 +189,8 @@ async fn a_dead_consumers_entries_are_claimed_and_the_consumer_forgotten() {
     let stats = running.stats.clone();
     env.wait_landed(1000, Duration::from_secs(30)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while streams::consumers(&mut conn, &env.input(), streams::INGEST)
+    while streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+        .consumers(&mut conn)
         .await
         .unwrap()
         .iter()
@@ -223,10 +226,12 @@ async fn an_entry_delivered_more_than_max_deliveries_is_dead_lettered_with_the_r
     env.xadd(&[("source", b"s"), ("metric", b"m"), ("value", b"2")])
         .await;
     let mut conn = env.redis().await;
-    streams::ensure_group(&mut conn, &env.input(), streams::INGEST)
+    streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+        .ensure(&mut conn)
         .await
         .unwrap();
-    let _ = streams::read_new(&mut conn, &env.input(), streams::INGEST, "flaky", 1, 100)
+    let _ = streams::Consumer::new(&env.input(), streams::INGEST, "flaky")
+        .read_new(&mut conn, 1, 100)
         .await
         .unwrap();
     for _ in 0..3 {
@@ -280,7 +285,8 @@ async fn trimming_keeps_streams_bounded_while_a_lagging_group_gets_every_entry()
     let env = TestEnv::new("metrics", CONFIG).await;
     env.migrate().await;
     let mut conn = env.redis().await;
-    streams::ensure_group(&mut conn, &env.input(), "laggard")
+    streams::ConsumerGroup::new(&env.input(), "laggard")
+        .ensure(&mut conn)
         .await
         .unwrap();
     let stop = CancellationToken::new();
@@ -298,16 +304,17 @@ async fn trimming_keeps_streams_bounded_while_a_lagging_group_gets_every_entry()
     let mut seen = std::collections::HashSet::new();
     let (mut max_rows_len, mut worst_excess) = (0u64, 0i64);
     while seen.len() < N as usize {
-        let (entries, deleted) =
-            streams::read_new(&mut conn, &env.input(), "laggard", "slow", 60, 100)
-                .await
-                .unwrap();
+        let (entries, deleted) = streams::Consumer::new(&env.input(), "laggard", "slow")
+            .read_new(&mut conn, 60, 100)
+            .await
+            .unwrap();
         assert!(
             deleted.is_empty(),
             "an entry the laggard had not acknowledged was trimmed"
         );
-        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-        streams::ack(&mut conn, &env.input(), "laggard", &ids)
+        let ids: Vec<streams::StreamId> = entries.iter().map(|e| e.id).collect();
+        streams::ConsumerGroup::new(&env.input(), "laggard")
+            .ack(&mut conn, &ids)
             .await
             .unwrap();
         seen.extend(ids);

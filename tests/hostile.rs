@@ -642,10 +642,12 @@ async fn run_suite(shape: &Shape) {
         if let Some(kib) = common::servers::rss_kb(child.id()) {
             peak_kib = peak_kib.max(kib);
         }
-        let drained = streams::drained(&mut conn, &env.input(), streams::INGEST)
+        let drained = streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+            .drained(&mut conn)
             .await
             .unwrap_or(false)
-            && streams::drained(&mut conn, &env.rows(), streams::BATCH_WRITER)
+            && streams::ConsumerGroup::new(&env.rows(), streams::BATCH_WRITER)
+                .drained(&mut conn)
                 .await
                 .unwrap_or(false);
         if drained && env.count().await >= good as i64 {

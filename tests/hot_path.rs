@@ -413,7 +413,8 @@ async fn a_frame_redelivered_after_commit_is_not_written_twice() {
     // Ingest only, until every event is framed.
     let (stop, handle) = start(&env, &[StageKind::Ingest]).await;
     let mut conn = env.redis().await;
-    while !streams::drained(&mut conn, &env.input(), streams::INGEST)
+    while !streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+        .drained(&mut conn)
         .await
         .unwrap()
     {
@@ -423,19 +424,14 @@ async fn a_frame_redelivered_after_commit_is_not_written_twice() {
     handle.await.unwrap();
 
     // A writer that commits and then "crashes" before XACK.
-    streams::ensure_group(&mut conn, &env.rows(), streams::BATCH_WRITER)
+    streams::ConsumerGroup::new(&env.rows(), streams::BATCH_WRITER)
+        .ensure(&mut conn)
         .await
         .unwrap();
-    let (entries, _) = streams::read_new(
-        &mut conn,
-        &env.rows(),
-        streams::BATCH_WRITER,
-        "crashed-writer",
-        1000,
-        100,
-    )
-    .await
-    .unwrap();
+    let (entries, _) = streams::Consumer::new(&env.rows(), streams::BATCH_WRITER, "crashed-writer")
+        .read_new(&mut conn, 1000, 100)
+        .await
+        .unwrap();
     assert!(!entries.is_empty());
     let pool = strata_pipeline::db::postgres_pool(&env.config, 2).unwrap();
     let writer = strata_stages::writer::BatchWriter::new(env.schema.clone(), env.rows(), pool)
@@ -543,18 +539,22 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
     let (input, output) = (env.input(), env.rows());
     let dlq = streams::dlq_stream(&input);
     let mut conn = env.redis().await;
-    streams::ensure_group(&mut conn, &input, streams::INGEST)
+    streams::ConsumerGroup::new(&input, streams::INGEST)
+        .ensure(&mut conn)
         .await
         .unwrap();
-    let (read, _) = streams::read_new(&mut conn, &input, streams::INGEST, "slow", 10, 100)
+    let (read, _) = streams::Consumer::new(&input, streams::INGEST, "slow")
+        .read_new(&mut conn, 10, 100)
         .await
         .unwrap();
     assert_eq!(read.len(), 3);
     // "fast" takes over everything idle for 0 ms, as a live process does with a stalled one.
-    let (claimed, _, _) =
-        streams::autoclaim(&mut conn, &input, streams::INGEST, "fast", 0, "0-0", 10)
-            .await
-            .unwrap();
+    let streams::Claimed {
+        entries: claimed, ..
+    } = streams::Consumer::new(&input, streams::INGEST, "fast")
+        .autoclaim(&mut conn, 0, streams::StreamId::ZERO, 10)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 3);
     let recorded: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
         .arg(streams::claims_key(&input))
@@ -569,12 +569,10 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
         async move {
             let mut conn = env_ref.redis().await;
             streams::CommitStep {
-                input: &input,
+                consumer: streams::Consumer::new(&input, streams::INGEST, consumer),
                 output: &output,
                 dlq: &dlq,
-                group: streams::INGEST,
-                consumer,
-                ids: ids.iter().map(String::as_str).collect(),
+                ids: ids.iter().map(|id| id.parse().unwrap()).collect(),
                 forward: vec![vec![("frame".to_string(), consumer.as_bytes().to_vec())]],
                 dead_letters: Vec::new(),
                 verify,
@@ -599,11 +597,13 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
     assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 1);
     // Even once "slow" owns nothing and is forgotten by the group (as a process stalled past
     // forget_consumer_after_ms is), its record stays, so waking up it still checks.
-    streams::remove_consumer_if_idle(&mut conn, &input, streams::INGEST, "slow")
+    streams::ConsumerGroup::new(&input, streams::INGEST)
+        .remove_consumer_if_idle(&mut conn, "slow")
         .await
         .unwrap();
     assert_eq!(
-        streams::consumers(&mut conn, &input, streams::INGEST)
+        streams::ConsumerGroup::new(&input, streams::INGEST)
+            .consumers(&mut conn)
             .await
             .unwrap()
             .len(),
@@ -615,7 +615,8 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
 
     // The recorded consumer still commits what it does own, after the per-entry check.
     let id = env.xadd(&[("source", b"s"), ("value", b"4")]).await;
-    let (read, _) = streams::read_new(&mut conn, &input, streams::INGEST, "slow", 10, 100)
+    let (read, _) = streams::Consumer::new(&input, streams::INGEST, "slow")
+        .read_new(&mut conn, 10, 100)
         .await
         .unwrap();
     assert_eq!(read.len(), 1);
@@ -634,14 +635,17 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
     // A consumer that claims back its own entry (idle after a Redis restart, while its first
     // copy is still in flight) is recorded too, so only one of the two copies is forwarded.
     let id = env.xadd(&[("source", b"s"), ("value", b"5")]).await;
-    let (read, _) = streams::read_new(&mut conn, &input, streams::INGEST, "again", 10, 100)
+    let (read, _) = streams::Consumer::new(&input, streams::INGEST, "again")
+        .read_new(&mut conn, 10, 100)
         .await
         .unwrap();
     assert_eq!(read.len(), 1);
-    let (claimed, _, _) =
-        streams::autoclaim(&mut conn, &input, streams::INGEST, "again", 0, "0-0", 10)
-            .await
-            .unwrap();
+    let streams::Claimed {
+        entries: claimed, ..
+    } = streams::Consumer::new(&input, streams::INGEST, "again")
+        .autoclaim(&mut conn, 0, streams::StreamId::ZERO, 10)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     let recorded: Option<u64> = redis::cmd("HGET")
         .arg(streams::claims_key(&input))

@@ -1091,10 +1091,12 @@ async fn backfill_is_archived_once_per_chunk(mode: TimescaleMode) {
     // incarnation), and the table is empty again.
     let mut conn = env.redis().await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(streams::drained(&mut conn, &env.input(), streams::INGEST)
+    while !(streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+        .drained(&mut conn)
         .await
         .unwrap()
-        && streams::drained(&mut conn, &env.rows(), streams::BATCH_WRITER)
+        && streams::ConsumerGroup::new(&env.rows(), streams::BATCH_WRITER)
+            .drained(&mut conn)
             .await
             .unwrap())
     {

@@ -132,7 +132,8 @@ async fn status_json_counts_lag_pending_and_dead_letters_exactly() {
     env.migrate().await;
     let mut conn = env.redis().await;
     // telemetry: a group that has read nothing of 5 entries.
-    streams::ensure_group(&mut conn, &env.input(), streams::INGEST)
+    streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+        .ensure(&mut conn)
         .await
         .unwrap();
     for i in 0..5 {
@@ -141,23 +142,18 @@ async fn status_json_counts_lag_pending_and_dead_letters_exactly() {
             .await;
     }
     // rows: 3 entries, 2 read by one consumer and not acknowledged.
-    streams::ensure_group(&mut conn, &env.rows(), streams::BATCH_WRITER)
+    streams::ConsumerGroup::new(&env.rows(), streams::BATCH_WRITER)
+        .ensure(&mut conn)
         .await
         .unwrap();
     let mut row_ids = Vec::new();
     for _ in 0..3 {
         row_ids.push(xadd(&env, &env.rows(), &[("rows", b"0")]).await);
     }
-    let (read, _) = streams::read_new(
-        &mut conn,
-        &env.rows(),
-        streams::BATCH_WRITER,
-        "writer-a",
-        2,
-        100,
-    )
-    .await
-    .unwrap();
+    let (read, _) = streams::Consumer::new(&env.rows(), streams::BATCH_WRITER, "writer-a")
+        .read_new(&mut conn, 2, 100)
+        .await
+        .unwrap();
     assert_eq!(read.len(), 2);
     // Dead letters: 2 on telemetry, 1 on rows.
     for _ in 0..2 {
@@ -335,7 +331,8 @@ async fn the_binary_prints_plain_aligned_status_when_piped() {
     // One entry held by a consumer, so a consumer line shows.
     env.xadd(&[("source", b"s"), ("metric", b"m"), ("value", b"2")])
         .await;
-    let (held, _) = streams::read_new(&mut conn, &env.input(), streams::INGEST, "op-test", 10, 100)
+    let (held, _) = streams::Consumer::new(&env.input(), streams::INGEST, "op-test")
+        .read_new(&mut conn, 10, 100)
         .await
         .unwrap();
     assert_eq!(held.len(), 1);
@@ -449,7 +446,8 @@ async fn inspect_decodes_frames_back_into_the_rows_sent() {
     let running = start(&env.config, &env.schema, &[StageKind::Ingest]).await;
     let mut conn = env.redis().await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !streams::drained(&mut conn, &env.input(), streams::INGEST)
+    while !streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+        .drained(&mut conn)
         .await
         .unwrap()
     {

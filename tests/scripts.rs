@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use common::{start, stop, TestEnv};
 use redis::aio::MultiplexedConnection;
 use serde_json::Value;
-use strata_pipeline::streams::{self, CommitStep, Entry, Fields, ScriptFailure, INGEST};
+use strata_pipeline::streams::{
+    self, CommitStep, Consumer, Entry, Fields, ScriptFailure, StreamId, INGEST,
+};
 use strata_stages::ops::dlq::{dlq, DlqAction, DlqOptions};
 use strata_stages::ops::OpsError;
 use strata_stages::StageKind;
@@ -85,7 +87,7 @@ async fn entries(conn: &mut MultiplexedConnection, key: &str) -> Vec<(String, Fi
     streams::parse_entries(reply, 0)
         .0
         .into_iter()
-        .map(|e| (e.id, e.fields.to_vec()))
+        .map(|e| (e.id.to_string(), e.fields.to_vec()))
         .collect()
 }
 
@@ -115,13 +117,15 @@ async fn read_events(
     conn: &mut MultiplexedConnection,
     events: &[Fields],
 ) -> Vec<Entry> {
-    streams::ensure_group(conn, &env.input(), INGEST)
+    streams::ConsumerGroup::new(&env.input(), INGEST)
+        .ensure(conn)
         .await
         .unwrap();
     for e in events {
         xadd(conn, &env.input(), "*", e).await;
     }
-    let (read, _) = streams::read_new(conn, &env.input(), INGEST, "c", 100, 100)
+    let (read, _) = streams::Consumer::new(&env.input(), INGEST, "c")
+        .read_new(conn, 100, 100)
         .await
         .unwrap();
     assert_eq!(read.len(), events.len());
@@ -131,12 +135,10 @@ async fn read_events(
 /// Ingest's commit step for `read`: one forward to `rows`, every entry dead-lettered.
 fn step<'a>(input: &'a str, dlq: &'a str, rows: &'a str, read: &'a [Entry]) -> CommitStep<'a> {
     CommitStep {
-        input,
+        consumer: Consumer::new(input, INGEST, "c"),
         output: rows,
         dlq,
-        group: INGEST,
-        consumer: "c",
-        ids: read.iter().map(|e| e.id.as_str()).collect(),
+        ids: read.iter().map(|e| e.id).collect(),
         forward: vec![pairs([("frame", b"\x00frame".to_vec())])],
         dead_letters: read
             .iter()
@@ -145,7 +147,7 @@ fn step<'a>(input: &'a str, dlq: &'a str, rows: &'a str, read: &'a [Entry]) -> C
                     e.fields.to_vec(),
                     "no such column",
                     INGEST,
-                    &e.id,
+                    e.id,
                     1,
                     None,
                 )
@@ -190,7 +192,7 @@ async fn a_5000_field_dead_letter_commits_once_and_a_retry_adds_nothing() {
     // A retry of the same step (its reply lost) adds nothing.
     packed.verify = true;
     let lost = packed.run(&mut conn).await.unwrap();
-    assert_eq!(lost, vec![read[0].id.clone()]);
+    assert_eq!(lost, vec![read[0].id]);
     assert_eq!(
         (xlen(&mut conn, &rows).await, xlen(&mut conn, &dlq).await),
         (1, 1)
@@ -214,7 +216,8 @@ async fn ingest_dead_letters_a_5000_field_event_exactly_once() {
     .await;
     let running = start(&env, &[StageKind::Ingest]).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !streams::drained(&mut conn, &env.input(), INGEST)
+    while !streams::ConsumerGroup::new(&env.input(), INGEST)
+        .drained(&mut conn)
         .await
         .unwrap()
     {
@@ -342,8 +345,14 @@ async fn concurrent_replays_restore_every_dead_letter_exactly_once() {
         originals.push(f);
     }
     for (i, f) in originals.iter().enumerate() {
-        let letter =
-            streams::dead_letter_fields(f.clone(), "why", INGEST, &format!("{i}-1"), 2, None);
+        let letter = streams::dead_letter_fields(
+            f.clone(),
+            "why",
+            INGEST,
+            StreamId::new(i as u64, 1),
+            2,
+            None,
+        );
         xadd(&mut conn, &dlq, "*", &letter).await;
     }
     // Three replays at once, on threads of their own.
@@ -389,7 +398,14 @@ async fn a_replay_whose_second_write_fails_leaves_nothing_behind() {
         ("error", "mine"),
     ]);
     for f in [&frame, &row] {
-        let letter = streams::dead_letter_fields(f.clone(), "why", "batch-writer", "1-1", 1, None);
+        let letter = streams::dead_letter_fields(
+            f.clone(),
+            "why",
+            "batch-writer",
+            StreamId::new(1, 1),
+            1,
+            None,
+        );
         xadd(&mut conn, &dlq, "*", &letter).await;
     }
     exhaust(&mut conn, &env.input()).await;
@@ -413,7 +429,8 @@ async fn a_replay_whose_second_write_fails_leaves_nothing_behind() {
         .await
         .unwrap();
     let big = huge_event(5_000, "big");
-    let letter = streams::dead_letter_fields(big.clone(), "why", INGEST, "1-1", 1, None);
+    let letter =
+        streams::dead_letter_fields(big.clone(), "why", INGEST, StreamId::new(1, 1), 1, None);
     let tdlq = streams::dlq_stream(&env.input());
     let id = xadd(&mut conn, &tdlq, "*", &letter).await;
     let err = run_dlq(&env, DlqAction::Replay, &env.input())

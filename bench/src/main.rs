@@ -920,10 +920,12 @@ async fn time_pipeline(
         // Ingest forwards and acknowledges in one atomic step, and the writer acknowledges only
         // after COMMIT, so once both groups are drained (checked in this order) every row is
         // committed. The count runs only then, to keep a full scan off the timed CPUs.
-        let drained = streams::drained(redis, &input, INGEST)
+        let drained = streams::ConsumerGroup::new(&input, INGEST)
+            .drained(redis)
             .await
             .context(|| format!("XINFO GROUPS {input}"))?
-            && streams::drained(redis, &rows, BATCH_WRITER)
+            && streams::ConsumerGroup::new(&rows, BATCH_WRITER)
+                .drained(redis)
                 .await
                 .context(|| format!("XINFO GROUPS {rows}"))?;
         if drained {

@@ -197,6 +197,8 @@ pub fn redis_hint(err: &redis::RedisError) -> RetryHint {
     }
 }
 
+/// A failed Redis call; the `RedisError` stays the [`source`]
+/// (`std::error::Error::source`), so [`error_chain`] prints `redis: <Redis's error>`.
 impl From<redis::RedisError> for StageError {
     /// Inside a stage, a Redis failure is not the input's fault: it waits and retries, unless
     /// it is a deployment fault ([`redis_hint`] says fatal). The error is kept as the source.

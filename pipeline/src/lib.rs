@@ -6,8 +6,8 @@
 //! - [`schema`]: table schemas from `schemas/*.toml`, and typed cells parsed from events.
 //! - [`pg_limits`]: what PostgreSQL refuses for its data (NUL, jsonb, time range, index size).
 //! - [`frame`]: the MessagePack + zstd frames ingest writes to `rows:{T}`.
-//! - [`streams`]: every Redis Streams call: keys, groups, reads, claims, the atomic commit step.
-//! - [`resp`]: the read path's own connection and zero-copy entry fields.
+//! - [`streams`]: the one Redis Streams layer: IDs, keys, entries, replies, groups, reads, claims,
+//!   the atomic commit step and its Lua scripts.
 //! - [`runner`]: the consumer loop (read, claim, batch, process, commit) and the [`runner::Stage`] trait.
 //! - [`error`]: errors carrying a [`error::RetryHint`] that decides delivery.
 //! - [`db`]: PostgreSQL connection pools.
@@ -26,7 +26,6 @@ pub mod latency;
 pub mod lifecycle_config;
 pub mod observe;
 pub mod pg_limits;
-pub mod resp;
 pub mod runner;
 pub mod schema;
 pub mod shutdown;

@@ -22,8 +22,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::{BatchLimits, StreamsConfig};
 use crate::error::{error_chain, RetryHint, StageError};
 use crate::observe::{self, DeadLetterReason, LoopMetrics};
-use crate::resp::ReadConnection;
-use crate::streams::{self, CommitStep, Entry, Fields, Held, ReadSpan};
+use crate::streams::{
+    self, CommitStep, Consumer, ConsumerGroup, Entry, Fields, Held, ReadConnection, ReadSpan,
+    StreamId,
+};
 
 /// A batch of entries handed to a stage.
 #[derive(Debug)]
@@ -93,7 +95,8 @@ pub struct LoopSpec {
     pub streams: StreamsConfig,
     /// Back-pressure: stop reading while `output` holds more entries than this.
     pub output_high_watermark: Option<u64>,
-    /// Where new entries are read with a connection of the loop's own (see [`crate::resp`]);
+    /// Where new entries are read with a connection of the loop's own (see
+    /// [`streams::ReadConnection`]);
     /// `None` reads through the pool, for loops where volume is low.
     pub read_url: Option<String>,
 }
@@ -109,8 +112,8 @@ fn hold(in_flight: &InFlight, entries: &mut [Entry]) {
         return;
     };
     let span = Arc::new(ReadSpan {
-        first: first.id.clone(),
-        last: last.id.clone(),
+        first: first.id,
+        last: last.id,
     });
     let mut list = in_flight.lock().expect("in-flight list");
     list.retain(|w| w.strong_count() > 0);
@@ -122,6 +125,11 @@ fn hold(in_flight: &InFlight, entries: &mut [Entry]) {
 }
 
 impl LoopSpec {
+    /// This loop's consumer of its group on its input.
+    pub fn consumer(&self) -> Consumer<'_> {
+        Consumer::new(&self.input, self.stage, &self.consumer)
+    }
+
     /// A loop of `stage` (also its consumer group) from `input` to `output`, with a consumer
     /// name unique to this process and no back-pressure.
     pub fn new(
@@ -159,7 +167,10 @@ pub async fn run_loop<S: Stage>(
     let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
     loop {
         let mut conn = retry_redis(&redis, &shutdown, &spec).await?;
-        match streams::ensure_group(&mut conn, &spec.input, spec.stage).await {
+        match ConsumerGroup::new(&spec.input, spec.stage)
+            .ensure(&mut conn)
+            .await
+        {
             Ok(()) => break,
             Err(e) if crate::error::redis_hint(&e) == RetryHint::Backoff => {
                 warn!(stage = spec.stage, stream = %spec.input, error = %e, "cannot create the consumer group yet, retrying");
@@ -244,10 +255,7 @@ pub async fn run_loop<S: Stage>(
     let _ = keeper.await;
     crate::admin::RUNNING_LOOPS.fetch_sub(1, Ordering::Relaxed);
     if let Ok(mut conn) = redis.get().await {
-        if let Err(e) =
-            streams::remove_consumer_if_idle(&mut conn, &spec.input, spec.stage, &spec.consumer)
-                .await
-        {
+        if let Err(e) = spec.consumer().remove_if_idle(&mut conn).await {
             debug!(error = %e, "could not remove consumer");
         }
     }
@@ -294,7 +302,7 @@ async fn read_loop(
     let mut pressure = BackPressure::default();
     let claim_every = Duration::from_millis(spec.streams.claim_interval_ms.max(1));
     let mut next_claim = Instant::now();
-    let mut cursor = "0-0".to_string();
+    let mut cursor = StreamId::ZERO;
     let mut conn: Option<deadpool_redis::Connection> = None;
     let mut reader: Option<ReadConnection> = None;
     while !stop.is_cancelled() {
@@ -324,19 +332,22 @@ async fn read_loop(
             }
         }
         let res = if Instant::now() >= next_claim {
-            let r = streams::autoclaim(
-                c,
-                &spec.input,
-                spec.stage,
-                &spec.consumer,
-                spec.streams.claim_idle_ms,
-                &cursor,
-                spec.streams.read_count,
-            )
-            .await;
+            let r = spec
+                .consumer()
+                .autoclaim(
+                    c,
+                    spec.streams.claim_idle_ms,
+                    cursor,
+                    spec.streams.read_count,
+                )
+                .await;
             match r {
-                Ok((entries, deleted, next)) => {
-                    if next == "0-0" {
+                Ok(streams::Claimed {
+                    entries,
+                    deleted,
+                    next,
+                }) => {
+                    if next == StreamId::ZERO {
                         next_claim = Instant::now() + claim_every;
                     }
                     cursor = next;
@@ -375,7 +386,7 @@ async fn read_loop(
                         count = deleted.len(),
                         "pending entries were deleted from the stream"
                     );
-                    let _ = streams::ack(c, &spec.input, spec.stage, &deleted).await;
+                    let _ = spec.consumer().group.ack(c, &deleted).await;
                 }
                 if !entries.is_empty() {
                     metrics.read.increment(entries.len() as u64);
@@ -402,10 +413,11 @@ async fn read_new(
     own: &mut Option<ReadConnection>,
     block_ms: u64,
 ) -> Result<Vec<Entry>, String> {
-    let (stream, group, consumer) = (&spec.input, spec.stage, &spec.consumer);
+    let consumer = spec.consumer();
     let count = spec.streams.read_count;
     let Some(url) = spec.read_url.as_deref() else {
-        return streams::read_new(pooled, stream, group, consumer, count, block_ms)
+        return consumer
+            .read_new(pooled, count, block_ms)
             .await
             .map(|(entries, _)| entries)
             .map_err(|e| error_chain(&e));
@@ -418,9 +430,7 @@ async fn read_new(
                 .map_err(|e| error_chain(&e))?,
         ),
     };
-    let read = conn
-        .read_new(stream, group, consumer, count, block_ms)
-        .await;
+    let read = conn.read_new(&consumer, count, block_ms).await;
     read.map_err(|e| {
         *own = None;
         error_chain(&e)
@@ -645,7 +655,8 @@ impl<S: Stage> Worker<S> {
                                     entry: 0,
                                     fields: None,
                                     error: format!(
-                                        "the commit step failed {MAX_COMMIT_ATTEMPTS} times for this entry alone: {e}"
+                                        "the commit step failed {MAX_COMMIT_ATTEMPTS} times for this entry alone: {}",
+                                        error_chain(&e)
                                     ),
                                     sqlstate: None,
                                 };
@@ -723,7 +734,7 @@ impl<S: Stage> Worker<S> {
         outcome: Outcome,
         origin: Origin,
         backoff: &mut Backoff,
-    ) -> Result<Vec<String>, CommitFailure> {
+    ) -> Result<Vec<StreamId>, CommitFailure> {
         let mut reasons = Vec::with_capacity(outcome.dead_letters.len());
         let dlq = streams::dlq_stream(&self.spec.input);
         for d in &outcome.dead_letters {
@@ -742,19 +753,17 @@ impl<S: Stage> Worker<S> {
                     d.fields.clone().unwrap_or_else(|| entry.fields.to_vec()),
                     &d.error,
                     self.spec.stage,
-                    &entry.id,
+                    entry.id,
                     entry.deliveries,
                     d.sqlstate.as_deref(),
                 )
             })
             .collect();
         let mut step = CommitStep {
-            input: &self.spec.input,
+            consumer: self.spec.consumer(),
             output: self.spec.output.as_deref().unwrap_or(&dlq),
             dlq: &dlq,
-            group: self.spec.stage,
-            consumer: &self.spec.consumer,
-            ids: batch.entries.iter().map(|e| e.id.as_str()).collect(),
+            ids: batch.entries.iter().map(|e| e.id).collect(),
             forward: outcome.forward,
             dead_letters,
             verify: false,
@@ -892,9 +901,7 @@ async fn housekeeping(
                 .iter()
                 .filter_map(|w| w.upgrade())
                 .collect();
-            if let Err(e) =
-                streams::touch(&mut conn, &spec.input, spec.stage, &spec.consumer, &spans).await
-            {
+            if let Err(e) = spec.consumer().touch(&mut conn, &spans).await {
                 debug!(stage = spec.stage, error = %e, "touch failed");
             }
         }
@@ -920,20 +927,15 @@ async fn housekeeping(
         }
         if last_forget.elapsed() >= forget_every {
             last_forget = Instant::now();
-            if let Ok(list) = streams::consumers(&mut conn, &spec.input, spec.stage).await {
+            let group = spec.consumer().group;
+            if let Ok(list) = group.consumers(&mut conn).await {
                 for c in list {
                     if c.name != spec.consumer
                         && c.pending == 0
                         && c.idle_ms >= spec.streams.forget_consumer_after_ms
                     {
                         info!(stage = spec.stage, consumer = %c.name, idle_ms = c.idle_ms, "removing a gone consumer that owns nothing");
-                        let _ = streams::remove_consumer_if_idle(
-                            &mut conn,
-                            &spec.input,
-                            spec.stage,
-                            &c.name,
-                        )
-                        .await;
+                        let _ = group.remove_consumer_if_idle(&mut conn, &c.name).await;
                     }
                 }
             }

@@ -95,7 +95,7 @@ impl Stage for Ingest {
                     for row in &rows {
                         frame.push_row(row);
                     }
-                    first_ms = first_ms.min(entry.ms());
+                    first_ms = first_ms.min(entry.id.ms);
                     if let Some(tp) = self.event_span(entry, traced.len()) {
                         traced.push(tp);
                     }
@@ -301,7 +301,7 @@ impl Ingest {
     /// The time of an event without a time field: its entry ID's milliseconds, which a
     /// producer choosing the ID (`XADD … 18446744073709551615-0 …`) can put out of range.
     fn entry_time(&self, entry: &Entry) -> Result<Cell, InvalidEvent> {
-        let ms = entry.ms();
+        let ms = entry.id.ms;
         i64::try_from(ms)
             .ok()
             .and_then(|ms| ms.checked_mul(1_000))
@@ -513,7 +513,7 @@ columns = ["tags"]
             "253402300800000-0",
         ] {
             let e = Entry::new(id, [("source", "h")]);
-            let ms = id.split('-').next().unwrap();
+            let ms = e.id.ms;
             assert_eq!(
                 ing.validate(&e, &mut rows).unwrap_err().to_string(),
                 format!(

@@ -177,10 +177,10 @@ pub async fn start(
         .pool_size
         .max(loops_per_table * schemas.len() + 2);
     let redis = strata_pipeline::db::redis_pool(&redis_config)
-        .map_err(|e| StageError::fatal(e.to_string()))?;
+        .map_err(|e| StageError::fatal("creating the Redis pool").with_source(e))?;
     let pg_size = (config.batch_writer.connections + 1) * schemas.len();
     let pg = strata_pipeline::db::postgres_pool(config, pg_size.max(config.postgres.pool_size))
-        .map_err(|e| StageError::fatal(e.to_string()))?;
+        .map_err(|e| StageError::fatal("creating the PostgreSQL pool").with_source(e))?;
     let mut tasks = JoinSet::new();
     for kind in kinds {
         for schema in schemas {
@@ -281,9 +281,9 @@ async fn prune_applied_frames(
         let Ok(mut conn) = redis.get().await else {
             continue;
         };
-        let oldest = streams::oldest_unacknowledged(&mut conn, writer.stream(), BATCH_WRITER).await;
-        if let Ok(Some(oldest)) = oldest {
-            match writer.prune_applied(&oldest).await {
+        let group = streams::ConsumerGroup::new(writer.stream(), BATCH_WRITER);
+        if let Ok(Some(oldest)) = group.oldest_unacknowledged(&mut conn).await {
+            match writer.prune_applied(oldest).await {
                 Ok(n) if n > 0 => tracing::debug!(
                     stream = writer.stream(),
                     pruned = n,

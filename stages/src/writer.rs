@@ -26,7 +26,7 @@ use strata_pipeline::observe::WriterMetrics;
 use strata_pipeline::pg_limits::{MAX_TIME_US, MIN_TIME_US};
 use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{Cell, SchemaRef};
-use strata_pipeline::streams::{Entry, Fields};
+use strata_pipeline::streams::{Entry, Fields, StreamId};
 use strata_pipeline::trace::TRACEPARENTS_FIELD;
 use strata_pipeline::{RetryHint, StageError};
 
@@ -130,11 +130,9 @@ impl BatchWriter {
 
     /// Forgets applied frames older than `oldest`, the oldest frame the group may still
     /// deliver again (every frame before it is acknowledged for good). Returns rows deleted.
-    pub async fn prune_applied(&self, oldest: &str) -> Result<u64, StageError> {
-        let Some((ms, seq)) = oldest
-            .split_once('-')
-            .and_then(|(m, s)| Some((m.parse::<i64>().ok()?, s.parse::<i64>().ok()?)))
-        else {
+    pub async fn prune_applied(&self, oldest: StreamId) -> Result<u64, StageError> {
+        // PostgreSQL's bigint: an ID past it (never made by a real clock) prunes nothing.
+        let (Ok(ms), Ok(seq)) = (i64::try_from(oldest.ms), i64::try_from(oldest.seq)) else {
             return Ok(0);
         };
         let client = self.pool.get().await?;
@@ -433,13 +431,14 @@ impl Stage for BatchWriter {
             Some(known) => known.ensure(&self.pool, &self.schema, &enc.chunks).await?,
             None => HashMap::new(),
         };
-        let ids: Vec<&str> = batch
+        let frame_ids: Vec<StreamId> = batch
             .entries
             .iter()
             .zip(&frames)
             .filter(|(_, f)| f.is_some())
-            .map(|(e, _)| e.id.as_str())
+            .map(|(e, _)| e.id)
             .collect();
+        let ids: Vec<String> = frame_ids.iter().map(StreamId::to_string).collect();
         if ids.is_empty() {
             return Ok(outcome);
         }
@@ -447,7 +446,7 @@ impl Stage for BatchWriter {
         let mut client = self.pool.get().await?;
         let began = std::time::Instant::now();
         let tx = client.transaction().await.map_err(pg("BEGIN"))?;
-        let new: HashSet<String> = if self.exactly_once {
+        let new: HashSet<StreamId> = if self.exactly_once {
             tx.query(
                 &format!("INSERT INTO {APPLIED_FRAMES} (stream, frame_id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING frame_id"),
                 &[&self.stream, &ids],
@@ -455,23 +454,23 @@ impl Stage for BatchWriter {
             .await
             .map_err(pg("recording applied frames"))?
             .iter()
-            .map(|r| r.get(0))
+            .filter_map(|r| r.get::<_, &str>(0).parse().ok())
             .collect()
         } else {
-            ids.iter().map(|id| id.to_string()).collect()
+            frame_ids.iter().copied().collect()
         };
-        let index_of: HashMap<&str, usize> = batch
+        let index_of: HashMap<StreamId, usize> = batch
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.id.as_str(), i))
+            .map(|(i, e)| (e.id, i))
             .collect();
         if new.len() < ids.len() {
             // Frames applied before: acknowledge them unwritten, re-emitting their dead letters.
-            let dups: Vec<&str> = ids
+            let dups: Vec<String> = frame_ids
                 .iter()
-                .copied()
-                .filter(|id| !new.contains(*id))
+                .filter(|id| !new.contains(id))
+                .map(StreamId::to_string)
                 .collect();
             tracing::info!(table = %self.schema.table, frames = dups.len(), "skipping frames already applied");
             let stored = tx
@@ -482,7 +481,9 @@ impl Stage for BatchWriter {
                 .await
                 .map_err(pg("reading stored dead letters"))?;
             for row in stored {
-                let id: String = row.get(0);
+                let Ok(id) = row.get::<_, &str>(0).parse::<StreamId>() else {
+                    continue;
+                };
                 let data: Option<Vec<u8>> = row.get(1);
                 let legacy: Option<serde_json::Value> = row.get(2);
                 let list: Vec<StoredDeadLetter> = match (data, legacy) {
@@ -492,7 +493,7 @@ impl Stage for BatchWriter {
                 };
                 for d in list {
                     outcome.dead_letters.push(DeadLetter {
-                        entry: index_of[id.as_str()],
+                        entry: index_of[&id],
                         fields: Some(
                             d.fields
                                 .into_iter()
@@ -592,7 +593,7 @@ impl Stage for BatchWriter {
             let data = serde_json::to_vec(&list).expect("dead letters serialize");
             tx.execute(
                 &format!("UPDATE {APPLIED_FRAMES} SET dead_letter_data = $3 WHERE stream = $1 AND frame_id = $2"),
-                &[&self.stream, &batch.entries[entry].id, &data],
+                &[&self.stream, &batch.entries[entry].id.to_string(), &data],
             )
             .await
             .map_err(pg("storing dead letters"))?;
@@ -614,7 +615,7 @@ impl Stage for BatchWriter {
             let first_ms = entry
                 .field(FIRST_MS_FIELD)
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-                .unwrap_or_else(|| entry.ms());
+                .unwrap_or(entry.id.ms);
             let waited_ms = now_ms.saturating_sub(first_ms);
             self.latency.record(waited_ms, self.weight(entry) as u64);
             self.metrics.latency.record(waited_ms as f64 / 1000.0);

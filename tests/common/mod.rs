@@ -240,10 +240,12 @@ impl TestEnv {
         let deadline = Instant::now() + timeout;
         let mut conn = self.redis().await;
         loop {
-            let drained = streams::drained(&mut conn, &self.input(), streams::INGEST)
+            let drained = streams::ConsumerGroup::new(&self.input(), streams::INGEST)
+                .drained(&mut conn)
                 .await
                 .unwrap()
-                && streams::drained(&mut conn, &self.rows(), streams::BATCH_WRITER)
+                && streams::ConsumerGroup::new(&self.rows(), streams::BATCH_WRITER)
+                    .drained(&mut conn)
                     .await
                     .unwrap();
             let count = self.count().await;
@@ -264,7 +266,8 @@ impl TestEnv {
         let deadline = Instant::now() + timeout;
         let mut conn = self.redis().await;
         loop {
-            let drained = streams::drained(&mut conn, &self.rows(), streams::BATCH_WRITER)
+            let drained = streams::ConsumerGroup::new(&self.rows(), streams::BATCH_WRITER)
+                .drained(&mut conn)
                 .await
                 .unwrap();
             let count = self.count().await;
@@ -306,7 +309,7 @@ impl TestEnv {
             from = format!("({}", last.id);
             out.extend(entries.into_iter().map(|e| {
                 (
-                    e.id,
+                    e.id.to_string(),
                     e.fields
                         .iter()
                         .map(|(k, v)| (k.into_owned(), String::from_utf8_lossy(v).into_owned()))

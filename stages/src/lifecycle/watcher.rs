@@ -137,7 +137,7 @@ impl Watcher {
                 Ok(_) => debug!(table = %table, "chunk-watcher: nothing to do"),
                 Err(e) if e.hint == RetryHint::Fatal => return Err(e),
                 Err(e) => {
-                    warn!(table = %table, error = %e, "chunk-watcher scan failed; retrying at the next one")
+                    warn!(table = %table, error = %e.reason(), "chunk-watcher scan failed; retrying at the next one")
                 }
             }
         }

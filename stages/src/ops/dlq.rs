@@ -42,8 +42,8 @@ use strata_pipeline::config::Config;
 use strata_pipeline::frame::FRAME_FIELD;
 use strata_pipeline::schema::{self, SchemaRef, MSGPACK_FIELD};
 use strata_pipeline::streams::{
-    self, Entry, Fields, DLQ_DELIVERIES, DLQ_ERROR, DLQ_PACKED, DLQ_SOURCE_ID, DLQ_SQLSTATE,
-    DLQ_STAGE, MAX_SCRIPT_FIELDS,
+    self, Entry, Fields, StreamId, DLQ_DELIVERIES, DLQ_ERROR, DLQ_PACKED, DLQ_SOURCE_ID,
+    DLQ_SQLSTATE, DLQ_STAGE, MAX_SCRIPT_FIELDS,
 };
 
 use super::render::{bytes_json, field_json, fields_json, Ordered, Rendered};
@@ -83,35 +83,22 @@ static SCRIPT: std::sync::LazyLock<redis::Script> =
 /// keeps changing under its WATCH.
 pub const WATCH_ATTEMPTS: usize = 20;
 
-/// Inside the transaction of a large dead letter, before its XADD: records the target's length
-/// (KEYS[1]) in the marker key (KEYS[2]).
-const MARK_SCRIPT: &str = r#"
-redis.call('SET', KEYS[2], redis.call('XLEN', KEYS[1]), 'PX', 60000)
-return 1
-"#;
-
-/// Inside the transaction, after the XADD: XDELs the dead letter ARGV[1] from KEYS[3] only if
-/// the target (KEYS[1]) grew by exactly one entry since the marker (KEYS[2]) was set, i.e. the
-/// XADD happened (a failed command does not stop a transaction).
-const UNMARK_SCRIPT: &str = r#"
-local before = redis.call('GET', KEYS[2])
-redis.call('DEL', KEYS[2])
-if not before or redis.call('XLEN', KEYS[1]) ~= tonumber(before) + 1 then
-  return refuse(E_ROLLBACK, 'nothing was added to ' .. KEYS[1] .. '; dead letter ' .. ARGV[1] .. ' kept')
-end
-return redis.call('XDEL', KEYS[3], ARGV[1])
-"#;
-
+/// Inside the transaction of a large dead letter, before its XADD (`mark.lua`): records the
+/// target's length in a marker key.
+///
+/// After the XADD, `unmark.lua` XDELs the dead letter only if the target grew by exactly one
+/// entry since the marker was set, i.e. the XADD happened (a failed command does not stop a
+/// transaction).
 static MARK: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| streams::script_source(MARK_SCRIPT));
+    std::sync::LazyLock::new(|| streams::script_source(include_str!("mark.lua")));
 static UNMARK: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| streams::script_source(UNMARK_SCRIPT));
+    std::sync::LazyLock::new(|| streams::script_source(include_str!("unmark.lua")));
 
 /// A dead letter split into what the producer (or stage) sent and what the runner added.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
     /// Its ID in the dead-letter stream.
-    pub id: String,
+    pub id: StreamId,
     /// The rejected entry's fields (or, for a refused row, its column values), in order.
     pub original: Fields,
     /// The fields added on dead-lettering: `error`, `stage`, `source_id`, `deliveries`,
@@ -211,7 +198,7 @@ pub async fn dlq(
     }
     let entries = match &opts.id {
         Some(id) => {
-            let found = redis_info::xrange(&mut conn, &dlq_key, id, id, 1).await?;
+            let found = streams::range(&mut conn, &dlq_key, id, id, 1).await?;
             if found.is_empty() {
                 return Err(OpsError::NoSuchEntry {
                     stream: dlq_key,
@@ -220,7 +207,7 @@ pub async fn dlq(
             }
             found
         }
-        None => redis_info::xrange(&mut conn, &dlq_key, "-", "+", opts.count).await?,
+        None => streams::range(&mut conn, &dlq_key, "-", "+", opts.count).await?,
     };
     let letters: Vec<DeadLetter> = entries.into_iter().map(DeadLetter::from_entry).collect();
     match opts.action {
@@ -231,7 +218,7 @@ pub async fn dlq(
                 writeln!(out, "{line}")?;
             }
             out.flush()?;
-            let total = redis_info::xlen(&mut conn, &dlq_key).await?;
+            let total = streams::len(&mut conn, &dlq_key).await?;
             if (letters.len() as u64) < total && opts.id.is_none() {
                 eprintln!(
                     "strata: showed the oldest {} of {total} dead letters in {dlq_key} (--count to see more)",
@@ -242,7 +229,7 @@ pub async fn dlq(
         }
         DlqAction::Replay => replay(&mut conn, &name, schema.as_ref(), &letters, out).await,
         DlqAction::Purge => {
-            let ids: Vec<&str> = letters.iter().map(|d| d.id.as_str()).collect();
+            let ids: Vec<StreamId> = letters.iter().map(|d| d.id).collect();
             let deleted: u64 = if ids.is_empty() {
                 0
             } else {
@@ -252,7 +239,7 @@ pub async fn dlq(
                     .query_async(&mut conn)
                     .await?
             };
-            let left = redis_info::xlen(&mut conn, &dlq_key).await?;
+            let left = streams::len(&mut conn, &dlq_key).await?;
             writeln!(
                 out,
                 "purged {deleted} {} from {dlq_key}; {left} left",
@@ -285,7 +272,8 @@ pub fn replay_fields(target: &str, schema: Option<&SchemaRef>, d: &DeadLetter) -
     let time_col = &schema.columns[schema.time_index].name;
     let Some(time) = d
         .added(DLQ_SOURCE_ID)
-        .and_then(|id| redis_info::id_ms(&id))
+        .and_then(|id| id.parse::<StreamId>().ok())
+        .map(|id| id.ms)
         .and_then(|ms| i64::try_from(ms).ok())
         .and_then(chrono::DateTime::from_timestamp_millis)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -339,7 +327,7 @@ fn msgpack_with_time(packed: &[u8], time_col: &str, time: &str) -> Option<Vec<u8
 #[derive(Debug, serde::Serialize)]
 struct ListLine {
     /// The dead letter's own ID (what `--id` takes).
-    id: String,
+    id: StreamId,
     /// `error`, `stage`, `source_id`, `deliveries` (a number), `sqlstate`.
     #[serde(flatten)]
     added: Ordered<Value>,
@@ -392,7 +380,7 @@ fn list_line(name: &StreamName, d: &DeadLetter) -> ListLine {
         })
         .collect();
     ListLine {
-        id: d.id.clone(),
+        id: d.id,
         added,
         replay_to: replay_target(name, d),
         packed: d.packed,
@@ -417,7 +405,7 @@ async fn replay_batch<C: redis::aio::ConnectionLike>(
     inv.arg(batch.len());
     for (d, target, fields) in batch {
         let t = keys.iter().position(|k| k == target).unwrap_or(1) + 1;
-        inv.arg(d.id.as_str()).arg(t).arg(fields.len());
+        inv.arg(d.id).arg(t).arg(fields.len());
         for (k, v) in fields {
             inv.arg(k.as_str()).arg(v.as_slice());
         }
@@ -438,9 +426,10 @@ async fn replay_large<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     dlq_key: &str,
     target: &str,
-    id: &str,
+    id: StreamId,
     fields: &Fields,
 ) -> Result<Option<String>, OpsError> {
+    let id_text = id.to_string();
     let failed = |source: redis::RedisError| OpsError::ReplayFailed {
         stream: dlq_key.to_string(),
         id: id.to_string(),
@@ -449,7 +438,7 @@ async fn replay_large<C: redis::aio::ConnectionLike>(
     for _ in 0..WATCH_ATTEMPTS {
         let () = redis::cmd("WATCH").arg(dlq_key).query_async(conn).await?;
         let checked = async {
-            if redis_info::xrange(conn, dlq_key, id, id, 1)
+            if streams::range(conn, dlq_key, &id_text, &id_text, 1)
                 .await?
                 .is_empty()
             {
@@ -532,7 +521,7 @@ async fn replay<C: redis::aio::ConnectionLike>(
     let mut work: Vec<Work> = Vec::new();
     for d in letters {
         if d.original.is_empty() {
-            skipped.push(d.id.as_str());
+            skipped.push(d.id);
             continue;
         }
         let target = replay_target(name, d);
@@ -560,7 +549,7 @@ async fn replay<C: redis::aio::ConnectionLike>(
     while start < work.len() {
         let (step, results) = if large(&work[start]) {
             let (d, target, fields) = &work[start];
-            let new = replay_large(conn, &dlq_key, target, &d.id, fields).await?;
+            let new = replay_large(conn, &dlq_key, target, d.id, fields).await?;
             (&work[start..=start], vec![new])
         } else {
             let end = work[start..]
@@ -582,7 +571,7 @@ async fn replay<C: redis::aio::ConnectionLike>(
         }
         start += step.len();
     }
-    let left = redis_info::xlen(conn, &dlq_key).await?;
+    let left = streams::len(conn, &dlq_key).await?;
     let total: u64 = replayed.values().sum();
     let mut summary = format!(
         "replayed {total} {} from {dlq_key}",
@@ -612,7 +601,11 @@ async fn replay<C: redis::aio::ConnectionLike>(
             summary,
             "; skipped {} with no original fields ({}): purge them",
             skipped.len(),
-            skipped.join(", ")
+            skipped
+                .iter()
+                .map(StreamId::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let _ = write!(summary, "; {left} left");
@@ -674,8 +667,14 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
         .collect();
         for sqlstate in [None, Some("23514")] {
-            let fields =
-                streams::dead_letter_fields(original.clone(), "bad", "ingest", "1-0", 3, sqlstate);
+            let fields = streams::dead_letter_fields(
+                original.clone(),
+                "bad",
+                "ingest",
+                StreamId::new(1, 0),
+                3,
+                sqlstate,
+            );
             let d = DeadLetter::from_entry(Entry::new("9-0", fields));
             assert_eq!(d.original, original);
             assert!(!d.packed);
@@ -687,7 +686,14 @@ mod tests {
             .map(|i| (format!("f{}", i % 700), vec![i as u8, 0xff]))
             .chain(original.clone())
             .collect();
-        let fields = streams::dead_letter_fields(many.clone(), "bad", "ingest", "1-0", 1, None);
+        let fields = streams::dead_letter_fields(
+            many.clone(),
+            "bad",
+            "ingest",
+            StreamId::new(1, 0),
+            1,
+            None,
+        );
         assert_eq!(fields.len(), 5);
         let d = DeadLetter::from_entry(Entry::new("9-0", fields));
         assert!(d.packed);
@@ -729,7 +735,7 @@ mod tests {
         rmpv::encode::write_value(&mut packed, &rmpv::Value::Map(vec![("x".into(), 1.into())]))
             .unwrap();
         let d = DeadLetter {
-            id: "1-0".into(),
+            id: StreamId::new(1, 0),
             original: vec![("msgpack".into(), packed)],
             added: vec![("source_id".into(), b"1793491200123-4".to_vec())],
             packed: false,

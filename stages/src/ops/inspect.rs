@@ -7,7 +7,7 @@
 
 use strata_pipeline::config::Config;
 use strata_pipeline::schema::SchemaRef;
-use strata_pipeline::streams::Entry;
+use strata_pipeline::streams::{self, Entry, StreamId};
 
 use super::redis_info;
 use super::render::{fields_json, Ordered, Rendered};
@@ -67,7 +67,7 @@ pub async fn inspect(
         };
     }
     let start = opts.from.as_deref().unwrap_or("-");
-    let entries = redis_info::xrange(&mut conn, &opts.stream, start, "+", opts.count).await?;
+    let entries = streams::range(&mut conn, &opts.stream, start, "+", opts.count).await?;
     for entry in &entries {
         let line = serde_json::to_string(&entry_json(entry)).map_err(std::io::Error::from)?;
         writeln!(out, "{line}")?;
@@ -78,17 +78,17 @@ pub async fn inspect(
 
 /// One line of `inspect`: the entry's ID first, then its fields in order.
 #[derive(Debug, serde::Serialize)]
-pub struct EntryJson<'a> {
+pub struct EntryJson {
     /// The stream ID.
-    pub id: &'a str,
+    pub id: StreamId,
     /// The fields, rendered.
     pub fields: Ordered<Rendered>,
 }
 
 /// One entry as `{"id": …, "fields": {…}}`.
-pub fn entry_json(entry: &Entry) -> EntryJson<'_> {
+pub fn entry_json(entry: &Entry) -> EntryJson {
     EntryJson {
-        id: &entry.id,
+        id: entry.id,
         fields: fields_json(&entry.fields.to_vec()),
     }
 }

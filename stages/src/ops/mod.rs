@@ -4,9 +4,11 @@
 //! - [`status`]: per table and stream, where the backlog is and what failed.
 //! - [`inspect`]: stream entries as JSON lines, frames decoded into rows.
 //! - [`dlq`]: list, replay and purge dead letters.
-//! - [`redis_info`]: the read-only Redis queries they share (XINFO, XPENDING, XRANGE, …).
+//! - [`redis_info`]: what only they ask Redis (a connection that names the server, key types,
+//!   the clock); stream and group queries come from [`strata_pipeline::streams`].
 //! - [`render`]: how stream field values become JSON, so binary values stay readable.
-//! - this file: errors, and the names of strata's streams.
+//! - this file: errors, stream-ID and URL checks; strata's stream names are
+//!   [`strata_pipeline::streams::keys`]' [`StreamKind`] and [`StreamName`].
 
 pub mod dlq;
 pub mod inspect;
@@ -14,7 +16,8 @@ pub mod redis_info;
 pub mod render;
 pub mod status;
 
-use strata_pipeline::streams;
+use strata_pipeline::streams::StreamId;
+pub use strata_pipeline::streams::{StreamKind, StreamName};
 
 /// Errors of operator commands.
 #[derive(Debug, thiserror::Error)]
@@ -82,123 +85,13 @@ pub enum OpsError {
     Usage(String),
 }
 
-/// The four kinds of stream strata keeps per table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamKind {
-    /// `telemetry:{T}`: producer events, read by ingest.
-    Telemetry,
-    /// `rows:{T}`: frames, read by batch-writer.
-    Rows,
-    /// `archive:{T}`: closed chunks, read by the archiver.
-    Archive,
-    /// `archived:{T}`: archived chunks, read by the confirmer.
-    Archived,
-}
-
-impl StreamKind {
-    /// Every kind, in pipeline order.
-    pub const ALL: [StreamKind; 4] = [
-        StreamKind::Telemetry,
-        StreamKind::Rows,
-        StreamKind::Archive,
-        StreamKind::Archived,
-    ];
-
-    /// The key prefix before `:{T}`.
-    pub fn prefix(self) -> &'static str {
-        match self {
-            StreamKind::Telemetry => "telemetry",
-            StreamKind::Rows => "rows",
-            StreamKind::Archive => "archive",
-            StreamKind::Archived => "archived",
-        }
-    }
-
-    /// The stream key of this kind for `table`.
-    pub fn key(self, table: &str) -> String {
-        match self {
-            StreamKind::Telemetry => streams::telemetry_stream(table),
-            StreamKind::Rows => streams::rows_stream(table),
-            StreamKind::Archive => streams::archive_stream(table),
-            StreamKind::Archived => streams::archived_stream(table),
-        }
-    }
-
-    /// The consumer group (stage) that reads this stream.
-    pub fn group(self) -> &'static str {
-        match self {
-            StreamKind::Telemetry => streams::INGEST,
-            StreamKind::Rows => streams::BATCH_WRITER,
-            StreamKind::Archive => streams::ARCHIVER,
-            StreamKind::Archived => streams::CONFIRMER,
-        }
-    }
-}
-
-/// A parsed strata stream key: `<kind>:{<table>}` with an optional `:dlq`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamName {
-    /// Which of the table's streams.
-    pub kind: StreamKind,
-    /// The `{T}` of the key.
-    pub table: String,
-    /// True for the dead-letter stream of that stream.
-    pub dlq: bool,
-}
-
-impl StreamName {
-    /// Parses `key`; None when it is not a key strata uses.
-    pub fn parse(key: &str) -> Option<StreamName> {
-        let (base, dlq) = match key.strip_suffix(":dlq") {
-            Some(base) => (base, true),
-            None => (key, false),
-        };
-        let (prefix, rest) = base.split_once(':')?;
-        let table = rest.strip_prefix('{')?.strip_suffix('}')?;
-        if table.is_empty() || table.contains(['{', '}']) {
-            return None;
-        }
-        let kind = StreamKind::ALL.into_iter().find(|k| k.prefix() == prefix)?;
-        Some(StreamName {
-            kind,
-            table: table.to_string(),
-            dlq,
-        })
-    }
-
-    /// The stream itself (never the dead-letter stream).
-    pub fn source(&self) -> String {
-        self.kind.key(&self.table)
-    }
-
-    /// Its dead-letter stream.
-    pub fn dlq_key(&self) -> String {
-        streams::dlq_stream(&self.source())
-    }
-
-    /// The key this name was parsed from.
-    pub fn key(&self) -> String {
-        if self.dlq {
-            self.dlq_key()
-        } else {
-            self.source()
-        }
-    }
-}
-
 /// What a well-formed strata stream key looks like, for error messages.
 pub(crate) const STREAM_FORMS: &str =
     "expected telemetry:{T}, rows:{T}, archive:{T} or archived:{T}, or one of them followed by :dlq";
 
 /// Checks `id` is a stream ID (`<ms>-<seq>` or `<ms>`), so Redis's own message is never needed.
-pub(crate) fn check_id(id: &str) -> Result<(), OpsError> {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-    if digits(ms) && digits(seq) && ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok() {
-        Ok(())
-    } else {
-        Err(OpsError::InvalidId(id.to_string()))
-    }
+pub(crate) fn check_id(id: &str) -> Result<StreamId, OpsError> {
+    StreamId::parse_loose(id).map_err(|_| OpsError::InvalidId(id.to_string()))
 }
 
 /// `url` without a password, for messages.
@@ -222,34 +115,6 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stream_names_parse_and_rebuild() {
-        let n = StreamName::parse("rows:{metrics}:dlq").unwrap();
-        assert_eq!(
-            n,
-            StreamName {
-                kind: StreamKind::Rows,
-                table: "metrics".into(),
-                dlq: true
-            }
-        );
-        assert_eq!(n.source(), "rows:{metrics}");
-        assert_eq!(n.key(), "rows:{metrics}:dlq");
-        assert_eq!(
-            StreamName::parse("archived:{t_1}").unwrap().kind,
-            StreamKind::Archived
-        );
-        for bad in [
-            "metrics",
-            "rows:metrics",
-            "foo:{m}",
-            "rows:{}",
-            "rows:{m}:x",
-        ] {
-            assert_eq!(StreamName::parse(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn ids_and_urls() {

@@ -1,4 +1,4 @@
--- The atomic commit step of a stage (see `CommitStep` in streams.rs).
+-- The atomic commit step of a stage (see `CommitStep` in streams/group.rs).
 -- KEYS: input, output, dead-letter stream, claims hash.
 -- ARGV: group, consumer, smallest ID, largest ID, n, verify ('1' or '0'), the n entry IDs,
 --       then for the output and then the dead-letter stream: a count m, and m times

@@ -1,5 +1,5 @@
 -- Shared by strata's scripts. The first line (error codes and MAX_ARGS) is generated from the
--- constants in streams.rs; see `streams::script`.
+-- constants in `streams::scripts`; see `scripts::script`.
 
 -- An error reply whose code (its first word) Rust classifies.
 local function refuse(code, msg)

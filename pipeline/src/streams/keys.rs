@@ -1,0 +1,195 @@
+//! Every Redis key and consumer-group name strata uses, made here and nowhere else.
+//!
+//! A table `T` has four streams, `<kind>:{T}`; each stream `S` may have a dead-letter stream
+//! `S:dlq` and a claims hash `S:claimed`. The braces are a Redis Cluster hash tag: every key
+//! of one table lives in one slot, so one script can span a stage's input and output.
+
+/// Consumer-group names, which are also the stage names in dead letters, logs and metrics.
+pub const INGEST: &str = "ingest";
+pub const BATCH_WRITER: &str = "batch-writer";
+pub const CHUNK_WATCHER: &str = "chunk-watcher";
+pub const ARCHIVER: &str = "archiver";
+pub const CONFIRMER: &str = "confirmer";
+
+/// Suffix of a dead-letter stream.
+const DLQ_SUFFIX: &str = ":dlq";
+/// Suffix of a claims hash.
+const CLAIMS_SUFFIX: &str = ":claimed";
+
+/// The four kinds of stream strata keeps per table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// `telemetry:{T}`: producer events, read by ingest.
+    Telemetry,
+    /// `rows:{T}`: frames, read by batch-writer.
+    Rows,
+    /// `archive:{T}`: closed chunks, read by the archiver.
+    Archive,
+    /// `archived:{T}`: archived chunks, read by the confirmer.
+    Archived,
+}
+
+impl StreamKind {
+    /// Every kind, in pipeline order.
+    pub const ALL: [StreamKind; 4] = [
+        StreamKind::Telemetry,
+        StreamKind::Rows,
+        StreamKind::Archive,
+        StreamKind::Archived,
+    ];
+
+    /// The key prefix before `:{T}`.
+    pub const fn prefix(self) -> &'static str {
+        match self {
+            StreamKind::Telemetry => "telemetry",
+            StreamKind::Rows => "rows",
+            StreamKind::Archive => "archive",
+            StreamKind::Archived => "archived",
+        }
+    }
+
+    /// The stream key of this kind for `table`.
+    pub fn key(self, table: &str) -> String {
+        format!("{}:{{{table}}}", self.prefix())
+    }
+
+    /// The consumer group (stage) that reads this stream.
+    pub const fn group(self) -> &'static str {
+        match self {
+            StreamKind::Telemetry => INGEST,
+            StreamKind::Rows => BATCH_WRITER,
+            StreamKind::Archive => ARCHIVER,
+            StreamKind::Archived => CONFIRMER,
+        }
+    }
+}
+
+/// A parsed strata stream key: `<kind>:{<table>}` with an optional `:dlq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamName {
+    /// Which of the table's streams.
+    pub kind: StreamKind,
+    /// The `{T}` of the key.
+    pub table: String,
+    /// True for the dead-letter stream of that stream.
+    pub dlq: bool,
+}
+
+impl StreamName {
+    /// Parses `key`; None when it is not a key strata uses.
+    pub fn parse(key: &str) -> Option<StreamName> {
+        let (base, dlq) = match key.strip_suffix(DLQ_SUFFIX) {
+            Some(base) => (base, true),
+            None => (key, false),
+        };
+        let (prefix, rest) = base.split_once(':')?;
+        let table = rest.strip_prefix('{')?.strip_suffix('}')?;
+        if table.is_empty() || table.contains(['{', '}']) {
+            return None;
+        }
+        let kind = StreamKind::ALL.into_iter().find(|k| k.prefix() == prefix)?;
+        Some(StreamName {
+            kind,
+            table: table.to_string(),
+            dlq,
+        })
+    }
+
+    /// The stream itself (never the dead-letter stream).
+    pub fn source(&self) -> String {
+        self.kind.key(&self.table)
+    }
+
+    /// Its dead-letter stream.
+    pub fn dlq_key(&self) -> String {
+        dlq_stream(&self.source())
+    }
+
+    /// The key this name was parsed from.
+    pub fn key(&self) -> String {
+        if self.dlq {
+            self.dlq_key()
+        } else {
+            self.source()
+        }
+    }
+}
+
+/// The stream producers XADD to for table `table`.
+pub fn telemetry_stream(table: &str) -> String {
+    StreamKind::Telemetry.key(table)
+}
+
+/// The stream of validated frames between ingest and batch-writer.
+pub fn rows_stream(table: &str) -> String {
+    StreamKind::Rows.key(table)
+}
+
+/// One archival event per closed chunk, from chunk-watcher to archiver.
+pub fn archive_stream(table: &str) -> String {
+    StreamKind::Archive.key(table)
+}
+
+/// One confirmation per archived chunk, from archiver to confirmer.
+pub fn archived_stream(table: &str) -> String {
+    StreamKind::Archived.key(table)
+}
+
+/// The dead-letter stream of `stream`.
+pub fn dlq_stream(stream: &str) -> String {
+    format!("{stream}{DLQ_SUFFIX}")
+}
+
+/// The hash recording, per `<group> <consumer>`, how many of the consumer's entries were
+/// claimed (by another consumer of `stream`, or back by itself). A consumer listed there
+/// checks, when it commits, that it still owns each entry; one not listed has had nothing
+/// taken (see [`super::Consumer::autoclaim`]). A record outlives its consumer's removal from
+/// the group, so a process that stalled past `forget_consumer_after_ms` and wakes up still
+/// checks; names are unique per process start, so the hash grows by one field per process that
+/// ever lost entries.
+pub fn claims_key(stream: &str) -> String {
+    format!("{stream}{CLAIMS_SUFFIX}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_table_hash_tag() {
+        assert_eq!(telemetry_stream("m"), "telemetry:{m}");
+        assert_eq!(rows_stream("m"), "rows:{m}");
+        assert_eq!(archive_stream("m"), "archive:{m}");
+        assert_eq!(archived_stream("m"), "archived:{m}");
+        assert_eq!(dlq_stream("rows:{m}"), "rows:{m}:dlq");
+        assert_eq!(claims_key("rows:{m}"), "rows:{m}:claimed");
+    }
+
+    #[test]
+    fn stream_names_parse_and_rebuild() {
+        let n = StreamName::parse("rows:{metrics}:dlq").unwrap();
+        assert_eq!(
+            n,
+            StreamName {
+                kind: StreamKind::Rows,
+                table: "metrics".into(),
+                dlq: true
+            }
+        );
+        assert_eq!(n.source(), "rows:{metrics}");
+        assert_eq!(n.key(), "rows:{metrics}:dlq");
+        assert_eq!(
+            StreamName::parse("archived:{t_1}").unwrap().kind,
+            StreamKind::Archived
+        );
+        for bad in [
+            "metrics",
+            "rows:metrics",
+            "foo:{m}",
+            "rows:{}",
+            "rows:{m}:x",
+        ] {
+            assert_eq!(StreamName::parse(bad), None, "{bad}");
+        }
+    }
+}

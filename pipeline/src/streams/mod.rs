@@ -1,0 +1,50 @@
+//! strata's one Redis Streams layer: every Redis Streams call strata makes, from key names
+//! and stream IDs to consumer groups, reading, claiming, and the one atomic step that forwards
+//! a stage's output, dead-letters, and acknowledges.
+//!
+//! # Layout
+//! - [`id`]: [`StreamId`], the one parser of `<ms>-<seq>`.
+//! - [`keys`]: every key and group name (`telemetry:{T}`, `rows:{T}`, `archive:{T}`,
+//!   `archived:{T}`, `<stream>:dlq`, `<stream>:claimed`), [`StreamKind`], [`StreamName`].
+//! - [`entry`]: [`Entry`], its zero-copy [`RawFields`], [`Fields`] to write, the read span an
+//!   entry holds.
+//! - `codec`: RESP2 framing shared by the fields, the reply reader and the read connection.
+//! - [`reply`]: the one reply reader: the zero-copy scanner of the read path, and the readers
+//!   of `redis::Value` replies (entries, XINFO GROUPS/CONSUMERS, XPENDING) for stages and
+//!   operator commands alike.
+//! - [`group`]: [`ConsumerGroup`] and [`Consumer`] handles (ensure, read, claim, ack, touch,
+//!   pending, remove), [`CommitStep`], and stream-wide calls (length, range, groups, trim).
+//! - [`read`]: [`ReadConnection`], the hot read path's own connection.
+//! - [`dead_letter`]: the fields of a dead letter, packed when there are many.
+//! - [`scripts`]: the Lua scripts, one `.lua` file each, and the error codes they reply with.
+
+mod codec;
+pub mod dead_letter;
+pub mod entry;
+pub mod group;
+pub mod id;
+pub mod keys;
+pub mod read;
+pub mod reply;
+pub mod scripts;
+
+pub use dead_letter::{
+    dead_letter_fields, pack_fields, unpack_fields, DLQ_DELIVERIES, DLQ_ERROR, DLQ_PACKED,
+    DLQ_PACK_THRESHOLD, DLQ_SOURCE_ID, DLQ_SQLSTATE, DLQ_STAGE,
+};
+pub use entry::{Entry, Fields, Held, RawFields, RawFieldsIter, ReadSpan};
+pub use group::{
+    consumer_name, groups, len, range, trim_acknowledged, Claimed, CommitStep, Consumer,
+    ConsumerGroup,
+};
+pub use id::{InvalidStreamId, StreamId};
+pub use keys::{
+    archive_stream, archived_stream, claims_key, dlq_stream, rows_stream, telemetry_stream,
+    StreamKind, StreamName, ARCHIVER, BATCH_WRITER, CHUNK_WATCHER, CONFIRMER, INGEST,
+};
+pub use read::{ReadConnection, ReadError};
+pub use reply::{parse_entries, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary};
+pub use scripts::{
+    script, script_source, ScriptFailure, ERR_LIMIT, ERR_PARTIAL, ERR_ROLLBACK, ERR_WRONGTYPE,
+    MAX_SCRIPT_CALL_ARGS, MAX_SCRIPT_FIELDS,
+};

@@ -1,0 +1,182 @@
+//! The hot read path's own Redis connection.
+//!
+//! Reading is where a stage spends most of its own CPU: every event arrives as a dozen RESP
+//! bulk strings. The generic client turns each reply into a tree of owned values; here a reply
+//! is read into one buffer, and each [`super::RawFields`] is a slice of it, so a thousand entries cost
+//! one allocation, not twenty-five thousand. Only `XREADGROUP` goes through [`ReadConnection`];
+//! every other call uses the pooled `redis` client.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::codec::put_bulk;
+use super::entry::Entry;
+use super::group::Consumer;
+use super::reply::{Reader, ReplyError, Scanner};
+
+/// Failures of the read connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("redis connection failed")]
+    Io(#[from] std::io::Error),
+    #[error("invalid redis URL")]
+    Url(#[source] redis::RedisError),
+    #[error("redis over TLS is not supported by this build")]
+    Tls,
+    /// An error reply (e.g. `NOGROUP …`) or a malformed one.
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis closed the connection")]
+    Closed,
+}
+
+/// A byte stream to Redis: TCP or a Unix socket.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One connection used only to read entries (`XREADGROUP`).
+pub struct ReadConnection {
+    /// The socket.
+    io: Box<dyn Io>,
+    /// Bytes received and not yet handed out; each reply is split off and shared by its entries.
+    buf: BytesMut,
+    /// Where the reply being received ends, so far.
+    scanner: Scanner,
+    /// The command being sent, reused between calls.
+    out: BytesMut,
+}
+
+/// Replies are read in pieces of at least this much.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// How long past its BLOCK time a read may take before the connection is given up.
+const REPLY_GRACE: Duration = Duration::from_secs(10);
+
+impl ReadConnection {
+    /// Connects as `url` says (host and port or a Unix socket, user, password, database).
+    pub async fn connect(url: &str) -> Result<Self, ReadError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(ReadError::Url)?;
+        let io: Box<dyn Io> = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            #[cfg(unix)]
+            redis::ConnectionAddr::Unix(path) => {
+                Box::new(tokio::net::UnixStream::connect(path).await?)
+            }
+            _ => return Err(ReadError::Tls),
+        };
+        let mut conn = Self {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            scanner: Scanner::default(),
+            out: BytesMut::new(),
+        };
+        let settings = info.redis_settings();
+        let timeout = Duration::from_secs(10);
+        if let Some(password) = settings.password() {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = settings.username() {
+                args.push(user.as_bytes());
+            }
+            args.push(password.as_bytes());
+            conn.simple(&args, timeout).await?;
+        }
+        if settings.db() != 0 {
+            let db = settings.db().to_string();
+            conn.simple(&[b"SELECT", db.as_bytes()], timeout).await?;
+        }
+        Ok(conn)
+    }
+
+    /// Sends a command whose reply is a status or an error.
+    async fn simple(&mut self, args: &[&[u8]], timeout: Duration) -> Result<(), ReadError> {
+        let reply = self.call(args, timeout).await?;
+        match reply.first() {
+            Some(b'-') => Err(ReplyError::Server(
+                String::from_utf8_lossy(&reply[1..reply.len().saturating_sub(2)]).into_owned(),
+            )
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends one command and returns its whole reply.
+    async fn call(&mut self, args: &[&[u8]], timeout: Duration) -> Result<Bytes, ReadError> {
+        self.out.clear();
+        self.out.put_u8(b'*');
+        self.out
+            .put_slice(itoa::Buffer::new().format(args.len()).as_bytes());
+        self.out.put_slice(b"\r\n");
+        for a in args {
+            put_bulk(&mut self.out, a);
+        }
+        let work = async {
+            self.io.write_all(&self.out).await?;
+            loop {
+                if let Some(len) = self.scanner.scan(&self.buf)? {
+                    return Ok(self.buf.split_to(len).freeze());
+                }
+                self.buf.reserve(READ_CHUNK);
+                if self.io.read_buf(&mut self.buf).await? == 0 {
+                    return Err(ReadError::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| ReadError::Timeout(timeout))?
+    }
+
+    /// `XREADGROUP GROUP group consumer COUNT count BLOCK block_ms STREAMS stream >`: new
+    /// entries for `consumer` (none when the block time passed).
+    pub async fn read_new(
+        &mut self,
+        consumer: &Consumer<'_>,
+        count: usize,
+        block_ms: u64,
+    ) -> Result<Vec<Entry>, ReadError> {
+        let (mut count_buf, mut block_buf) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let args: [&[u8]; 11] = [
+            b"XREADGROUP",
+            b"GROUP",
+            consumer.group.name.as_bytes(),
+            consumer.name.as_bytes(),
+            b"COUNT",
+            count_buf.format(count).as_bytes(),
+            b"BLOCK",
+            block_buf.format(block_ms).as_bytes(),
+            b"STREAMS",
+            consumer.group.stream.as_bytes(),
+            b">",
+        ];
+        let reply = self
+            .call(&args, Duration::from_millis(block_ms) + REPLY_GRACE)
+            .await?;
+        let mut r = Reader { buf: reply, pos: 0 };
+        // [[stream, entries]], or nil when the block time passed.
+        let Some(streams) = r.array()? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for _ in 0..streams {
+            if r.array()? != Some(2) {
+                return Err(ReplyError::Protocol("a stream is not [name, entries]").into());
+            }
+            r.bulk()?;
+            let (entries, _deleted) = r.entries(1)?;
+            if out.is_empty() {
+                out = entries;
+            } else {
+                out.extend(entries);
+            }
+        }
+        Ok(out)
+    }
+}
