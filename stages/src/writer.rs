@@ -24,7 +24,7 @@ use strata_pipeline::frame::{CellRef, Frame, FIRST_MS_FIELD, FRAME_FIELD, ROWS_F
 use strata_pipeline::latency::LatencyHistogram;
 use strata_pipeline::observe::WriterMetrics;
 use strata_pipeline::pg_limits::{MAX_TIME_US, MIN_TIME_US};
-use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
+use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage, Tick};
 use strata_pipeline::schema::{Cell, SchemaRef};
 use strata_pipeline::streams::{Entry, Fields, StreamId};
 use strata_pipeline::trace::TRACEPARENTS_FIELD;
@@ -414,7 +414,27 @@ struct StoredDeadLetter {
     sqlstate: Option<String>,
 }
 
+/// How often a writer forgets applied frames that can no longer be redelivered.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Stage for BatchWriter {
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        Some(PRUNE_EVERY)
+    }
+
+    /// Keeps `strata.applied_frames` small: frames older than the oldest one the group may
+    /// still deliver again are forgotten.
+    async fn tick(&self, ctx: Tick<'_>) -> Result<(), StageError> {
+        let Some(oldest) = ctx.group.oldest_unacknowledged(ctx.redis).await? else {
+            return Ok(());
+        };
+        let n = self.prune_applied(oldest).await?;
+        if n > 0 {
+            tracing::debug!(stream = %self.stream, pruned = n, "pruned applied frames");
+        }
+        Ok(())
+    }
+
     fn weight(&self, entry: &Entry) -> usize {
         entry
             .field(ROWS_FIELD)

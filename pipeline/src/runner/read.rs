@@ -1,0 +1,235 @@
+//! The reader of a loop: new entries (XREADGROUP), idle ones (XAUTOCLAIM), back-pressure, and
+//! the reads still in flight.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::error_chain;
+use crate::observe::LoopMetrics;
+use crate::streams::{self, Entry, Held, ReadConnection, ReadSpan, StreamId};
+
+use super::{Backoff, LoopSpec, LoopStats};
+
+/// The reads whose entries are not all acknowledged yet: each entry holds its read's span, so
+/// a span lives exactly as long as some entry of it is in flight.
+pub(super) type InFlight = Arc<std::sync::Mutex<Vec<std::sync::Weak<ReadSpan>>>>;
+
+/// Registers a read as in flight and ties its entries to it. XREADGROUP and XAUTOCLAIM both
+/// reply in ID order, so the first and last entries bound the read.
+pub(super) fn hold(in_flight: &InFlight, entries: &mut [Entry]) {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        return;
+    };
+    let span = Arc::new(ReadSpan {
+        first: first.id,
+        last: last.id,
+    });
+    let mut list = in_flight.lock().expect("in-flight list");
+    list.retain(|w| w.strong_count() > 0);
+    list.push(Arc::downgrade(&span));
+    drop(list);
+    for e in entries {
+        e.held = Held(Some(span.clone()));
+    }
+}
+
+pub(super) async fn read_loop(
+    spec: Arc<LoopSpec>,
+    redis: deadpool_redis::Pool,
+    stop: CancellationToken,
+    tx: mpsc::Sender<Vec<Entry>>,
+    stats: Arc<LoopStats>,
+    in_flight: InFlight,
+    metrics: LoopMetrics,
+) {
+    let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
+    let mut pressure = BackPressure::default();
+    let claim_every = Duration::from_millis(spec.streams.claim_interval_ms.max(1));
+    let mut next_claim = Instant::now();
+    let mut cursor = StreamId::ZERO;
+    let mut conn: Option<deadpool_redis::Connection> = None;
+    let mut reader: Option<ReadConnection> = None;
+    while !stop.is_cancelled() {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match redis.get().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    warn!(stage = spec.stage, error = %e, "redis unavailable, retrying");
+                    backoff.wait(&stop).await;
+                    continue;
+                }
+            },
+        };
+        if let (Some(limit), Some(output)) = (spec.output_high_watermark, spec.output.as_deref()) {
+            match pressure.wait_below(c, output, limit, &stop, &spec).await {
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(stage = spec.stage, error = %e, "back-pressure check failed, retrying");
+                    conn = None;
+                    backoff.wait(&stop).await;
+                    continue;
+                }
+            }
+            if stop.is_cancelled() {
+                break;
+            }
+        }
+        let res = if Instant::now() >= next_claim {
+            let r = spec
+                .consumer()
+                .autoclaim(
+                    c,
+                    spec.streams.claim_idle_ms,
+                    cursor,
+                    spec.streams.read_count,
+                )
+                .await;
+            match r {
+                Ok(streams::Claimed {
+                    entries,
+                    deleted,
+                    next,
+                }) => {
+                    if next == StreamId::ZERO {
+                        next_claim = Instant::now() + claim_every;
+                    }
+                    cursor = next;
+                    if !entries.is_empty() {
+                        info!(stage = spec.stage, stream = %spec.input, count = entries.len(), "claimed idle entries");
+                        stats
+                            .claimed
+                            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                        metrics.claimed.increment(entries.len() as u64);
+                    }
+                    Ok((entries, deleted))
+                }
+                Err(e) => Err(error_chain(&e)),
+            }
+        } else {
+            let block = spec
+                .streams
+                .block_ms
+                .min(
+                    next_claim
+                        .saturating_duration_since(Instant::now())
+                        .as_millis() as u64,
+                )
+                .max(1);
+            read_new(&spec, c, &mut reader, block)
+                .await
+                .map(|entries| (entries, Vec::new()))
+        };
+        match res {
+            Ok((mut entries, deleted)) => {
+                backoff.reset();
+                if !deleted.is_empty() {
+                    // Trimmed while pending: there is nothing left to process.
+                    warn!(
+                        stage = spec.stage,
+                        count = deleted.len(),
+                        "pending entries were deleted from the stream"
+                    );
+                    let _ = spec.consumer().group.ack(c, &deleted).await;
+                }
+                if !entries.is_empty() {
+                    metrics.read.increment(entries.len() as u64);
+                    hold(&in_flight, &mut entries);
+                    if tx.send(entries).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(stage = spec.stage, stream = %spec.input, error = %e, "read failed, retrying");
+                conn = None;
+                backoff.wait(&stop).await;
+            }
+        }
+    }
+}
+
+/// Reads new entries: over the loop's own connection when it has a `read_url` (reconnecting
+/// after a failure), else over the pooled one.
+pub(super) async fn read_new(
+    spec: &LoopSpec,
+    pooled: &mut deadpool_redis::Connection,
+    own: &mut Option<ReadConnection>,
+    block_ms: u64,
+) -> Result<Vec<Entry>, String> {
+    let consumer = spec.consumer();
+    let count = spec.streams.read_count;
+    let Some(url) = spec.read_url.as_deref() else {
+        return consumer
+            .read_new(pooled, count, block_ms)
+            .await
+            .map(|(entries, _)| entries)
+            .map_err(|e| error_chain(&e));
+    };
+    let conn = match own {
+        Some(conn) => conn,
+        None => own.insert(
+            ReadConnection::connect(url)
+                .await
+                .map_err(|e| error_chain(&e))?,
+        ),
+    };
+    let read = conn.read_new(&consumer, count, block_ms).await;
+    read.map_err(|e| {
+        *own = None;
+        error_chain(&e)
+    })
+}
+
+/// Waits while the output stream is over its high watermark, checking at most every 200 ms.
+#[derive(Default)]
+pub(super) struct BackPressure {
+    /// When the output length was last read.
+    checked: Option<Instant>,
+    /// Whether we are currently holding back (to log once per episode).
+    holding: bool,
+}
+
+impl BackPressure {
+    async fn wait_below(
+        &mut self,
+        conn: &mut deadpool_redis::Connection,
+        output: &str,
+        limit: u64,
+        stop: &CancellationToken,
+        spec: &LoopSpec,
+    ) -> redis::RedisResult<()> {
+        loop {
+            if self
+                .checked
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+                && !self.holding
+            {
+                return Ok(());
+            }
+            let len = streams::len(conn, output).await?;
+            self.checked = Some(Instant::now());
+            if len <= limit {
+                if self.holding {
+                    info!(stage = spec.stage, stream = %output, len, "back-pressure released");
+                    self.holding = false;
+                }
+                return Ok(());
+            }
+            if !self.holding {
+                warn!(stage = spec.stage, stream = %output, len, limit, "output backlog over its high watermark: pausing reads");
+                self.holding = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.cancelled() => return Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Delivering one batch: process it, then commit its outcome in one atomic Redis step; split
+//! batches whose entries fail (or whose commit keeps failing) until each fails alone.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::error::{error_chain, RetryHint, StageError};
+use crate::observe::{DeadLetterReason, LoopMetrics};
+use crate::streams::{self, CommitStep, Entry, Fields, StreamId};
+
+use super::{Backoff, Batch, DeadLetter, LoopSpec, LoopStats, Outcome, Stage};
+
+/// Processes and commits the batches of one loop (one per `workers`).
+pub(super) struct Worker<S> {
+    /// The stage that turns batches into outcomes.
+    pub(super) stage: Arc<S>,
+    /// Streams, group, consumer, limits.
+    pub(super) spec: Arc<LoopSpec>,
+    /// Connections for the commit step.
+    pub(super) redis: deadpool_redis::Pool,
+    /// Stops retries at shutdown (or after a fatal error elsewhere).
+    pub(super) stop: CancellationToken,
+    /// Counters for summaries.
+    pub(super) stats: Arc<LoopStats>,
+    /// Per-batch counters and histograms.
+    pub(super) metrics: LoopMetrics,
+}
+
+/// Where the outcome of a batch came from, which decides its dead letters' `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// The stage made it (its dead letters are classed by SQLSTATE).
+    Stage,
+    /// The runner dead-letters entries delivered more than `max_deliveries` times.
+    MaxDeliveries,
+    /// The runner dead-letters one entry whose commit step kept failing on its own.
+    CommitFailed,
+}
+
+/// A batch waiting to be delivered, with its outcome when it is already known.
+pub(super) struct Todo {
+    batch: Batch,
+    outcome: Option<(Outcome, Origin)>,
+}
+
+/// Commit attempts that fail for a reason that is not transient before the batch is split.
+pub const MAX_COMMIT_ATTEMPTS: u32 = 3;
+
+/// Why a commit step did not apply.
+pub(super) enum CommitFailure {
+    /// It failed [`MAX_COMMIT_ATTEMPTS`] times for a reason that is not transient.
+    Stuck(StageError),
+    /// Redis refused it in a way no retry mends (permissions): stop the process.
+    Fatal(StageError),
+}
+
+impl<S: Stage> Worker<S> {
+    /// Entries delivered more than `max_deliveries` times, each with its dead letter.
+    fn over_delivered(&self, batch: Batch) -> Todo {
+        let max = self.spec.streams.max_deliveries;
+        let outcome = Outcome {
+            forward: Vec::new(),
+            dead_letters: batch
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| DeadLetter {
+                    entry: i,
+                    fields: None,
+                    error: format!(
+                        "delivered {} times, more than max_deliveries = {max}",
+                        e.deliveries
+                    ),
+                    sqlstate: None,
+                })
+                .collect(),
+        };
+        Todo {
+            batch,
+            outcome: Some((outcome, Origin::MaxDeliveries)),
+        }
+    }
+
+    /// Delivers one batch: Ok once every entry is acknowledged (or left pending at shutdown).
+    pub(super) async fn handle(&self, batch: Batch) -> Result<(), StageError> {
+        let max = self.spec.streams.max_deliveries;
+        let (over, fresh): (Vec<Entry>, Vec<Entry>) =
+            if batch.entries.iter().any(|e| e.deliveries > max) {
+                batch.entries.into_iter().partition(|e| e.deliveries > max)
+            } else {
+                (Vec::new(), batch.entries)
+            };
+        let mut todo = Vec::new();
+        if !over.is_empty() {
+            todo.push(self.over_delivered(Batch { entries: over }));
+        }
+        if !fresh.is_empty() {
+            todo.push(Todo {
+                batch: Batch { entries: fresh },
+                outcome: None,
+            });
+        }
+        let mut backoff = Backoff::new(self.spec.streams.max_backoff_ms);
+        while let Some(Todo { mut batch, outcome }) = todo.pop() {
+            let result = match outcome {
+                Some(ready) => Ok(ready),
+                None => {
+                    let span = tracing::info_span!("process", stage = self.spec.stage, stream = %self.spec.input, entries = batch.entries.len());
+                    self.stage
+                        .process(&batch)
+                        .instrument(span)
+                        .await
+                        .map(|o| (o, Origin::Stage))
+                }
+            };
+            match result {
+                Ok((outcome, origin)) => {
+                    match self.commit(&batch, outcome, origin, &mut backoff).await {
+                        Ok(lost) => {
+                            if !lost.is_empty() {
+                                info!(
+                                    stage = self.spec.stage,
+                                    count = lost.len(),
+                                    "entries are no longer pending (claimed by another consumer, or acknowledged by an earlier attempt of this commit); redoing the rest"
+                                );
+                                batch.entries.retain(|e| !lost.contains(&e.id));
+                                if !batch.entries.is_empty() {
+                                    todo.push(Todo {
+                                        batch,
+                                        outcome: None,
+                                    });
+                                }
+                            }
+                        }
+                        Err(CommitFailure::Fatal(e)) => return Err(e),
+                        Err(CommitFailure::Stuck(e)) if origin == Origin::CommitFailed => {
+                            // Even the entry's own dead letter cannot be written (the
+                            // dead-letter stream is broken): leave the entry pending, so the rest
+                            // keeps flowing; it is claimed and tried again after claim_idle_ms.
+                            self.metrics.stuck.increment(1);
+                            tracing::error!(stage = self.spec.stage, stream = %self.spec.input, entry = %batch.entries[0].id, dlq = %streams::dlq_stream(&self.spec.input), error = %e.reason(), "cannot dead-letter this entry: leaving it pending");
+                        }
+                        Err(CommitFailure::Stuck(e)) => {
+                            self.metrics.splits.increment(1);
+                            if batch.entries.len() > 1 {
+                                warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e.reason(), entries = batch.entries.len(), attempts = MAX_COMMIT_ATTEMPTS, "commit keeps failing: splitting the batch");
+                                let right = Batch {
+                                    entries: batch.entries.split_off(batch.entries.len() / 2),
+                                };
+                                for half in [right, batch] {
+                                    todo.push(match origin {
+                                        Origin::MaxDeliveries => self.over_delivered(half),
+                                        _ => Todo {
+                                            batch: half,
+                                            outcome: None,
+                                        },
+                                    });
+                                }
+                            } else {
+                                warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e.reason(), entry = %batch.entries[0].id, "commit keeps failing for this entry alone: dead-lettering it");
+                                let dl = DeadLetter {
+                                    entry: 0,
+                                    fields: None,
+                                    error: format!(
+                                        "the commit step failed {MAX_COMMIT_ATTEMPTS} times for this entry alone: {}",
+                                        error_chain(&e)
+                                    ),
+                                    sqlstate: None,
+                                };
+                                todo.push(Todo {
+                                    batch,
+                                    outcome: Some((
+                                        Outcome {
+                                            forward: Vec::new(),
+                                            dead_letters: vec![dl],
+                                        },
+                                        Origin::CommitFailed,
+                                    )),
+                                });
+                            }
+                        }
+                    }
+                    backoff.reset();
+                }
+                Err(e) => match e.hint {
+                    RetryHint::Backoff => {
+                        self.metrics.retries.increment(1);
+                        warn!(stage = self.spec.stage, error = %e.reason(), entries = batch.entries.len(), "transient failure, retrying");
+                        if !backoff.wait(&self.stop).await {
+                            return Ok(()); // shutdown: the entries stay pending
+                        }
+                        todo.push(Todo {
+                            batch,
+                            outcome: None,
+                        });
+                    }
+                    RetryHint::DeadLetter if batch.entries.len() > 1 => {
+                        debug!(stage = self.spec.stage, error = %e.reason(), "splitting batch to isolate a poison entry");
+                        let right = batch.entries.split_off(batch.entries.len() / 2);
+                        todo.push(Todo {
+                            batch: Batch { entries: right },
+                            outcome: None,
+                        });
+                        todo.push(Todo {
+                            batch,
+                            outcome: None,
+                        });
+                    }
+                    RetryHint::DeadLetter => {
+                        let dl = DeadLetter {
+                            entry: 0,
+                            fields: None,
+                            error: e.reason(),
+                            sqlstate: e.sqlstate_code(),
+                        };
+                        todo.push(Todo {
+                            batch,
+                            outcome: Some((
+                                Outcome {
+                                    forward: Vec::new(),
+                                    dead_letters: vec![dl],
+                                },
+                                Origin::Stage,
+                            )),
+                        });
+                    }
+                    RetryHint::Fatal => return Err(e),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the atomic commit step, retrying transient Redis faults for as long as it takes
+    /// (a shutdown that outlasts `[shutdown] timeout_ms` abandons it: the entries stay pending
+    /// and are claimed by another consumer). Returns entries lost to another consumer (nothing
+    /// was written then).
+    async fn commit(
+        &self,
+        batch: &Batch,
+        outcome: Outcome,
+        origin: Origin,
+        backoff: &mut Backoff,
+    ) -> Result<Vec<StreamId>, CommitFailure> {
+        let mut reasons = Vec::with_capacity(outcome.dead_letters.len());
+        let dlq = streams::dlq_stream(&self.spec.input);
+        for d in &outcome.dead_letters {
+            reasons.push(match origin {
+                Origin::Stage => DeadLetterReason::of_sqlstate(d.sqlstate.as_deref()),
+                Origin::MaxDeliveries => DeadLetterReason::MaxDeliveries,
+                Origin::CommitFailed => DeadLetterReason::CommitFailed,
+            });
+        }
+        let dead_letters: Vec<Fields> = outcome
+            .dead_letters
+            .iter()
+            .map(|d| {
+                let entry = &batch.entries[d.entry];
+                streams::dead_letter_fields(
+                    d.fields.clone().unwrap_or_else(|| entry.fields.to_vec()),
+                    &d.error,
+                    self.spec.stage,
+                    entry.id,
+                    entry.deliveries,
+                    d.sqlstate.as_deref(),
+                )
+            })
+            .collect();
+        let mut step = CommitStep {
+            consumer: self.spec.consumer(),
+            output: self.spec.output.as_deref().unwrap_or(&dlq),
+            dlq: &dlq,
+            ids: batch.entries.iter().map(|e| e.id).collect(),
+            forward: outcome.forward,
+            dead_letters,
+            verify: false,
+        };
+        let mut refused = 0;
+        loop {
+            let res = match self.redis.get().await {
+                Ok(mut conn) => step.run(&mut conn).await.map_err(|e| {
+                    // A step that acknowledged part of its entries must not be redone.
+                    let hint = match streams::ScriptFailure::of(&e) {
+                        Some(streams::ScriptFailure::Partial) => RetryHint::Fatal,
+                        _ => crate::error::redis_hint(&e),
+                    };
+                    (StageError::from(e), hint)
+                }),
+                Err(e) => Err((StageError::from(e), RetryHint::Backoff)),
+            };
+            match res {
+                Ok(lost) => {
+                    if lost.is_empty() {
+                        self.stats
+                            .acked
+                            .fetch_add(step.ids.len() as u64, Ordering::Relaxed);
+                        self.stats
+                            .dead_lettered
+                            .fetch_add(step.dead_letters.len() as u64, Ordering::Relaxed);
+                        self.metrics.acked.increment(step.ids.len() as u64);
+                        for reason in &reasons {
+                            self.metrics.dead_lettered(*reason, 1);
+                        }
+                        if !step.dead_letters.is_empty() {
+                            warn!(stage = self.spec.stage, count = step.dead_letters.len(), dlq = %dlq, "dead-lettered");
+                        }
+                    }
+                    return Ok(lost);
+                }
+                Err((e, RetryHint::Fatal)) => return Err(CommitFailure::Fatal(e)),
+                Err((e, RetryHint::DeadLetter)) => {
+                    refused += 1;
+                    warn!(stage = self.spec.stage, error = %e.reason(), attempt = refused, "commit step refused");
+                    if refused >= MAX_COMMIT_ATTEMPTS {
+                        return Err(CommitFailure::Stuck(e));
+                    }
+                    step.verify = true;
+                    backoff.wait(&CancellationToken::new()).await;
+                }
+                Err((e, RetryHint::Backoff)) => {
+                    warn!(stage = self.spec.stage, error = %e.reason(), "commit failed, retrying");
+                    // The step may have been applied with only its reply lost.
+                    step.verify = true;
+                    // The outcome is only in memory (and maybe committed to PostgreSQL): keep
+                    // retrying during shutdown too, until the shutdown timeout gives up on it.
+                    backoff.wait(&CancellationToken::new()).await;
+                }
+            }
+        }
+    }
+}
