@@ -237,39 +237,37 @@ impl TestEnv {
 
     /// Waits until both groups have read and acknowledged everything (and `rows` rows exist).
     pub async fn wait_landed(&self, rows: i64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut conn = self.redis().await;
-        loop {
-            let drained = streams::ConsumerGroup::new(&self.input(), streams::INGEST)
-                .drained(&mut conn)
-                .await
-                .unwrap()
-                && streams::ConsumerGroup::new(&self.rows(), streams::BATCH_WRITER)
-                    .drained(&mut conn)
-                    .await
-                    .unwrap();
-            let count = self.count().await;
-            if drained && count >= rows {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out: {count} of {rows} rows landed, drained = {drained}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_drained(
+            &[
+                (&self.input(), streams::INGEST),
+                (&self.rows(), streams::BATCH_WRITER),
+            ],
+            rows,
+            timeout,
+        )
+        .await
     }
 
     /// Waits until batch-writer has read and acknowledged everything on `rows:{T}` (and `rows`
     /// rows exist): for tests that write frames themselves.
     pub async fn wait_rows_drained(&self, rows: i64, timeout: Duration) {
+        self.wait_drained(&[(&self.rows(), streams::BATCH_WRITER)], rows, timeout)
+            .await
+    }
+
+    /// Waits until each (stream, group) has read and acknowledged everything and the table
+    /// holds at least `rows` rows.
+    async fn wait_drained(&self, groups: &[(&str, &str)], rows: i64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut conn = self.redis().await;
         loop {
-            let drained = streams::ConsumerGroup::new(&self.rows(), streams::BATCH_WRITER)
-                .drained(&mut conn)
-                .await
-                .unwrap();
+            let mut drained = true;
+            for (stream, group) in groups {
+                drained &= streams::ConsumerGroup::new(stream, group)
+                    .drained(&mut conn)
+                    .await
+                    .unwrap();
+            }
             let count = self.count().await;
             if drained && count >= rows {
                 return;

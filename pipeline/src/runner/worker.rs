@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::error::{error_chain, RetryHint, StageError};
+use crate::error::{RetryHint, StageError};
 use crate::observe::{DeadLetterReason, LoopMetrics};
 use crate::streams::{self, CommitStep, Entry, Fields, StreamId};
 
@@ -44,6 +44,39 @@ pub(super) enum Origin {
 pub(super) struct Todo {
     batch: Batch,
     outcome: Option<(Outcome, Origin)>,
+}
+
+impl Todo {
+    /// `batch` to be processed by the stage.
+    fn process(batch: Batch) -> Self {
+        Todo {
+            batch,
+            outcome: None,
+        }
+    }
+
+    /// The lone entry of `batch`, dead-lettered with `error`.
+    fn dead_letter_alone(
+        batch: Batch,
+        error: String,
+        sqlstate: Option<String>,
+        origin: Origin,
+    ) -> Self {
+        let dead_letter = DeadLetter {
+            entry: 0,
+            fields: None,
+            error,
+            sqlstate,
+        };
+        let outcome = Outcome {
+            forward: Vec::new(),
+            dead_letters: vec![dead_letter],
+        };
+        Todo {
+            batch,
+            outcome: Some((outcome, origin)),
+        }
+    }
 }
 
 /// Commit attempts that fail for a reason that is not transient before the batch is split.
@@ -98,10 +131,7 @@ impl<S: Stage> Worker<S> {
             todo.push(self.over_delivered(Batch { entries: over }));
         }
         if !fresh.is_empty() {
-            todo.push(Todo {
-                batch: Batch { entries: fresh },
-                outcome: None,
-            });
+            todo.push(Todo::process(Batch { entries: fresh }));
         }
         let mut backoff = Backoff::new(self.spec.streams.max_backoff_ms);
         while let Some(Todo { mut batch, outcome }) = todo.pop() {
@@ -128,10 +158,7 @@ impl<S: Stage> Worker<S> {
                                 );
                                 batch.entries.retain(|e| !lost.contains(&e.id));
                                 if !batch.entries.is_empty() {
-                                    todo.push(Todo {
-                                        batch,
-                                        outcome: None,
-                                    });
+                                    todo.push(Todo::process(batch));
                                 }
                             }
                         }
@@ -153,33 +180,21 @@ impl<S: Stage> Worker<S> {
                                 for half in [right, batch] {
                                     todo.push(match origin {
                                         Origin::MaxDeliveries => self.over_delivered(half),
-                                        _ => Todo {
-                                            batch: half,
-                                            outcome: None,
-                                        },
+                                        _ => Todo::process(half),
                                     });
                                 }
                             } else {
                                 warn!(stage = self.spec.stage, stream = %self.spec.input, error = %e.reason(), entry = %batch.entries[0].id, "commit keeps failing for this entry alone: dead-lettering it");
-                                let dl = DeadLetter {
-                                    entry: 0,
-                                    fields: None,
-                                    error: format!(
-                                        "the commit step failed {MAX_COMMIT_ATTEMPTS} times for this entry alone: {}",
-                                        error_chain(&e)
-                                    ),
-                                    sqlstate: None,
-                                };
-                                todo.push(Todo {
+                                let error = format!(
+                                    "the commit step failed {MAX_COMMIT_ATTEMPTS} times for this entry alone: {}",
+                                    e.reason()
+                                );
+                                todo.push(Todo::dead_letter_alone(
                                     batch,
-                                    outcome: Some((
-                                        Outcome {
-                                            forward: Vec::new(),
-                                            dead_letters: vec![dl],
-                                        },
-                                        Origin::CommitFailed,
-                                    )),
-                                });
+                                    error,
+                                    None,
+                                    Origin::CommitFailed,
+                                ));
                             }
                         }
                     }
@@ -192,40 +207,24 @@ impl<S: Stage> Worker<S> {
                         if !backoff.wait(&self.stop).await {
                             return Ok(()); // shutdown: the entries stay pending
                         }
-                        todo.push(Todo {
-                            batch,
-                            outcome: None,
-                        });
+                        todo.push(Todo::process(batch));
                     }
                     RetryHint::DeadLetter if batch.entries.len() > 1 => {
                         debug!(stage = self.spec.stage, error = %e.reason(), "splitting batch to isolate a poison entry");
-                        let right = batch.entries.split_off(batch.entries.len() / 2);
-                        todo.push(Todo {
-                            batch: Batch { entries: right },
-                            outcome: None,
-                        });
-                        todo.push(Todo {
-                            batch,
-                            outcome: None,
-                        });
+                        let right = Batch {
+                            entries: batch.entries.split_off(batch.entries.len() / 2),
+                        };
+                        todo.push(Todo::process(right));
+                        todo.push(Todo::process(batch));
                     }
                     RetryHint::DeadLetter => {
-                        let dl = DeadLetter {
-                            entry: 0,
-                            fields: None,
-                            error: e.reason(),
-                            sqlstate: e.sqlstate_code(),
-                        };
-                        todo.push(Todo {
+                        let (error, sqlstate) = (e.reason(), e.sqlstate_code());
+                        todo.push(Todo::dead_letter_alone(
                             batch,
-                            outcome: Some((
-                                Outcome {
-                                    forward: Vec::new(),
-                                    dead_letters: vec![dl],
-                                },
-                                Origin::Stage,
-                            )),
-                        });
+                            error,
+                            sqlstate,
+                            Origin::Stage,
+                        ));
                     }
                     RetryHint::Fatal => return Err(e),
                 },
