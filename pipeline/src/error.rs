@@ -109,7 +109,7 @@ impl StageError {
 
 /// SQLSTATE classes (first two characters) of transient faults: connection exceptions (08),
 /// insufficient resources (53), system errors such as I/O failures (58).
-const TRANSIENT_CLASSES: [&str; 3] = ["08", "53", "58"];
+pub const TRANSIENT_CLASSES: [&str; 3] = ["08", "53", "58"];
 
 /// Single SQLSTATEs of transient faults: the server shutting down or restarting (57P01
 /// admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now), a statement cancelled by
@@ -117,18 +117,18 @@ const TRANSIENT_CLASSES: [&str; 3] = ["08", "53", "58"];
 /// available under `lock_timeout` (55P03), a read-only transaction on a server that is not (or no
 /// longer) the primary (25006), and an undefined table (42P01: a chunk dropped by the lifecycle
 /// between lookup and use, or a table not migrated yet).
-const TRANSIENT_CODES: [&str; 9] = [
+pub const TRANSIENT_CODES: [&str; 9] = [
     "57P01", "57P02", "57P03", "57014", "40001", "40P01", "55P03", "25006", "42P01",
 ];
 
 /// SQLSTATE classes no retry and no input can mend: syntax or access rule violations (42:
 /// permissions, a table whose columns do not match the schema), invalid authorization (28),
 /// a missing database (3D) or schema (3F).
-const FATAL_CLASSES: [&str; 4] = ["42", "28", "3D", "3F"];
+pub const FATAL_CLASSES: [&str; 4] = ["42", "28", "3D", "3F"];
 
 /// Exceptions to [`FATAL_CLASSES`] that depend on the rows written: a partition that would
 /// overlap another (42P17, raised when creating the partition for one row's time).
-const DATA_CODES_IN_FATAL_CLASSES: [&str; 1] = ["42P17"];
+pub const DATA_CODES_IN_FATAL_CLASSES: [&str; 1] = ["42P17"];
 
 /// What a PostgreSQL failure means for the batch that met it.
 ///
@@ -182,7 +182,7 @@ pub const REDIS_TRANSIENT_CODES: [&str; 9] = [
 ];
 
 /// Redis error codes of a deployment fault: the account lacks a permission or cannot log in.
-const REDIS_FATAL_CODES: [&str; 3] = ["NOPERM", "NOAUTH", "WRONGPASS"];
+pub const REDIS_FATAL_CODES: [&str; 3] = ["NOPERM", "NOAUTH", "WRONGPASS"];
 
 /// What a failed Redis call means: connection and I/O faults and the codes in
 /// [`REDIS_TRANSIENT_CODES`] are transient; [`REDIS_FATAL_CODES`] are fatal; any other error
@@ -240,4 +240,65 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error Redis replies with `line` (`-CODE message`).
+    fn redis_error(line: &str) -> redis::RedisError {
+        match redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap() {
+            redis::Value::ServerError(e) => e.into(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_errors_are_classified_by_code() {
+        for line in [
+            "OOM command not allowed when used memory > 'maxmemory'",
+            "BUSY Redis is busy running a script",
+            "LOADING Redis is loading the dataset in memory",
+            "READONLY You can't write against a read only replica",
+        ] {
+            assert_eq!(redis_hint(&redis_error(line)), RetryHint::Backoff, "{line}");
+        }
+        assert_eq!(
+            redis_hint(&redis_error(
+                "NOPERM User strata has no permissions to run 'xadd'"
+            )),
+            RetryHint::Fatal
+        );
+        for line in [
+            "STRATA_LIMIT entry 1 has 5000 fields",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "ERR The stream has exhausted the last possible ID",
+        ] {
+            assert_eq!(
+                redis_hint(&redis_error(line)),
+                RetryHint::DeadLetter,
+                "{line}"
+            );
+        }
+        // Inside a stage, only a fatal Redis error is not retried.
+        assert_eq!(
+            StageError::from(redis_error("ERR x")).hint,
+            RetryHint::Backoff
+        );
+        assert_eq!(
+            StageError::from(redis_error("NOPERM x")).hint,
+            RetryHint::Fatal
+        );
+        let io = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(redis_hint(&io), RetryHint::Backoff);
+    }
+
+    #[test]
+    fn a_stage_error_keeps_its_cause_without_repeating_it() {
+        let e = StageError::backoff("redis pool").with_source(std::io::Error::other("refused"));
+        assert_eq!(e.to_string(), "redis pool");
+        assert_eq!(e.reason(), "redis pool: refused");
+        assert!(std::error::Error::source(&e).is_some());
+    }
 }
