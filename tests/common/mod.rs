@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use strata_pipeline::schema::{Schema, SchemaRef};
 use strata_pipeline::streams;
-use strata_pipeline::Config;
-use strata_stages::StageKind;
+use strata_stages::Config;
+use strata_stages::{ingest, writer, StageSpec};
 use tokio_util::sync::CancellationToken;
 
 pub fn redis_url() -> String {
@@ -240,11 +240,11 @@ impl TestEnv {
         let deadline = Instant::now() + timeout;
         let mut conn = self.redis().await;
         loop {
-            let drained = streams::ConsumerGroup::new(&self.input(), streams::INGEST)
+            let drained = streams::ConsumerGroup::new(&self.input(), ingest::STAGE.name)
                 .drained(&mut conn)
                 .await
                 .unwrap()
-                && streams::ConsumerGroup::new(&self.rows(), streams::BATCH_WRITER)
+                && streams::ConsumerGroup::new(&self.rows(), writer::STAGE.name)
                     .drained(&mut conn)
                     .await
                     .unwrap();
@@ -266,7 +266,7 @@ impl TestEnv {
         let deadline = Instant::now() + timeout;
         let mut conn = self.redis().await;
         loop {
-            let drained = streams::ConsumerGroup::new(&self.rows(), streams::BATCH_WRITER)
+            let drained = streams::ConsumerGroup::new(&self.rows(), writer::STAGE.name)
                 .drained(&mut conn)
                 .await
                 .unwrap();
@@ -369,7 +369,7 @@ impl Drop for Spawned {
 pub type InProcess = (CancellationToken, tokio::task::JoinHandle<()>);
 
 /// Runs `kinds` for `schema` in this process until [`stop`].
-pub async fn start_stages(config: &Config, schema: &SchemaRef, kinds: &[StageKind]) -> InProcess {
+pub async fn start_stages(config: &Config, schema: &SchemaRef, kinds: &[StageSpec]) -> InProcess {
     let stop = CancellationToken::new();
     let running = strata_stages::start(config, std::slice::from_ref(schema), kinds, stop.clone())
         .await
@@ -380,7 +380,7 @@ pub async fn start_stages(config: &Config, schema: &SchemaRef, kinds: &[StageKin
 }
 
 /// Runs `kinds` for the environment's table in this process until [`stop`].
-pub async fn start(env: &TestEnv, kinds: &[StageKind]) -> InProcess {
+pub async fn start(env: &TestEnv, kinds: &[StageSpec]) -> InProcess {
     start_stages(&env.config, &env.schema, kinds).await
 }
 
