@@ -208,6 +208,7 @@ impl BatchLimits {
 ///         pub workers: usize,
 ///     }
 /// }
+///
 /// impl Default for ExampleConfig {
 ///     fn default() -> Self {
 ///         Self {
@@ -220,13 +221,17 @@ impl BatchLimits {
 ///         }
 ///     }
 /// }
-/// let c: ExampleConfig = toml::from_str("linger_ms = 7\nworkers = 2\n").unwrap();
-/// assert_eq!((c.batch.linger_ms, c.batch.max_batch_rows, c.workers), (7, 10, 2));
-/// assert!(toml::from_str::<ExampleConfig>("linger = 7\n").is_err());
+///
+/// fn main() {
+///     let c: ExampleConfig = toml::from_str("linger_ms = 7\nworkers = 2\n").unwrap();
+///     assert_eq!((c.batch.linger_ms, c.batch.max_batch_rows, c.workers), (7, 10, 2));
+///     let err = toml::from_str::<ExampleConfig>("linger = 7\n").unwrap_err();
+///     assert!(err.to_string().contains("unknown field `linger`"));
+/// }
 /// ```
 ///
 /// The section must implement `Default` (missing keys take its values) and the calling crate
-/// must depend on `serde`. The private struct has the section's name, so serde's messages read
+/// must depend on `serde`; invoke it at module level (not inside a function). The private struct has the section's name, so serde's messages read
 /// as before ("unknown field `linger`, expected one of `max_batch_rows`, …"). One invocation per
 /// module (it adds a private module `batched_section_keys`).
 #[macro_export]
