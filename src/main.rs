@@ -1,21 +1,24 @@
 //! The `strata` binary: a thin command line over `strata-pipeline` and `strata-stages`.
+//!
+//! The `strata <stage>` subcommands are not written here: [`cli`] adds one per entry of
+//! [`strata_stages::STAGES`] (its name and `about`), before `run`, which starts them all.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use strata_pipeline::config::TracingConfig;
 use strata_pipeline::schema::{self, SchemaRef};
-use strata_pipeline::{streams, Config};
+use strata_pipeline::streams;
 use strata_stages::ops::dlq::{dlq, DlqAction, DlqOptions};
 use strata_stages::ops::inspect::{inspect, InspectOptions};
 use strata_stages::ops::status::{status, StatusOptions};
 use strata_stages::produce::{produce, ProduceOptions};
-use strata_stages::{StageKind, StopError};
+use strata_stages::{ingest, writer, Config, StageSpec, StopError, HOT_PATH, STAGES};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -34,8 +37,9 @@ struct Cli {
     /// Admin endpoint address (/metrics, /healthz, /readyz); overrides [admin] listen.
     #[arg(long, global = true, env = "STRATA_ADMIN_LISTEN")]
     admin_listen: Option<String>,
+    /// None for a stage's subcommand (see [`cli`]).
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -48,16 +52,7 @@ enum LogFormat {
 enum Command {
     /// Create the database, strata's bookkeeping tables and every table in schemas/ (idempotent).
     Migrate,
-    /// Run the ingest stage: telemetry:{T} → validated frames on rows:{T}.
-    Ingest,
-    /// Run the batch-writer stage: rows:{T} → binary COPY into table T.
-    BatchWriter,
-    /// Run the chunk-watcher stage: closed chunks → archival events on archive:{T}.
-    ChunkWatcher,
-    /// Run the archiver stage: archive:{T} → Parquet in the lake → archived:{T}.
-    Archiver,
-    /// Run the confirmer stage: archived:{T} → verified (and dropped) chunks.
-    Confirmer,
+    // One subcommand per stage goes here, from the registry (see `cli`).
     /// Run every stage in this process.
     Run,
     /// XADD synthetic events for a table (the reference producer and load generator).
@@ -140,15 +135,54 @@ struct DlqArgs {
     id: Option<String>,
 }
 
+/// The command line: the derived [`Cli`] with one subcommand per registered stage, listed
+/// after `migrate` and before `run`.
+fn cli() -> clap::Command {
+    let derived = Cli::command();
+    let mut order = 0;
+    let mut next = || {
+        order += 1;
+        order
+    };
+    let mut cli = derived
+        .clone()
+        .subcommand_required(true)
+        .arg_required_else_help(true);
+    for sub in derived.get_subcommands() {
+        if sub.get_name() == "run" {
+            for stage in STAGES {
+                cli = cli.subcommand(
+                    clap::Command::new(stage.name)
+                        .about(stage.about)
+                        .display_order(next()),
+                );
+            }
+        }
+        let n = next();
+        cli = cli.mut_subcommand(sub.get_name(), |c| c.display_order(n));
+    }
+    cli
+}
+
+/// Parses the command line: the options and a derived command, or the stage to run.
+fn parse() -> (Cli, Option<&'static StageSpec>) {
+    let matches = cli().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let stage = matches
+        .subcommand_name()
+        .and_then(strata_stages::registry::find);
+    (cli, stage)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, stage) = parse();
     let (config, schemas) = match load(&cli) {
         Ok(loaded) => loaded,
         Err(e) => return fail(e.as_ref()),
     };
     let provider = init_logging(cli.log_format, &config.tracing);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let result = runtime.block_on(run(cli, config, schemas));
+    let result = runtime.block_on(run(cli, stage, config, schemas));
     if let Some(p) = provider {
         // Flush the spans still batched.
         let _ = p.shutdown();
@@ -241,8 +275,17 @@ fn load(cli: &Cli) -> Result<(Config, Vec<SchemaRef>), BoxError> {
     Ok((config, schemas))
 }
 
-async fn run(cli: Cli, config: Config, schemas: Vec<SchemaRef>) -> Result<(), BoxError> {
-    match &cli.command {
+async fn run(
+    cli: Cli,
+    stage: Option<&'static StageSpec>,
+    config: Config,
+    schemas: Vec<SchemaRef>,
+) -> Result<(), BoxError> {
+    let Some(command) = &cli.command else {
+        let stage = stage.ok_or("no command")?;
+        return serve(&config, &schemas, std::slice::from_ref(stage)).await;
+    };
+    match command {
         Command::Migrate => {
             for r in strata_stages::migrate::migrate(&config, &schemas).await? {
                 let what = if r.created { "created" } else { "up to date" };
@@ -255,12 +298,7 @@ async fn run(cli: Cli, config: Config, schemas: Vec<SchemaRef>) -> Result<(), Bo
             }
             Ok(())
         }
-        Command::Ingest => serve(&config, &schemas, &[StageKind::Ingest]).await,
-        Command::BatchWriter => serve(&config, &schemas, &[StageKind::BatchWriter]).await,
-        Command::ChunkWatcher => serve(&config, &schemas, &[StageKind::ChunkWatcher]).await,
-        Command::Archiver => serve(&config, &schemas, &[StageKind::Archiver]).await,
-        Command::Confirmer => serve(&config, &schemas, &[StageKind::Confirmer]).await,
-        Command::Run => serve(&config, &schemas, StageKind::ALL).await,
+        Command::Run => serve(&config, &schemas, STAGES).await,
         Command::Produce {
             table,
             count,
@@ -340,23 +378,23 @@ fn find<'a>(schemas: &'a [SchemaRef], table: &str) -> Result<&'a SchemaRef, BoxE
 async fn serve(
     config: &Config,
     schemas: &[SchemaRef],
-    kinds: &[StageKind],
+    stages: &[StageSpec],
 ) -> Result<(), BoxError> {
     let shutdown = strata_pipeline::shutdown::on_signals();
     if config.admin.enabled {
         let metrics = strata_pipeline::observe::install();
         let ready = strata_pipeline::admin::Readiness {
             redis: strata_pipeline::db::redis_pool(config)?,
-            postgres: kinds
+            postgres: stages
                 .iter()
-                .any(|k| *k != StageKind::Ingest)
+                .any(|s| s.needs_postgres)
                 .then(|| strata_pipeline::db::postgres_pool(config, 1))
                 .transpose()?,
         };
         strata_pipeline::admin::serve(&config.admin.listen, metrics, ready, shutdown.clone())
             .await?;
     }
-    let running = strata_stages::start(config, schemas, kinds, shutdown.clone()).await?;
+    let running = strata_stages::start(config, schemas, stages, shutdown.clone()).await?;
     running.wait(&shutdown).await?;
     Ok(())
 }
@@ -381,7 +419,7 @@ async fn demo(
     let running = strata_stages::start(
         config,
         std::slice::from_ref(&schema),
-        &StageKind::HOT_PATH,
+        &HOT_PATH,
         stop.clone(),
     )
     .await?;
@@ -415,10 +453,10 @@ async fn demo(
             break;
         }
         let mut conn = redis.get().await?;
-        if streams::ConsumerGroup::new(&input, streams::INGEST)
+        if streams::ConsumerGroup::new(&input, ingest::STAGE.group())
             .drained(&mut conn)
             .await?
-            && streams::ConsumerGroup::new(&rows, streams::BATCH_WRITER)
+            && streams::ConsumerGroup::new(&rows, writer::STAGE.group())
                 .drained(&mut conn)
                 .await?
         {

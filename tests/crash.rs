@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::servers::{rss_kb, OwnPostgres, OwnRedis};
 use common::{terminate, TestEnv};
 use strata_pipeline::streams;
-use strata_stages::StageKind;
+use strata_stages::{ingest, HOT_PATH};
 use tokio_util::sync::CancellationToken;
 
 const CONFIG: &str = "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\nmax_backoff_ms = 1000\ntrim_interval_ms = 200\n[ingest]\nmax_batch_rows = 500\n[batch_writer]\nmax_batch_rows = 2000\nlinger_ms = 50\n";
@@ -168,11 +168,11 @@ async fn a_dead_consumers_entries_are_claimed_and_the_consumer_forgotten() {
     env.migrate().await;
     env.producer().produce_known(0, 1000, 100_000).await;
     let mut conn = env.redis().await;
-    streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+    streams::ConsumerGroup::new(&env.input(), ingest::STAGE.name)
         .ensure(&mut conn)
         .await
         .unwrap();
-    let (held, _) = streams::Consumer::new(&env.input(), streams::INGEST, "doomed")
+    let (held, _) = streams::Consumer::new(&env.input(), ingest::STAGE.name, "doomed")
         .read_new(&mut conn, 600, 100)
         .await
         .unwrap();
@@ -181,7 +181,7 @@ async fn a_dead_consumers_entries_are_claimed_and_the_consumer_forgotten() {
     let running = strata_stages::start(
         &env.config,
         std::slice::from_ref(&env.schema),
-        &StageKind::HOT_PATH,
+        &HOT_PATH,
         stop.clone(),
     )
     .await
@@ -189,7 +189,7 @@ async fn a_dead_consumers_entries_are_claimed_and_the_consumer_forgotten() {
     let stats = running.stats.clone();
     env.wait_landed(1000, Duration::from_secs(30)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+    while streams::ConsumerGroup::new(&env.input(), ingest::STAGE.name)
         .consumers(&mut conn)
         .await
         .unwrap()
@@ -226,18 +226,18 @@ async fn an_entry_delivered_more_than_max_deliveries_is_dead_lettered_with_the_r
     env.xadd(&[("source", b"s"), ("metric", b"m"), ("value", b"2")])
         .await;
     let mut conn = env.redis().await;
-    streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+    streams::ConsumerGroup::new(&env.input(), ingest::STAGE.name)
         .ensure(&mut conn)
         .await
         .unwrap();
-    let _ = streams::Consumer::new(&env.input(), streams::INGEST, "flaky")
+    let _ = streams::Consumer::new(&env.input(), ingest::STAGE.name, "flaky")
         .read_new(&mut conn, 1, 100)
         .await
         .unwrap();
     for _ in 0..3 {
         let _: redis::Value = redis::cmd("XCLAIM")
             .arg(env.input())
-            .arg(streams::INGEST)
+            .arg(ingest::STAGE.name)
             .arg("flaky")
             .arg(0)
             .arg(&id)
@@ -250,7 +250,7 @@ async fn an_entry_delivered_more_than_max_deliveries_is_dead_lettered_with_the_r
     let running = strata_stages::start(
         &env.config,
         std::slice::from_ref(&env.schema),
-        &StageKind::HOT_PATH,
+        &HOT_PATH,
         stop.clone(),
     )
     .await
@@ -293,7 +293,7 @@ async fn trimming_keeps_streams_bounded_while_a_lagging_group_gets_every_entry()
     let running = strata_stages::start(
         &env.config,
         std::slice::from_ref(&env.schema),
-        &StageKind::HOT_PATH,
+        &HOT_PATH,
         stop.clone(),
     )
     .await

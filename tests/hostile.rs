@@ -20,6 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use strata_pipeline::schema::ColumnType;
 use strata_pipeline::streams;
+use strata_stages::{ingest, writer};
 
 /// 2026-11-01T00:00:00Z in ms: when the good events happened.
 const T0_MS: u64 = 1_793_491_200_000;
@@ -642,11 +643,11 @@ async fn run_suite(shape: &Shape) {
         if let Some(kib) = common::servers::rss_kb(child.id()) {
             peak_kib = peak_kib.max(kib);
         }
-        let drained = streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+        let drained = streams::ConsumerGroup::new(&env.input(), ingest::STAGE.name)
             .drained(&mut conn)
             .await
             .unwrap_or(false)
-            && streams::ConsumerGroup::new(&env.rows(), streams::BATCH_WRITER)
+            && streams::ConsumerGroup::new(&env.rows(), writer::STAGE.name)
                 .drained(&mut conn)
                 .await
                 .unwrap_or(false);

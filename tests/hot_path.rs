@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{start, TestEnv};
 use strata_pipeline::runner::{Batch, Stage};
 use strata_pipeline::streams;
-use strata_stages::StageKind;
+use strata_stages::{ingest, writer, HOT_PATH};
 
 fn msgpack(v: rmpv::Value) -> Vec<u8> {
     let mut buf = Vec::new();
@@ -101,7 +101,7 @@ async fn metrics_events_arrive_exactly_in_every_producer_format() {
     }
     let () = pipe.query_async(&mut conn).await.unwrap();
 
-    let (stop, handle) = start(&env, &StageKind::HOT_PATH).await;
+    let (stop, handle) = start(&env, &HOT_PATH).await;
     env.wait_landed(5006, Duration::from_secs(60)).await;
     stop.cancel();
     handle.await.unwrap();
@@ -197,7 +197,7 @@ async fn ticks_schema_lands_with_its_own_types() {
         ("volume", b"1"),
     ])
     .await;
-    let (stop, handle) = start(&env, &StageKind::HOT_PATH).await;
+    let (stop, handle) = start(&env, &HOT_PATH).await;
     env.wait_landed(3, Duration::from_secs(30)).await;
     stop.cancel();
     handle.await.unwrap();
@@ -369,7 +369,7 @@ async fn bad_input_is_dead_lettered_with_the_reason_and_the_rest_lands() {
         env.xadd(&[("source", b"ok"), ("metric", b"m"), ("value", v.as_bytes())])
             .await;
     }
-    let (stop, handle) = start(&env, &StageKind::HOT_PATH).await;
+    let (stop, handle) = start(&env, &HOT_PATH).await;
     env.wait_landed(cases.len() as i64, Duration::from_secs(30))
         .await;
     stop.cancel();
@@ -411,9 +411,9 @@ async fn a_frame_redelivered_after_commit_is_not_written_twice() {
             .await;
     }
     // Ingest only, until every event is framed.
-    let (stop, handle) = start(&env, &[StageKind::Ingest]).await;
+    let (stop, handle) = start(&env, &[ingest::STAGE]).await;
     let mut conn = env.redis().await;
-    while !streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+    while !streams::ConsumerGroup::new(&env.input(), ingest::STAGE.name)
         .drained(&mut conn)
         .await
         .unwrap()
@@ -424,11 +424,11 @@ async fn a_frame_redelivered_after_commit_is_not_written_twice() {
     handle.await.unwrap();
 
     // A writer that commits and then "crashes" before XACK.
-    streams::ConsumerGroup::new(&env.rows(), streams::BATCH_WRITER)
+    streams::ConsumerGroup::new(&env.rows(), writer::STAGE.name)
         .ensure(&mut conn)
         .await
         .unwrap();
-    let (entries, _) = streams::Consumer::new(&env.rows(), streams::BATCH_WRITER, "crashed-writer")
+    let (entries, _) = streams::Consumer::new(&env.rows(), writer::STAGE.name, "crashed-writer")
         .read_new(&mut conn, 1000, 100)
         .await
         .unwrap();
@@ -447,7 +447,7 @@ async fn a_frame_redelivered_after_commit_is_not_written_twice() {
     assert_eq!(env.count().await, 300);
 
     // A live writer claims the idle frames, finds them applied, and acknowledges them unwritten.
-    let (stop, handle) = start(&env, &[StageKind::BatchWriter]).await;
+    let (stop, handle) = start(&env, &[writer::STAGE]).await;
     env.wait_landed(300, Duration::from_secs(30)).await;
     stop.cancel();
     handle.await.unwrap();
@@ -496,7 +496,7 @@ async fn a_row_violating_a_constraint_is_dead_lettered_alone_and_the_rest_commit
         ])
         .await;
     }
-    let (stop, handle) = start(&env, &StageKind::HOT_PATH).await;
+    let (stop, handle) = start(&env, &HOT_PATH).await;
     env.wait_landed(499, Duration::from_secs(30)).await;
     stop.cancel();
     handle.await.unwrap();
@@ -539,11 +539,11 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
     let (input, output) = (env.input(), env.rows());
     let dlq = streams::dlq_stream(&input);
     let mut conn = env.redis().await;
-    streams::ConsumerGroup::new(&input, streams::INGEST)
+    streams::ConsumerGroup::new(&input, ingest::STAGE.name)
         .ensure(&mut conn)
         .await
         .unwrap();
-    let (read, _) = streams::Consumer::new(&input, streams::INGEST, "slow")
+    let (read, _) = streams::Consumer::new(&input, ingest::STAGE.name, "slow")
         .read_new(&mut conn, 10, 100)
         .await
         .unwrap();
@@ -551,7 +551,7 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
     // "fast" takes over everything idle for 0 ms, as a live process does with a stalled one.
     let streams::Claimed {
         entries: claimed, ..
-    } = streams::Consumer::new(&input, streams::INGEST, "fast")
+    } = streams::Consumer::new(&input, ingest::STAGE.name, "fast")
         .autoclaim(&mut conn, 0, streams::StreamId::ZERO, 10)
         .await
         .unwrap();
@@ -569,7 +569,7 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
         async move {
             let mut conn = env_ref.redis().await;
             streams::CommitStep {
-                consumer: streams::Consumer::new(&input, streams::INGEST, consumer),
+                consumer: streams::Consumer::new(&input, ingest::STAGE.name, consumer),
                 output: &output,
                 dlq: &dlq,
                 ids: ids.iter().map(|id| id.parse().unwrap()).collect(),
@@ -597,12 +597,12 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
     assert_eq!(streams::len(&mut conn, &output).await.unwrap(), 1);
     // Even once "slow" owns nothing and is forgotten by the group (as a process stalled past
     // forget_consumer_after_ms is), its record stays, so waking up it still checks.
-    streams::ConsumerGroup::new(&input, streams::INGEST)
+    streams::ConsumerGroup::new(&input, ingest::STAGE.name)
         .remove_consumer_if_idle(&mut conn, "slow")
         .await
         .unwrap();
     assert_eq!(
-        streams::ConsumerGroup::new(&input, streams::INGEST)
+        streams::ConsumerGroup::new(&input, ingest::STAGE.name)
             .consumers(&mut conn)
             .await
             .unwrap()
@@ -615,7 +615,7 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
 
     // The recorded consumer still commits what it does own, after the per-entry check.
     let id = env.xadd(&[("source", b"s"), ("value", b"4")]).await;
-    let (read, _) = streams::Consumer::new(&input, streams::INGEST, "slow")
+    let (read, _) = streams::Consumer::new(&input, ingest::STAGE.name, "slow")
         .read_new(&mut conn, 10, 100)
         .await
         .unwrap();
@@ -635,14 +635,14 @@ async fn entries_claimed_by_another_consumer_are_forwarded_by_the_new_owner_only
     // A consumer that claims back its own entry (idle after a Redis restart, while its first
     // copy is still in flight) is recorded too, so only one of the two copies is forwarded.
     let id = env.xadd(&[("source", b"s"), ("value", b"5")]).await;
-    let (read, _) = streams::Consumer::new(&input, streams::INGEST, "again")
+    let (read, _) = streams::Consumer::new(&input, ingest::STAGE.name, "again")
         .read_new(&mut conn, 10, 100)
         .await
         .unwrap();
     assert_eq!(read.len(), 1);
     let streams::Claimed {
         entries: claimed, ..
-    } = streams::Consumer::new(&input, streams::INGEST, "again")
+    } = streams::Consumer::new(&input, ingest::STAGE.name, "again")
         .autoclaim(&mut conn, 0, streams::StreamId::ZERO, 10)
         .await
         .unwrap();

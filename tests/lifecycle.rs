@@ -28,7 +28,8 @@ use strata_stages::lifecycle::deps::object_store::{ObjectStore, ObjectStoreExt, 
 use strata_stages::lifecycle::deps::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use strata_stages::lifecycle::deps::parquet::file::reader::{FileReader, SerializedFileReader};
 use strata_stages::lifecycle::lake::Lake;
-use strata_stages::StageKind;
+use strata_stages::lifecycle::{archiver, confirmer, watcher};
+use strata_stages::{ingest, writer, StageSpec, HOT_PATH};
 
 const HOUR_US: i64 = 3_600_000_000;
 
@@ -105,11 +106,7 @@ async fn setup_with(backend: &Backend, watcher: &str, mode: TimescaleMode, extra
     Lc { env, lake }
 }
 
-const LIFECYCLE: [StageKind; 3] = [
-    StageKind::ChunkWatcher,
-    StageKind::Archiver,
-    StageKind::Confirmer,
-];
+const LIFECYCLE: [StageSpec; 3] = [watcher::STAGE, archiver::STAGE, confirmer::STAGE];
 
 /// A row of `strata.chunks`, as the tests look at it.
 #[derive(Debug, Clone)]
@@ -370,7 +367,7 @@ async fn full_lifecycle_and_late_data(backend: &Backend) {
         pipe.add_command(cmd).ignore();
     }
     let () = pipe.query_async(&mut conn).await.unwrap();
-    let hot = start(env, &StageKind::HOT_PATH).await;
+    let hot = start(env, &HOT_PATH).await;
     env.wait_landed(900, Duration::from_secs(60)).await;
     let source = pg_rows(env, "").await;
     assert_eq!(source.len(), 900);
@@ -533,7 +530,7 @@ async fn killed_archiver_leaves_nothing_and_a_restart_finishes(backend: &Backend
     let h0 = this_hour() - 4 * HOUR_US;
     let n = 300_000;
     fill_chunk(env, h0, n).await;
-    let watcher = start(env, &[StageKind::ChunkWatcher]).await;
+    let watcher = start(env, &[watcher::STAGE]).await;
     wait_chunks(env, "the chunk recorded", Duration::from_secs(30), |c| {
         c.len() == 1
     })
@@ -573,7 +570,7 @@ async fn killed_archiver_leaves_nothing_and_a_restart_finishes(backend: &Backend
     );
     assert_eq!(env.count().await, n, "nothing dropped");
 
-    let lifecycle = start(env, &[StageKind::Archiver, StageKind::Confirmer]).await;
+    let lifecycle = start(env, &[archiver::STAGE, confirmer::STAGE]).await;
     let done = wait_chunks(
         env,
         "the restarted archiver to finish",
@@ -618,7 +615,7 @@ async fn corrupt_or_truncated_archives_are_caught(backend: &Backend) {
         }
     };
 
-    let running = start(env, &[StageKind::ChunkWatcher, StageKind::Archiver]).await;
+    let running = start(env, &[watcher::STAGE, archiver::STAGE]).await;
     let c = wait_chunks(env, "both chunks archived", Duration::from_secs(60), |c| {
         c.len() == 2 && c.iter().all(|c| c.state == "archived")
     })
@@ -652,7 +649,7 @@ async fn corrupt_or_truncated_archives_are_caught(backend: &Backend) {
         .await
         .unwrap();
 
-    let running = start(env, &[StageKind::Confirmer]).await;
+    let running = start(env, &[confirmer::STAGE]).await;
     let c = wait_chunks(
         env,
         "both archives rejected",
@@ -716,7 +713,7 @@ async fn corrupt_or_truncated_archives_are_caught(backend: &Backend) {
         "one new archival event per rejected archive: {current:?} in {pending_events:?}"
     );
 
-    let running = start(env, &[StageKind::Archiver]).await;
+    let running = start(env, &[archiver::STAGE]).await;
     let c = wait_chunks(env, "both archived again", Duration::from_secs(60), |c| {
         c.iter().all(|c| c.state == "archived")
     })
@@ -730,7 +727,7 @@ async fn corrupt_or_truncated_archives_are_caught(backend: &Backend) {
         .await
         .unwrap();
 
-    let running = start(env, &[StageKind::Archiver, StageKind::Confirmer]).await;
+    let running = start(env, &[archiver::STAGE, confirmer::STAGE]).await;
     let c = wait_chunks(env, "A dropped, B given up", Duration::from_secs(60), |c| {
         states(c) == ["dropped", "failed"]
     })
@@ -770,7 +767,7 @@ async fn corrupt_or_truncated_archives_are_caught(backend: &Backend) {
         .wait()
         .unwrap();
     assert!(status.success(), "{}", env.log("replay.log"));
-    let running = start(env, &[StageKind::Archiver, StageKind::Confirmer]).await;
+    let running = start(env, &[archiver::STAGE, confirmer::STAGE]).await;
     wait_chunks(
         env,
         "B archived after the replay",
@@ -881,7 +878,7 @@ async fn late_rows_before_the_drop_are_archived_again() {
     let env = &lc.env;
     let h0 = this_hour() - 4 * HOUR_US;
     fill_chunk(env, h0, 500).await;
-    let running = start(env, &[StageKind::ChunkWatcher, StageKind::Archiver]).await;
+    let running = start(env, &[watcher::STAGE, archiver::STAGE]).await;
     wait_chunks(env, "the chunk archived", Duration::from_secs(60), |c| {
         states(c) == ["archived"]
     })
@@ -898,7 +895,7 @@ async fn late_rows_before_the_drop_are_archived_again() {
         )
         .await
         .unwrap();
-    let running = start(env, &[StageKind::Confirmer]).await;
+    let running = start(env, &[confirmer::STAGE]).await;
     let c = wait_chunks(env, "the archive rejected", Duration::from_secs(60), |c| {
         c[0].verify_failures == 1
     })
@@ -1091,11 +1088,11 @@ async fn backfill_is_archived_once_per_chunk(mode: TimescaleMode) {
     // incarnation), and the table is empty again.
     let mut conn = env.redis().await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+    while !(streams::ConsumerGroup::new(&env.input(), ingest::STAGE.name)
         .drained(&mut conn)
         .await
         .unwrap()
-        && streams::ConsumerGroup::new(&env.rows(), streams::BATCH_WRITER)
+        && streams::ConsumerGroup::new(&env.rows(), writer::STAGE.name)
             .drained(&mut conn)
             .await
             .unwrap())
@@ -1215,7 +1212,7 @@ async fn a_drop_waits_for_a_writer_instead_of_deadlocking() {
     let env = &lc.env;
     let h0 = this_hour() - 4 * HOUR_US;
     fill_chunk(env, h0, 100).await;
-    let running = start(env, &[StageKind::ChunkWatcher, StageKind::Archiver]).await;
+    let running = start(env, &[watcher::STAGE, archiver::STAGE]).await;
     wait_chunks(env, "the chunk archived", Duration::from_secs(60), |c| {
         states(c) == ["archived"]
     })
@@ -1235,7 +1232,7 @@ async fn a_drop_waits_for_a_writer_instead_of_deadlocking() {
     tx.execute(&insert, &[&(this_hour() + 1_000_000)])
         .await
         .unwrap();
-    let running = start(env, &[StageKind::Confirmer]).await;
+    let running = start(env, &[confirmer::STAGE]).await;
     // Wait until the confirmer's drop is blocked behind the writer.
     let monitor = env.pg().await;
     let deadline = Instant::now() + Duration::from_secs(30);

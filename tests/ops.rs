@@ -13,12 +13,12 @@ use common::{start_stages as start, stop, TestEnv};
 use serde_json::{json, Value};
 use strata_pipeline::schema::{Schema, SchemaRef};
 use strata_pipeline::streams;
-use strata_pipeline::Config;
 use strata_stages::ops::dlq::{dlq, DlqAction, DlqOptions};
 use strata_stages::ops::inspect::{inspect, InspectOptions};
 use strata_stages::ops::status::{status, StatusOptions};
 use strata_stages::ops::OpsError;
-use strata_stages::StageKind;
+use strata_stages::Config;
+use strata_stages::{ingest, writer, HOT_PATH};
 
 /// `strata dlq …` through the library, returning what it printed.
 async fn run_dlq(
@@ -132,7 +132,7 @@ async fn status_json_counts_lag_pending_and_dead_letters_exactly() {
     env.migrate().await;
     let mut conn = env.redis().await;
     // telemetry: a group that has read nothing of 5 entries.
-    streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+    streams::ConsumerGroup::new(&env.input(), ingest::STAGE.name)
         .ensure(&mut conn)
         .await
         .unwrap();
@@ -142,7 +142,7 @@ async fn status_json_counts_lag_pending_and_dead_letters_exactly() {
             .await;
     }
     // rows: 3 entries, 2 read by one consumer and not acknowledged.
-    streams::ConsumerGroup::new(&env.rows(), streams::BATCH_WRITER)
+    streams::ConsumerGroup::new(&env.rows(), writer::STAGE.name)
         .ensure(&mut conn)
         .await
         .unwrap();
@@ -150,7 +150,7 @@ async fn status_json_counts_lag_pending_and_dead_letters_exactly() {
     for _ in 0..3 {
         row_ids.push(xadd(&env, &env.rows(), &[("rows", b"0")]).await);
     }
-    let (read, _) = streams::Consumer::new(&env.rows(), streams::BATCH_WRITER, "writer-a")
+    let (read, _) = streams::Consumer::new(&env.rows(), writer::STAGE.name, "writer-a")
         .read_new(&mut conn, 2, 100)
         .await
         .unwrap();
@@ -320,7 +320,7 @@ async fn the_binary_prints_plain_aligned_status_when_piped() {
     env.migrate().await;
     env.xadd(&[("source", b"s"), ("metric", b"m"), ("value", b"bad")])
         .await;
-    let running = start(&env.config, &env.schema, &[StageKind::Ingest]).await;
+    let running = start(&env.config, &env.schema, &[ingest::STAGE]).await;
     let mut conn = env.redis().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while xlen(&env, &streams::dlq_stream(&env.input())).await < 1 {
@@ -331,7 +331,7 @@ async fn the_binary_prints_plain_aligned_status_when_piped() {
     // One entry held by a consumer, so a consumer line shows.
     env.xadd(&[("source", b"s"), ("metric", b"m"), ("value", b"2")])
         .await;
-    let (held, _) = streams::Consumer::new(&env.input(), streams::INGEST, "op-test")
+    let (held, _) = streams::Consumer::new(&env.input(), ingest::STAGE.name, "op-test")
         .read_new(&mut conn, 10, 100)
         .await
         .unwrap();
@@ -443,10 +443,10 @@ async fn inspect_decodes_frames_back_into_the_rows_sent() {
     .unwrap();
     env.xadd(&[("msgpack", &packed)]).await;
 
-    let running = start(&env.config, &env.schema, &[StageKind::Ingest]).await;
+    let running = start(&env.config, &env.schema, &[ingest::STAGE]).await;
     let mut conn = env.redis().await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !streams::ConsumerGroup::new(&env.input(), streams::INGEST)
+    while !streams::ConsumerGroup::new(&env.input(), ingest::STAGE.name)
         .drained(&mut conn)
         .await
         .unwrap()
@@ -549,7 +549,7 @@ async fn dead_letters_replayed_after_a_schema_fix_land_with_their_original_time(
         .await;
     env.xadd(&[("source", b"h3"), ("metric", b"m"), ("value", b"3")])
         .await;
-    let running = start(&env.config, &env.schema, &StageKind::HOT_PATH).await;
+    let running = start(&env.config, &env.schema, &HOT_PATH).await;
     env.wait_landed(1, Duration::from_secs(30)).await;
     stop(running).await;
 
@@ -595,7 +595,7 @@ async fn dead_letters_replayed_after_a_schema_fix_land_with_their_original_time(
         "{summary}"
     );
     assert_eq!(xlen(&env, &streams::dlq_stream(&env.input())).await, 0);
-    let running = start(&env.config, &schema, &StageKind::HOT_PATH).await;
+    let running = start(&env.config, &schema, &HOT_PATH).await;
     env.wait_landed(3, Duration::from_secs(30)).await;
     stop(running).await;
 
@@ -762,7 +762,7 @@ async fn rows_dead_letters_are_replayed_through_ingest() {
         ])
         .await;
     }
-    let running = start(&env.config, &env.schema, &StageKind::HOT_PATH).await;
+    let running = start(&env.config, &env.schema, &HOT_PATH).await;
     env.wait_landed(19, Duration::from_secs(30)).await;
 
     let listed = json_lines(

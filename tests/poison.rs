@@ -12,7 +12,7 @@ use strata_pipeline::frame::{FrameBuilder, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIE
 use strata_pipeline::runner::{Batch, Stage};
 use strata_pipeline::schema::Cell;
 use strata_pipeline::streams;
-use strata_stages::StageKind;
+use strata_stages::{writer, HOT_PATH};
 
 /// 2026-11-01T00:00:00Z in µs.
 const T0_US: i64 = 1_793_491_200_000_000;
@@ -111,7 +111,7 @@ async fn rows_postgres_refuses_for_any_reason_are_dead_lettered_alone() {
         xadd_frame(&env, &second).await,
     ];
 
-    let running = start(&env, &[StageKind::BatchWriter]).await;
+    let running = start(&env, &[writer::STAGE]).await;
     env.wait_rows_drained(1500, Duration::from_secs(60)).await;
     common::stop(running).await;
     assert_eq!(
@@ -202,7 +202,7 @@ async fn a_commit_that_keeps_failing_is_split_and_the_rest_of_the_batch_lands() 
             .await;
     }
     // Every good event of the batch lands; the lone entry is left pending, not lost.
-    let running = start(&env, &StageKind::HOT_PATH).await;
+    let running = start(&env, &HOT_PATH).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while env.count().await < 300 {
         assert!(
@@ -293,7 +293,7 @@ async fn sigterm_during_endless_commit_retries_exits_within_the_shutdown_timeout
         .query_async(&mut conn)
         .await
         .unwrap();
-    let running = start(&env, &StageKind::HOT_PATH).await;
+    let running = start(&env, &HOT_PATH).await;
     env.wait_landed(100, Duration::from_secs(30)).await;
     common::stop(running).await;
     assert_eq!(env.count().await, 100);

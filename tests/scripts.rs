@@ -10,11 +10,14 @@ use common::{start, stop, TestEnv};
 use redis::aio::MultiplexedConnection;
 use serde_json::Value;
 use strata_pipeline::streams::{
-    self, CommitStep, Consumer, Entry, Fields, ScriptFailure, StreamId, INGEST,
+    self, CommitStep, Consumer, Entry, Fields, ScriptFailure, StreamId,
 };
+use strata_stages::ingest;
 use strata_stages::ops::dlq::{dlq, DlqAction, DlqOptions};
 use strata_stages::ops::OpsError;
-use strata_stages::StageKind;
+
+/// The group read in these tests: ingest's.
+const INGEST: &str = ingest::STAGE.name;
 
 /// The largest stream ID: a stream whose last ID is this cannot take `XADD *` any more.
 const MAX_ID: &str = "18446744073709551615-18446744073709551615";
@@ -214,7 +217,7 @@ async fn ingest_dead_letters_a_5000_field_event_exactly_once() {
         ("value", b"1"),
     ])
     .await;
-    let running = start(&env, &[StageKind::Ingest]).await;
+    let running = start(&env, &[ingest::STAGE]).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !streams::ConsumerGroup::new(&env.input(), INGEST)
         .drained(&mut conn)

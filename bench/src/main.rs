@@ -37,8 +37,9 @@ use clap::Parser;
 use futures_util::{SinkExt, TryStreamExt};
 use redis::aio::MultiplexedConnection;
 use strata_pipeline::schema::Schema;
-use strata_pipeline::streams::{self, BATCH_WRITER, INGEST};
+use strata_pipeline::streams;
 use strata_stages::catalog::ident;
+use strata_stages::{ingest, writer};
 use tokio::process::Command;
 
 use crate::machine::Machine;
@@ -920,11 +921,11 @@ async fn time_pipeline(
         // Ingest forwards and acknowledges in one atomic step, and the writer acknowledges only
         // after COMMIT, so once both groups are drained (checked in this order) every row is
         // committed. The count runs only then, to keep a full scan off the timed CPUs.
-        let drained = streams::ConsumerGroup::new(&input, INGEST)
+        let drained = streams::ConsumerGroup::new(&input, ingest::STAGE.group())
             .drained(redis)
             .await
             .context(|| format!("XINFO GROUPS {input}"))?
-            && streams::ConsumerGroup::new(&rows, BATCH_WRITER)
+            && streams::ConsumerGroup::new(&rows, writer::STAGE.group())
                 .drained(redis)
                 .await
                 .context(|| format!("XINFO GROUPS {rows}"))?;

@@ -1,44 +1,29 @@
-//! `config.toml`: one section per component, unknown fields rejected, units in names.
+//! The sections of `config.toml` the shared runtime reads: `[redis]`, `[postgres]`, `[streams]`,
+//! `[admin]`, `[tracing]`, `[shutdown]`, and [`BatchLimits`], the batch keys of any stage's
+//! section. Unknown fields are rejected; units are in the names.
 //!
-//! `REDIS_URL` and `DATABASE_URL` in the environment override `[redis] url` and `[postgres] url`.
-
-use std::path::{Path, PathBuf};
+//! The file itself is `strata_stages::Config`: it lists every section, these and the stages'
+//! own (`[ingest]`, `[batch_writer]`, … defined next to each stage), and implements
+//! [`RuntimeConfig`] so the runtime's functions ([`crate::db`]) take it whole. This crate knows no
+//! stage's section.
+//!
+//! # Layout
+//! - [`RuntimeConfig`]: what the runtime reads of the file.
+//! - the shared sections: [`RedisConfig`], [`PostgresConfig`], [`StreamsConfig`],
+//!   [`AdminConfig`], [`TracingConfig`], [`ShutdownConfig`].
+//! - [`BatchLimits`] and [`batched_section!`](crate::batched_section), which gives a stage's
+//!   section its flat batch keys.
 
 use serde::Deserialize;
 
-use crate::error::ConfigError;
-use crate::lifecycle_config::{ArchiverConfig, ChunkWatcherConfig, ConfirmerConfig, LakeConfig};
-
-/// The whole configuration of a strata process.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Folder of table schema files (`*.toml`), relative to the config file's folder.
-    pub schemas_dir: PathBuf,
-    /// Where the streams live.
-    pub redis: RedisConfig,
-    /// Where the tables live.
-    pub postgres: PostgresConfig,
-    /// Consumer-group reading and retry settings shared by every stage.
-    pub streams: StreamsConfig,
-    /// The ingest stage (validation, framing).
-    pub ingest: IngestConfig,
-    /// The batch-writer stage (COPY into PostgreSQL).
-    pub batch_writer: BatchWriterConfig,
-    /// The admin endpoint: /metrics, /healthz, /readyz.
-    pub admin: AdminConfig,
-    /// OpenTelemetry sampling (the exporter itself is configured by the standard OTEL_* variables).
-    pub tracing: TracingConfig,
-    /// Where archived chunks go.
-    pub lake: LakeConfig,
-    /// The chunk-watcher stage (finds closed chunks).
-    pub chunk_watcher: ChunkWatcherConfig,
-    /// The archiver stage (chunk → Parquet → object store).
-    pub archiver: ArchiverConfig,
-    /// The confirmer stage (verify, then drop).
-    pub confirmer: ConfirmerConfig,
-    /// How long a graceful stop may take.
-    pub shutdown: ShutdownConfig,
+/// The sections of the file the runtime reads, whatever else the file holds.
+pub trait RuntimeConfig {
+    /// `[redis]`.
+    fn redis(&self) -> &RedisConfig;
+    /// `[postgres]`.
+    fn postgres(&self) -> &PostgresConfig;
+    /// `[streams]`.
+    fn streams(&self) -> &StreamsConfig;
 }
 
 /// Graceful shutdown on SIGTERM or SIGINT.
@@ -54,26 +39,6 @@ pub struct ShutdownConfig {
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self { timeout_ms: 10_000 }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            schemas_dir: PathBuf::from("schemas"),
-            redis: RedisConfig::default(),
-            postgres: PostgresConfig::default(),
-            streams: StreamsConfig::default(),
-            ingest: IngestConfig::default(),
-            batch_writer: BatchWriterConfig::default(),
-            admin: AdminConfig::default(),
-            tracing: TracingConfig::default(),
-            lake: LakeConfig::default(),
-            chunk_watcher: ChunkWatcherConfig::default(),
-            archiver: ArchiverConfig::default(),
-            confirmer: ConfirmerConfig::default(),
-            shutdown: ShutdownConfig::default(),
-        }
     }
 }
 
@@ -202,8 +167,14 @@ impl Default for StreamsConfig {
     }
 }
 
-/// Limits of one batch, read by the batcher every stage shares. (Kept as plain fields in each
-/// section rather than flattened, because serde cannot flatten and deny unknown fields at once.)
+/// Limits of one batch, read by the batcher every stage shares.
+///
+/// A stage's section holds them as three flat keys, `max_batch_rows`, `max_batch_bytes` and
+/// `linger_ms` (`[ingest] linger_ms = 20`), read into one `batch: BatchLimits` field by
+/// [`batched_section!`](crate::batched_section): serde cannot `flatten` a struct into a section
+/// that denies unknown fields, so the macro derives the section's deserializer from a private
+/// struct with the flat keys, which keeps serde's own errors (an unknown key named, with its
+/// line) and converts it into the section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
     /// Flush once this many rows are gathered.
@@ -214,188 +185,115 @@ pub struct BatchLimits {
     pub linger_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestConfig {
-    /// Entries validated into one frame: flush at this many rows...
-    pub max_batch_rows: usize,
-    /// ...or this many bytes of entry fields...
-    pub max_batch_bytes: usize,
-    /// ...or this long after the first entry arrived.
-    pub linger_ms: u64,
-    /// An entry whose fields and values add up to more bytes than this is dead-lettered.
-    pub max_event_bytes: usize,
-    /// Batches validated at once per consumer.
-    pub workers: usize,
-    /// Consumers per table in each ingest process, each reading on its own connection.
-    pub consumers: usize,
-    /// zstd level of frames (1 is fast and already compact).
-    pub zstd_level: i32,
-    /// Back-pressure: while `rows:{T}` holds more entries (frames) than this, ingest stops reading.
-    pub max_rows_backlog: u64,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        Self {
-            max_batch_rows: 2000,
-            max_batch_bytes: 4 << 20,
-            linger_ms: 20,
-            max_event_bytes: 64 << 10,
-            workers: 2,
-            consumers: 1,
-            zstd_level: 1,
-            max_rows_backlog: 1_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BatchWriterConfig {
-    /// Rows of one COPY transaction: flush at this many rows...
-    pub max_batch_rows: usize,
-    /// ...or this many bytes of compressed frames...
-    pub max_batch_bytes: usize,
-    /// ...or this long after the first frame arrived.
-    pub linger_ms: u64,
-    /// COPY transactions in flight at once per table, each on its own connection.
-    pub connections: usize,
-    /// Record applied frame IDs with the rows, so a redelivered frame is never written twice.
-    /// Turning it off gives that guarantee up; it exists to measure what it costs.
-    pub exactly_once: bool,
-}
-
-impl Default for BatchWriterConfig {
-    fn default() -> Self {
-        Self {
-            max_batch_rows: 20_000,
-            max_batch_bytes: 16 << 20,
-            linger_ms: 200,
-            connections: 2,
-            exactly_once: true,
-        }
-    }
-}
-
-impl IngestConfig {
-    pub fn limits(&self) -> BatchLimits {
-        BatchLimits {
-            max_batch_rows: self.max_batch_rows,
-            max_batch_bytes: self.max_batch_bytes,
-            linger_ms: self.linger_ms,
-        }
-    }
-}
-
-impl BatchWriterConfig {
-    pub fn limits(&self) -> BatchLimits {
-        BatchLimits {
-            max_batch_rows: self.max_batch_rows,
-            max_batch_bytes: self.max_batch_bytes,
-            linger_ms: self.linger_ms,
-        }
-    }
-}
-
-impl Config {
-    /// Reads `path` (a missing default `./config.toml` means all defaults), then applies the
-    /// environment overrides.
-    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
-        let display = path.display().to_string();
-        let mut config = match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str::<Config>(&text).map_err(|source| ConfigError::Parse {
-                path: display.clone(),
-                source,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => Config::default(),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: display,
-                    source,
-                })
-            }
-        };
-        // Relative paths in the file are relative to the file.
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            for p in [&mut config.schemas_dir, &mut config.lake.path] {
-                if p.is_relative() {
-                    *p = dir.join(&*p);
-                }
-            }
-        }
-        config.apply_env(|k| std::env::var(k).ok());
-        config.validate(&display)?;
-        Ok(config)
-    }
-
-    /// Applies `REDIS_URL` and `DATABASE_URL`.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
-        if let Some(url) = var("REDIS_URL").filter(|s| !s.is_empty()) {
-            self.redis.url = url;
-        }
-        if let Some(url) = var("DATABASE_URL").filter(|s| !s.is_empty()) {
-            self.postgres.url = url;
-        }
-    }
-
-    fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_string(),
-            message,
-        };
-        for (section, b) in [
-            ("ingest", self.ingest.limits()),
-            ("batch_writer", self.batch_writer.limits()),
-        ] {
-            if b.max_batch_rows == 0 || b.max_batch_bytes == 0 {
-                return Err(invalid(format!(
-                    "[{section}] max_batch_rows and max_batch_bytes must be > 0"
-                )));
-            }
-        }
-        if self.batch_writer.connections == 0
-            || self.ingest.workers == 0
-            || self.ingest.consumers == 0
-        {
-            return Err(invalid(
-                "[batch_writer] connections, [ingest] workers and [ingest] consumers must be > 0"
-                    .into(),
+impl BatchLimits {
+    /// Refuses limits that would never flush; `Err` names the section's keys.
+    pub fn validate(&self, section: &str) -> Result<(), String> {
+        if self.max_batch_rows == 0 || self.max_batch_bytes == 0 {
+            return Err(format!(
+                "[{section}] max_batch_rows and max_batch_bytes must be > 0"
             ));
         }
-        if self.streams.read_count == 0 {
-            return Err(invalid("[streams] read_count must be > 0".into()));
-        }
-        self.chunk_watcher.validate().map_err(invalid)?;
-        // A missing bucket or container is a mistake in the file, found when it loads rather
-        // than when the first chunk is archived.
-        self.lake.validate().map_err(invalid)?;
         Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Declares a stage's config section with the flat batch keys of [`BatchLimits`] read into a
+/// field `batch`, beside the section's own fields:
+///
+/// ```
+/// strata_pipeline::batched_section! {
+///     /// `[example]`.
+///     pub struct ExampleConfig {
+///         /// Workers.
+///         pub workers: usize,
+///     }
+/// }
+///
+/// impl Default for ExampleConfig {
+///     fn default() -> Self {
+///         Self {
+///             batch: strata_pipeline::config::BatchLimits {
+///                 max_batch_rows: 10,
+///                 max_batch_bytes: 1 << 20,
+///                 linger_ms: 5,
+///             },
+///             workers: 1,
+///         }
+///     }
+/// }
+///
+/// fn main() {
+///     let c: ExampleConfig = toml::from_str("linger_ms = 7\nworkers = 2\n").unwrap();
+///     assert_eq!((c.batch.linger_ms, c.batch.max_batch_rows, c.workers), (7, 10, 2));
+///     let err = toml::from_str::<ExampleConfig>("linger = 7\n").unwrap_err();
+///     assert!(err.to_string().contains("unknown field `linger`"));
+/// }
+/// ```
+///
+/// The section must implement `Default` (missing keys take its values) and the calling crate
+/// must depend on `serde`; invoke it at module level (not inside a function). The private struct has the section's name, so serde's messages read
+/// as before ("unknown field `linger`, expected one of `max_batch_rows`, …"). One invocation per
+/// module (it adds a private module `batched_section_keys`).
+#[macro_export]
+macro_rules! batched_section {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $( $(#[$fmeta:meta])* $fvis:vis $field:ident : $ty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone)]
+        $vis struct $name {
+            /// The batch limits: this section's `max_batch_rows`, `max_batch_bytes`, `linger_ms`.
+            pub batch: $crate::config::BatchLimits,
+            $( $(#[$fmeta])* $fvis $field : $ty, )*
+        }
 
-    #[test]
-    fn a_lake_missing_its_bucket_is_refused_when_the_config_loads() {
-        let dir = std::env::temp_dir().join(format!("strata-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("config.toml");
-        std::fs::write(&path, "[lake]\nbackend = \"s3\"\n").unwrap();
-        let err = Config::load(&path, true).unwrap_err().to_string();
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert!(err.contains("[lake] bucket is required"), "{err}");
-    }
+        /// The flat keys of the section, as serde reads them.
+        mod batched_section_keys {
+            #[allow(unused_imports)]
+            use super::*;
 
-    #[test]
-    fn env_overrides_file_and_unknown_fields_are_rejected() {
-        let mut c: Config = toml::from_str("[redis]\nurl = \"redis://file:1\"\n").unwrap();
-        c.apply_env(|k| (k == "REDIS_URL").then(|| "redis://env:2".to_string()));
-        assert_eq!(c.redis.url, "redis://env:2");
-        assert_eq!(c.postgres.url, PostgresConfig::default().url);
-        let err = toml::from_str::<Config>("[batch_writer]\nlinger = 5\n").unwrap_err();
-        assert!(err.to_string().contains("linger"), "{err}");
-    }
+            #[derive(::serde::Deserialize)]
+            #[serde(deny_unknown_fields, default)]
+            pub(super) struct $name {
+                max_batch_rows: usize,
+                max_batch_bytes: usize,
+                linger_ms: u64,
+                $( $field : $ty, )*
+            }
+
+            impl ::std::default::Default for $name {
+                fn default() -> Self {
+                    let d = <super::$name as ::std::default::Default>::default();
+                    Self {
+                        max_batch_rows: d.batch.max_batch_rows,
+                        max_batch_bytes: d.batch.max_batch_bytes,
+                        linger_ms: d.batch.linger_ms,
+                        $( $field : d.$field, )*
+                    }
+                }
+            }
+
+            impl ::std::convert::From<$name> for super::$name {
+                fn from(k: $name) -> Self {
+                    Self {
+                        batch: $crate::config::BatchLimits {
+                            max_batch_rows: k.max_batch_rows,
+                            max_batch_bytes: k.max_batch_bytes,
+                            linger_ms: k.linger_ms,
+                        },
+                        $( $field : k.$field, )*
+                    }
+                }
+            }
+        }
+
+        impl<'de> ::serde::Deserialize<'de> for $name {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> ::std::result::Result<Self, D::Error> {
+                <batched_section_keys::$name as ::serde::Deserialize>::deserialize(d).map(Self::from)
+            }
+        }
+    };
 }

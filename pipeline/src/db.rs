@@ -10,7 +10,7 @@ use futures_util::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::config::Config;
+use crate::config::RuntimeConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -128,9 +128,12 @@ impl deadpool_postgres::Connect for PoolConnect {
 
 /// A PostgreSQL pool of at most `size` connections; connections open lazily (each within 10 s;
 /// waiting for a free one at most 30 s).
-pub fn postgres_pool(config: &Config, size: usize) -> Result<deadpool_postgres::Pool, PoolError> {
+pub fn postgres_pool(
+    config: &impl RuntimeConfig,
+    size: usize,
+) -> Result<deadpool_postgres::Pool, PoolError> {
     let pg: tokio_postgres::Config = config
-        .postgres
+        .postgres()
         .url
         .parse()
         .map_err(PoolError::PostgresUrl)?;
@@ -152,19 +155,19 @@ pub fn postgres_pool(config: &Config, size: usize) -> Result<deadpool_postgres::
 
 /// How long a Redis reply may take. Longer than any XREADGROUP BLOCK, so blocking reads are not
 /// cut short; a dead server is still noticed.
-pub fn redis_response_timeout(config: &Config) -> Duration {
-    Duration::from_millis(config.streams.block_ms) + Duration::from_secs(10)
+pub fn redis_response_timeout(config: &impl RuntimeConfig) -> Duration {
+    Duration::from_millis(config.streams().block_ms) + Duration::from_secs(10)
 }
 
 /// A Redis pool of at most `[redis] pool_size` connections.
-pub fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool, PoolError> {
+pub fn redis_pool(config: &impl RuntimeConfig) -> Result<deadpool_redis::Pool, PoolError> {
     let conn = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(redis_response_timeout(config)));
-    let manager = deadpool_redis::Manager::new_with_config(config.redis.url.as_str(), conn)
+    let manager = deadpool_redis::Manager::new_with_config(config.redis().url.as_str(), conn)
         .map_err(PoolError::RedisUrl)?;
     deadpool_redis::Pool::builder(manager)
-        .max_size(config.redis.pool_size)
+        .max_size(config.redis().pool_size)
         .runtime(deadpool_redis::Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(10)))
         .create_timeout(Some(Duration::from_secs(5)))

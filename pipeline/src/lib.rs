@@ -2,7 +2,9 @@
 //! does everything else.
 //!
 //! # Layout
-//! - [`config`]: `config.toml` and its environment overrides ([`lifecycle_config`]: the lifecycle sections).
+//! - [`config`]: the sections of `config.toml` the runtime reads, [`config::BatchLimits`] and
+//!   the macro giving a stage's section its batch keys (the file and the stages' sections live
+//!   in `strata-stages`).
 //! - [`schema`]: table schemas from `schemas/*.toml`, and typed cells parsed from events.
 //! - [`pg_limits`]: what PostgreSQL refuses for its data (NUL, jsonb, time range, index size).
 //! - [`frame`]: the MessagePack + zstd frames ingest writes to `rows:{T}`.
@@ -23,7 +25,6 @@ pub mod db;
 pub mod error;
 pub mod frame;
 pub mod latency;
-pub mod lifecycle_config;
 pub mod observe;
 pub mod pg_limits;
 pub mod runner;
@@ -32,5 +33,5 @@ pub mod shutdown;
 pub mod streams;
 pub mod trace;
 
-pub use config::Config;
+pub use config::RuntimeConfig;
 pub use error::{error_chain, ConfigError, RetryHint, StageError};

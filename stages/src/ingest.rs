@@ -1,15 +1,119 @@
 //! The ingest stage: validates producer events against the table schema and forwards the valid
 //! rows of a batch as one frame to `rows:{T}`; each invalid entry is dead-lettered on its own.
+//!
+//! # Layout
+//! - [`STAGE`]: its registry entry (`telemetry:{T}` → `rows:{T}` as group `ingest`) and
+//!   [`IngestConfig`], its `[ingest]` section.
+//! - [`Ingest`]: the [`Stage`]; [`InvalidEvent`]: why an event is refused.
+//! - the validation of events, fields and MessagePack payloads.
 
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use strata_pipeline::config::BatchLimits;
 use strata_pipeline::frame::{FrameBuilder, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
 use strata_pipeline::pg_limits::{self, BTREE_MAX_INDEX_ROW, MSGPACK_MAX_DEPTH};
-use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
+use strata_pipeline::runner::{run_loop, Batch, DeadLetter, Outcome, Stage};
 use strata_pipeline::schema::{
     Cell, SchemaRef, UnknownFields, ValueError, MSGPACK_FIELD, TRACEPARENT_FIELD,
 };
-use strata_pipeline::streams::Entry;
+use strata_pipeline::streams::{Entry, StreamKind};
 use strata_pipeline::trace::{self, TRACEPARENTS_FIELD};
 use strata_pipeline::StageError;
+
+use crate::config::Config;
+use crate::registry::{StageSpec, StartContext, Tasks};
+
+strata_pipeline::batched_section! {
+    /// `[ingest]`. Its batch keys bound the entries validated into one frame: flush at
+    /// `max_batch_rows` rows, or `max_batch_bytes` bytes of entry fields, or `linger_ms` after
+    /// the first entry arrived.
+    pub struct IngestConfig {
+        /// An entry whose fields and values add up to more bytes than this is dead-lettered.
+        pub max_event_bytes: usize,
+        /// Batches validated at once per consumer.
+        pub workers: usize,
+        /// Consumers per table in each ingest process, each reading on its own connection.
+        pub consumers: usize,
+        /// zstd level of frames (1 is fast and already compact).
+        pub zstd_level: i32,
+        /// Back-pressure: while `rows:{T}` holds more entries (frames) than this, ingest stops
+        /// reading.
+        pub max_rows_backlog: u64,
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            batch: BatchLimits {
+                max_batch_rows: 2000,
+                max_batch_bytes: 4 << 20,
+                linger_ms: 20,
+            },
+            max_event_bytes: 64 << 10,
+            workers: 2,
+            consumers: 1,
+            zstd_level: 1,
+            max_rows_backlog: 1_000,
+        }
+    }
+}
+
+/// The ingest stage's registry entry.
+pub const STAGE: StageSpec = StageSpec {
+    name: "ingest",
+    about: "Run the ingest stage: telemetry:{T} → validated frames on rows:{T}",
+    input: Some(StreamKind::Telemetry),
+    output: Some(StreamKind::Rows),
+    section: "ingest",
+    validate: validate_config,
+    needs_postgres: false,
+    // Each consumer holds its read connection and one per worker.
+    redis_connections: |c| c.ingest.consumers * (1 + c.ingest.workers),
+    postgres_connections: |_| 0,
+    start,
+};
+
+fn validate_config(config: &Config) -> Result<(), String> {
+    let c = &config.ingest;
+    c.batch.validate(STAGE.section)?;
+    if c.workers == 0 || c.consumers == 0 {
+        return Err("[ingest] workers and [ingest] consumers must be > 0".into());
+    }
+    Ok(())
+}
+
+/// Starts `consumers` loops of ingest on `schema`'s table; several consumers per process read
+/// (and parse) in parallel.
+fn start<'a>(
+    ctx: &'a StartContext<'a>,
+    schema: &'a SchemaRef,
+    tasks: &'a mut Tasks,
+) -> BoxFuture<'a, Result<(), StageError>> {
+    Box::pin(async move {
+        let config = &ctx.config.ingest;
+        let stage = Arc::new(Ingest {
+            schema: schema.clone(),
+            max_event_bytes: config.max_event_bytes,
+            zstd_level: config.zstd_level,
+            max_event_spans: ctx.config.tracing.max_event_spans_per_batch,
+        });
+        for _ in 0..config.consumers {
+            let mut spec = STAGE.loop_spec(&schema.table, config.batch, config.workers, ctx.config);
+            spec.output_high_watermark = Some(config.max_rows_backlog);
+            spec.read_url = Some(ctx.config.redis.url.clone());
+            tasks.spawn(run_loop(
+                stage.clone(),
+                spec,
+                ctx.redis.clone(),
+                ctx.shutdown.clone(),
+                ctx.stats.ingest.clone(),
+            ));
+        }
+        Ok(())
+    })
+}
 
 /// Validates `telemetry:{T}` entries into frames.
 pub struct Ingest {

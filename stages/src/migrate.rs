@@ -1,12 +1,13 @@
 //! `strata migrate`: creates the database, strata's bookkeeping tables and every table of
 //! `schemas/`, idempotently. A new nullable column is added in place.
 
-use strata_pipeline::config::{Config, TimescaleMode};
+use strata_pipeline::config::TimescaleMode;
 use strata_pipeline::db::{self, ConnectError, ConnectLimits};
 use strata_pipeline::schema::Schema;
 use tracing::{info, warn};
 
 use crate::catalog::{ident, Partitioning, BOOKKEEPING_DDL, TABLES};
+use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

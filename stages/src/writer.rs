@@ -12,26 +12,137 @@
 //! created for a chunk isolates the rows of that chunk the same way. Dead letters are stored with
 //! the frame ID (as bytes, so a row PostgreSQL refused can always be recorded) and a redelivery
 //! re-emits them instead of losing them.
+//!
+//! # Layout
+//! - [`STAGE`]: its registry entry (`rows:{T}` as group `batch-writer`, into table `T`) and
+//!   [`BatchWriterConfig`], its `[batch_writer]` section.
+//! - [`BatchWriter`]: the [`Stage`]: applied frames, COPY, bisection of refused rows.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use futures_util::SinkExt;
+use strata_pipeline::config::BatchLimits;
 use strata_pipeline::error::SqlState;
 use strata_pipeline::frame::{CellRef, Frame, FIRST_MS_FIELD, FRAME_FIELD, ROWS_FIELD};
 use strata_pipeline::latency::LatencyHistogram;
 use strata_pipeline::observe::WriterMetrics;
 use strata_pipeline::pg_limits::{MAX_TIME_US, MIN_TIME_US};
-use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage, Tick};
+use strata_pipeline::runner::{run_loop, Backoff, Batch, DeadLetter, Outcome, Stage, Tick};
 use strata_pipeline::schema::{Cell, SchemaRef};
-use strata_pipeline::streams::{Entry, Fields, StreamId};
+use strata_pipeline::streams::{Entry, Fields, StreamId, StreamKind};
 use strata_pipeline::trace::TRACEPARENTS_FIELD;
 use strata_pipeline::{RetryHint, StageError};
 
 use crate::catalog::{self, ident, KnownPartitions, Partitioning, APPLIED_FRAMES};
+use crate::config::Config;
 use crate::copy;
+use crate::registry::{StageSpec, StartContext, Tasks};
+
+strata_pipeline::batched_section! {
+    /// `[batch_writer]`. Its batch keys bound the rows of one COPY transaction: flush at
+    /// `max_batch_rows` rows, or `max_batch_bytes` bytes of compressed frames, or `linger_ms`
+    /// after the first frame arrived.
+    pub struct BatchWriterConfig {
+        /// COPY transactions in flight at once per table, each on its own connection.
+        pub connections: usize,
+        /// Record applied frame IDs with the rows, so a redelivered frame is never written twice.
+        /// Turning it off gives that guarantee up; it exists to measure what it costs.
+        pub exactly_once: bool,
+    }
+}
+
+impl Default for BatchWriterConfig {
+    fn default() -> Self {
+        Self {
+            batch: BatchLimits {
+                max_batch_rows: 20_000,
+                max_batch_bytes: 16 << 20,
+                linger_ms: 200,
+            },
+            connections: 2,
+            exactly_once: true,
+        }
+    }
+}
+
+/// The batch-writer's registry entry.
+pub const STAGE: StageSpec = StageSpec {
+    name: "batch-writer",
+    about: "Run the batch-writer stage: rows:{T} → binary COPY into table T",
+    input: Some(StreamKind::Rows),
+    output: None,
+    section: "batch_writer",
+    validate: validate_config,
+    needs_postgres: true,
+    // The loop's read connection and one per COPY in flight.
+    redis_connections: |c| 1 + c.batch_writer.connections,
+    // One per COPY in flight and one for partitions and pruning.
+    postgres_connections: |c| 1 + c.batch_writer.connections,
+    start,
+};
+
+fn validate_config(config: &Config) -> Result<(), String> {
+    config.batch_writer.batch.validate(STAGE.section)?;
+    if config.batch_writer.connections == 0 {
+        return Err("[batch_writer] connections must be > 0".into());
+    }
+    Ok(())
+}
+
+/// Starts the writer of `schema`'s table (waiting out PostgreSQL outages) and its pruning of
+/// applied frames.
+fn start<'a>(
+    ctx: &'a StartContext<'a>,
+    schema: &'a SchemaRef,
+    tasks: &'a mut Tasks,
+) -> BoxFuture<'a, Result<(), StageError>> {
+    Box::pin(async move {
+        let config = &ctx.config.batch_writer;
+        let spec = STAGE.loop_spec(&schema.table, config.batch, config.connections, ctx.config);
+        let mut writer = connect_writer(schema, &spec.input, ctx).await?;
+        writer.max_event_spans = ctx.config.tracing.max_event_spans_per_batch;
+        writer.exactly_once = config.exactly_once;
+        writer.latency = ctx.stats.latency.clone();
+        writer.rows_written = ctx.stats.rows_written.clone();
+        // Its applied-frame pruning runs as the stage's tick (see `Stage::tick` below).
+        let writer = Arc::new(writer);
+        let mut spec = spec;
+        spec.read_url = Some(ctx.config.redis.url.clone());
+        tasks.spawn(run_loop(
+            writer,
+            spec,
+            ctx.redis.clone(),
+            ctx.shutdown.clone(),
+            ctx.stats.batch_writer.clone(),
+        ));
+        Ok(())
+    })
+}
+
+/// Builds a writer, waiting out PostgreSQL outages (but not a missing migration).
+async fn connect_writer(
+    schema: &SchemaRef,
+    input: &str,
+    ctx: &StartContext<'_>,
+) -> Result<BatchWriter, StageError> {
+    let mut backoff = Backoff::new(ctx.config.streams.max_backoff_ms);
+    loop {
+        match BatchWriter::new(schema.clone(), input.to_string(), ctx.pg.clone()).await {
+            Ok(w) => return Ok(w),
+            Err(e) if e.hint == RetryHint::Backoff => {
+                tracing::warn!(table = %schema.table, error = %e.reason(), "waiting for PostgreSQL");
+                if !backoff.wait(ctx.shutdown).await {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// Largest decompressed frame accepted (a frame is at most one ingest batch).
 const MAX_FRAME_BYTES: usize = 256 << 20;

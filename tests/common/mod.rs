@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use strata_pipeline::schema::{Schema, SchemaRef};
 use strata_pipeline::streams;
-use strata_pipeline::Config;
-use strata_stages::StageKind;
+use strata_stages::Config;
+use strata_stages::{ingest, writer, StageSpec};
 use tokio_util::sync::CancellationToken;
 
 pub fn redis_url() -> String {
@@ -239,8 +239,8 @@ impl TestEnv {
     pub async fn wait_landed(&self, rows: i64, timeout: Duration) {
         self.wait_drained(
             &[
-                (&self.input(), streams::INGEST),
-                (&self.rows(), streams::BATCH_WRITER),
+                (&self.input(), ingest::STAGE.name),
+                (&self.rows(), writer::STAGE.name),
             ],
             rows,
             timeout,
@@ -251,7 +251,7 @@ impl TestEnv {
     /// Waits until batch-writer has read and acknowledged everything on `rows:{T}` (and `rows`
     /// rows exist): for tests that write frames themselves.
     pub async fn wait_rows_drained(&self, rows: i64, timeout: Duration) {
-        self.wait_drained(&[(&self.rows(), streams::BATCH_WRITER)], rows, timeout)
+        self.wait_drained(&[(&self.rows(), writer::STAGE.name)], rows, timeout)
             .await
     }
 
@@ -367,7 +367,7 @@ impl Drop for Spawned {
 pub type InProcess = (CancellationToken, tokio::task::JoinHandle<()>);
 
 /// Runs `kinds` for `schema` in this process until [`stop`].
-pub async fn start_stages(config: &Config, schema: &SchemaRef, kinds: &[StageKind]) -> InProcess {
+pub async fn start_stages(config: &Config, schema: &SchemaRef, kinds: &[StageSpec]) -> InProcess {
     let stop = CancellationToken::new();
     let running = strata_stages::start(config, std::slice::from_ref(schema), kinds, stop.clone())
         .await
@@ -378,7 +378,7 @@ pub async fn start_stages(config: &Config, schema: &SchemaRef, kinds: &[StageKin
 }
 
 /// Runs `kinds` for the environment's table in this process until [`stop`].
-pub async fn start(env: &TestEnv, kinds: &[StageKind]) -> InProcess {
+pub async fn start(env: &TestEnv, kinds: &[StageSpec]) -> InProcess {
     start_stages(&env.config, &env.schema, kinds).await
 }
 

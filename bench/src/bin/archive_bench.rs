@@ -19,13 +19,14 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use strata_pipeline::runner::{Batch, Stage};
+
 use strata_pipeline::schema::Schema;
 use strata_pipeline::streams::Entry;
-use strata_pipeline::Config;
 use strata_stages::catalog;
 use strata_stages::lifecycle::archiver::Archiver;
 use strata_stages::lifecycle::lake::Lake;
 use strata_stages::lifecycle::registry;
+use strata_stages::Config;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -1,15 +1,12 @@
-//! Every Redis key and consumer-group name strata uses, made here and nowhere else.
+//! Every Redis key strata uses, made here and nowhere else.
 //!
 //! A table `T` has four streams, `<kind>:{T}`; each stream `S` may have a dead-letter stream
 //! `S:dlq` and a claims hash `S:claimed`. The braces are a Redis Cluster hash tag: every key
 //! of one table lives in one slot, so one script can span a stage's input and output.
-
-/// Consumer-group names, which are also the stage names in dead letters, logs and metrics.
-pub const INGEST: &str = "ingest";
-pub const BATCH_WRITER: &str = "batch-writer";
-pub const CHUNK_WATCHER: &str = "chunk-watcher";
-pub const ARCHIVER: &str = "archiver";
-pub const CONFIRMER: &str = "confirmer";
+//!
+//! The kinds are the runtime's vocabulary of a table's streams, not stages: which stage reads
+//! which kind, as which consumer group, is said by the stage's entry in `strata-stages`'
+//! registry (`StageSpec::input`), and this crate knows no stage's name.
 
 /// Suffix of a dead-letter stream.
 const DLQ_SUFFIX: &str = ":dlq";
@@ -19,13 +16,13 @@ const CLAIMS_SUFFIX: &str = ":claimed";
 /// The four kinds of stream strata keeps per table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {
-    /// `telemetry:{T}`: producer events, read by ingest.
+    /// `telemetry:{T}`: producer events.
     Telemetry,
-    /// `rows:{T}`: frames, read by batch-writer.
+    /// `rows:{T}`: validated frames.
     Rows,
-    /// `archive:{T}`: closed chunks, read by the archiver.
+    /// `archive:{T}`: closed chunks to archive.
     Archive,
-    /// `archived:{T}`: archived chunks, read by the confirmer.
+    /// `archived:{T}`: archived chunks to verify.
     Archived,
 }
 
@@ -51,16 +48,6 @@ impl StreamKind {
     /// The stream key of this kind for `table`.
     pub fn key(self, table: &str) -> String {
         format!("{}:{{{table}}}", self.prefix())
-    }
-
-    /// The consumer group (stage) that reads this stream.
-    pub const fn group(self) -> &'static str {
-        match self {
-            StreamKind::Telemetry => INGEST,
-            StreamKind::Rows => BATCH_WRITER,
-            StreamKind::Archive => ARCHIVER,
-            StreamKind::Archived => CONFIRMER,
-        }
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`id`]: [`StreamId`], the one parser of `<ms>-<seq>`.
-//! - [`keys`]: every key and group name (`telemetry:{T}`, `rows:{T}`, `archive:{T}`,
+//! - [`keys`]: every key (`telemetry:{T}`, `rows:{T}`, `archive:{T}`,
 //!   `archived:{T}`, `<stream>:dlq`, `<stream>:claimed`), [`StreamKind`], [`StreamName`].
 //! - [`entry`]: [`Entry`], its zero-copy [`RawFields`], [`Fields`] to write, the read span an
 //!   entry holds.
@@ -40,7 +40,7 @@ pub use group::{
 pub use id::{InvalidStreamId, StreamId};
 pub use keys::{
     archive_stream, archived_stream, claims_key, dlq_stream, rows_stream, telemetry_stream,
-    StreamKind, StreamName, ARCHIVER, BATCH_WRITER, CHUNK_WATCHER, CONFIRMER, INGEST,
+    StreamKind, StreamName,
 };
 pub use read::{ReadConnection, ReadError};
 pub use reply::{parse_entries, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary};

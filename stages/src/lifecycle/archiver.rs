@@ -12,15 +12,17 @@
 
 use std::sync::Arc;
 
-use strata_pipeline::lifecycle_config::ArchiverConfig;
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
 use strata_pipeline::observe;
-use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
+use strata_pipeline::runner::{run_loop, Batch, DeadLetter, LoopStats, Outcome, Stage};
 use strata_pipeline::schema::SchemaRef;
-use strata_pipeline::streams::{Entry, Fields};
+use strata_pipeline::streams::{Entry, Fields, StreamKind};
 use strata_pipeline::{error_chain, RetryHint, StageError};
 use tracing::{info, warn};
 
 use crate::catalog::{ident, CachedPartitioning, Partitioning, CHUNKS};
+use crate::registry::{own_postgres_pool, StageSpec, StartContext, Tasks, ONE_AT_A_TIME};
 
 use super::events::{rfc3339_us, ArchivalConfirmation, ArchivalEvent, ArchivalStatus};
 use super::export::{export, footer, writer_properties, ExportError};
@@ -315,4 +317,85 @@ impl Stage for Archiver {
         }
         Ok(outcome)
     }
+}
+
+/// `[archiver]`: chunk → Parquet → object store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiverConfig {
+    /// Chunks archived at once per table (each holds two PostgreSQL connections).
+    pub workers: usize,
+    /// Rows of one Parquet row group: the unit memory is bounded by.
+    pub row_group_rows: usize,
+    /// Encoded bytes of one row group at most, whichever limit comes first.
+    pub row_group_bytes: usize,
+    /// Rows decoded from COPY into one Arrow record batch before encoding.
+    pub batch_rows: usize,
+    /// zstd level of Parquet pages (1 fast … 22 small).
+    pub zstd_level: i32,
+    /// Multipart upload part size; objects smaller than one part are written in one PUT.
+    pub part_size_bytes: usize,
+    /// Parts uploaded at once.
+    pub max_concurrent_parts: usize,
+    /// How long to wait for a lock on the chunk (another archiver, a writer's late rows).
+    pub lock_timeout_ms: u64,
+}
+
+impl Default for ArchiverConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            row_group_rows: 1_048_576,
+            row_group_bytes: 64 << 20,
+            batch_rows: 65_536,
+            zstd_level: 3,
+            part_size_bytes: 16 << 20,
+            max_concurrent_parts: 2,
+            lock_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The archiver's registry entry.
+pub const STAGE: StageSpec = StageSpec {
+    name: "archiver",
+    about: "Run the archiver stage: archive:{T} → Parquet in the lake → archived:{T}",
+    input: Some(StreamKind::Archive),
+    output: Some(StreamKind::Archived),
+    section: "archiver",
+    validate: |_| Ok(()),
+    needs_postgres: true,
+    redis_connections: |_| 2,
+    // Its own pool: two connections per chunk in flight.
+    postgres_connections: |_| 0,
+    start,
+};
+
+/// Starts the archiver loop of `schema`'s table with a PostgreSQL pool of its own.
+fn start<'a>(
+    ctx: &'a StartContext<'a>,
+    schema: &'a SchemaRef,
+    tasks: &'a mut Tasks,
+) -> BoxFuture<'a, Result<(), StageError>> {
+    Box::pin(async move {
+        let config = ctx.config;
+        let workers = config.archiver.workers.max(1);
+        let stage = Archiver {
+            schema: schema.clone(),
+            pool: own_postgres_pool(config, 2 * workers + 1)?,
+            lake: Lake::open_shared(&config.lake)?,
+            config: config.archiver.clone(),
+            max_rearchives: config.confirmer.max_rearchives,
+            partitioning: Default::default(),
+        };
+        let spec = STAGE.loop_spec(&schema.table, ONE_AT_A_TIME, workers, config);
+        tasks.spawn(run_loop(
+            Arc::new(stage),
+            spec,
+            ctx.redis.clone(),
+            ctx.shutdown.clone(),
+            Arc::new(LoopStats::default()),
+        ));
+        Ok(())
+    })
 }

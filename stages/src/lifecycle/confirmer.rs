@@ -16,20 +16,22 @@
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 use parquet::file::metadata::ParquetMetaDataReader;
+use serde::Deserialize;
 use strata_pipeline::error::SqlState;
-use strata_pipeline::lifecycle_config::ConfirmerConfig;
 use strata_pipeline::observe;
-use strata_pipeline::runner::{Batch, DeadLetter, Outcome, Stage};
+use strata_pipeline::runner::{run_loop, Batch, DeadLetter, LoopStats, Outcome, Stage};
 use strata_pipeline::schema::SchemaRef;
-use strata_pipeline::streams::{Entry, Fields};
+use strata_pipeline::streams::{Entry, Fields, StreamKind};
 use strata_pipeline::{RetryHint, StageError};
 use tracing::{info, warn};
 
 use crate::catalog::{ident, CachedPartitioning, Partitioning, CHUNKS};
+use crate::registry::{own_postgres_pool, StageSpec, StartContext, Tasks, ONE_AT_A_TIME};
 
 use super::columnar::{arrow_type, column_type_from_sql};
 use super::events::{rfc3339_us, ArchivalConfirmation, ArchivalStatus};
@@ -512,6 +514,76 @@ impl Stage for Confirmer {
         }
         Ok(outcome)
     }
+}
+
+/// `[confirmer]`: reads each archive back, verifies it, then drops the chunk if the policy says so.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfirmerConfig {
+    /// Confirmations verified at once per table.
+    pub workers: usize,
+    /// Read the whole object back and compare its SHA-256 with the archiver's; without it only
+    /// the size, the footer and the row count are checked.
+    pub verify_sha256: bool,
+    /// A chunk whose archive fails verification is archived again at most this many times;
+    /// after that its archival event goes to `archive:{T}:dlq` and the chunk stays.
+    pub max_rearchives: u32,
+    /// How long dropping a chunk waits for its lock (writers of late rows hold it briefly).
+    pub lock_timeout_ms: u64,
+}
+
+impl Default for ConfirmerConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            verify_sha256: true,
+            max_rearchives: 3,
+            lock_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The confirmer's registry entry: a failed check sends the chunk back to `archive:{T}`.
+pub const STAGE: StageSpec = StageSpec {
+    name: "confirmer",
+    about: "Run the confirmer stage: archived:{T} → verified (and dropped) chunks",
+    input: Some(StreamKind::Archived),
+    output: Some(StreamKind::Archive),
+    section: "confirmer",
+    validate: |_| Ok(()),
+    needs_postgres: true,
+    redis_connections: |_| 2,
+    // Its own pool: two connections per archive in flight.
+    postgres_connections: |_| 0,
+    start,
+};
+
+/// Starts the confirmer loop of `schema`'s table with a PostgreSQL pool of its own.
+fn start<'a>(
+    ctx: &'a StartContext<'a>,
+    schema: &'a SchemaRef,
+    tasks: &'a mut Tasks,
+) -> BoxFuture<'a, Result<(), StageError>> {
+    Box::pin(async move {
+        let config = ctx.config;
+        let workers = config.confirmer.workers.max(1);
+        let stage = Confirmer {
+            schema: schema.clone(),
+            pool: own_postgres_pool(config, 2 * workers)?,
+            lake: Lake::open_shared(&config.lake)?,
+            config: config.confirmer.clone(),
+            partitioning: Default::default(),
+        };
+        let spec = STAGE.loop_spec(&schema.table, ONE_AT_A_TIME, workers, config);
+        tasks.spawn(run_loop(
+            Arc::new(stage),
+            spec,
+            ctx.redis.clone(),
+            ctx.shutdown.clone(),
+            Arc::new(LoopStats::default()),
+        ));
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! two in flight) whatever the chunk's size. The object becomes visible only if all three
 //! succeed; otherwise the upload is aborted.
 
+use super::archiver::ArchiverConfig;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use parquet::arrow::ArrowWriter;
@@ -13,7 +14,6 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
-use strata_pipeline::lifecycle_config::ArchiverConfig;
 use strata_pipeline::schema::Schema;
 use tokio::sync::mpsc;
 

@@ -6,7 +6,17 @@
 //! range start, UTC). Every attempt gets a new UUID, so nothing ever overwrites an archive;
 //! single-part objects are additionally written with `PutMode::Create` where the store has it.
 //! Objects that fail verification move to `<prefix>/_rejected/…`, outside every table's folder.
+//!
+//! Credentials never live in `[lake]`: each object store backend reads them from the environment
+//! (`AWS_*`, `AZURE_*`, `GOOGLE_*`, as `object_store`'s `from_env` builders do). `[lake.options]`
+//! passes any further `object_store` builder key (e.g. `aws_virtual_hosted_style_request`).
+//!
+//! # Layout
+//! - [`LakeConfig`], [`LakeBackend`]: the `[lake]` section, shared by archiver and confirmer.
+//! - [`Lake`]: the opened store and archive paths; [`Upload`]: the bounded multipart upload.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,9 +28,103 @@ use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use strata_pipeline::lifecycle_config::{LakeBackend, LakeConfig};
 use strata_pipeline::StageError;
+
+/// Which object store holds the lake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LakeBackend {
+    /// A folder on local disk (`path`).
+    #[default]
+    Local,
+    /// Amazon S3 or an S3-compatible server (`bucket`, optional `endpoint`).
+    S3,
+    /// Azure Blob Storage or ADLS Gen2 (`container`, `account`).
+    Azure,
+    /// Google Cloud Storage (`bucket`).
+    Gcs,
+}
+
+impl LakeBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LakeBackend::Local => "local",
+            LakeBackend::S3 => "s3",
+            LakeBackend::Azure => "azure",
+            LakeBackend::Gcs => "gcs",
+        }
+    }
+}
+
+/// Where archives go (`[lake]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeConfig {
+    /// The object store: `local`, `s3`, `azure` or `gcs`.
+    pub backend: LakeBackend,
+    /// `local` only: the lake's root folder, created if missing (relative to the config file).
+    pub path: PathBuf,
+    /// `s3` and `gcs`: the bucket.
+    pub bucket: Option<String>,
+    /// `azure`: the blob container.
+    pub container: Option<String>,
+    /// `azure`: the storage account (else `AZURE_STORAGE_ACCOUNT_NAME`).
+    pub account: Option<String>,
+    /// Key prefix inside the bucket, container or folder; files go to
+    /// `<prefix>/<table>/date=YYYY-MM-DD/<chunk>-<uuid>.parquet`.
+    pub prefix: String,
+    /// `s3` and `azure`: a custom endpoint URL (S3-compatible servers, Azurite, private links).
+    pub endpoint: Option<String>,
+    /// `s3`: the region (else `AWS_REGION` / `AWS_DEFAULT_REGION`).
+    pub region: Option<String>,
+    /// Allow plain `http://` endpoints (test servers on loopback); off for real clouds.
+    pub allow_http: bool,
+    /// Further `object_store` builder keys for the chosen backend (`aws_*`, `azure_*`,
+    /// `google_*`), applied after the environment.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        Self {
+            backend: LakeBackend::Local,
+            path: PathBuf::from("./lake"),
+            bucket: None,
+            container: None,
+            account: None,
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            allow_http: false,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+impl LakeConfig {
+    /// Checks the keys the chosen backend needs; `Err` names the missing key.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.backend {
+            LakeBackend::Local if self.path.as_os_str().is_empty() => {
+                Err("[lake] path must not be empty for backend = \"local\"".into())
+            }
+            LakeBackend::S3 | LakeBackend::Gcs
+                if self.bucket.as_deref().unwrap_or("").is_empty() =>
+            {
+                Err(format!(
+                    "[lake] bucket is required for backend = \"{}\"",
+                    self.backend.as_str()
+                ))
+            }
+            LakeBackend::Azure if self.container.as_deref().unwrap_or("").is_empty() => {
+                Err("[lake] container is required for backend = \"azure\"".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Why the lake could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +162,13 @@ pub struct Lake {
 
 impl Lake {
     /// Opens the lake `[lake]` describes, with credentials from the environment.
+    /// Opens the lake for a stage: shared by its workers, a failure fatal.
+    pub fn open_shared(config: &LakeConfig) -> Result<Arc<Self>, StageError> {
+        Self::open(config)
+            .map(Arc::new)
+            .map_err(|e| StageError::fatal(strata_pipeline::error_chain(&e)))
+    }
+
     pub fn open(config: &LakeConfig) -> Result<Self, LakeError> {
         config.validate().map_err(LakeError::Config)?;
         let endpoint = config.endpoint.clone().filter(|e| !e.is_empty());
@@ -375,6 +486,24 @@ impl Upload {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lake_sections_parse_and_name_missing_keys() {
+        let lake: LakeConfig = toml::from_str(
+            "backend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n[options]\naws_access_key_id = \"k\"\n",
+        )
+        .unwrap();
+        assert_eq!(lake.backend, LakeBackend::S3);
+        assert_eq!(lake.options["aws_access_key_id"], "k");
+        assert!(lake.validate().is_ok());
+        let lake: LakeConfig = toml::from_str("backend = \"azure\"\n").unwrap();
+        assert!(lake.validate().unwrap_err().contains("container"));
+        assert!(toml::from_str::<LakeConfig>("root = \"x\"\n").is_err());
+        assert_eq!(LakeConfig::default().path, PathBuf::from("./lake"));
+        let a: crate::lifecycle::archiver::ArchiverConfig =
+            toml::from_str("zstd_level = 5\n").unwrap();
+        assert_eq!((a.zstd_level, a.workers), (5, 1));
+    }
+
     use super::*;
 
     #[tokio::test]

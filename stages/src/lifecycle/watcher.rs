@@ -52,12 +52,15 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use strata_pipeline::lifecycle_config::ChunkWatcherConfig;
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
 use strata_pipeline::observe;
 use strata_pipeline::schema::SchemaRef;
-use strata_pipeline::streams;
+use strata_pipeline::streams::{self, StreamKind};
 use strata_pipeline::{RetryHint, StageError};
 use tokio_postgres::types::ToSql;
+
+use crate::registry::{StageSpec, StartContext, Tasks};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -317,8 +320,100 @@ impl QuietTracker {
     }
 }
 
+/// `[chunk_watcher]`: finds closed chunks and emits one archival event per chunk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChunkWatcherConfig {
+    /// Time between two scans of a table.
+    pub interval_ms: u64,
+    /// Native partitions only: partitions created ahead of time after the current one, so the
+    /// writer rarely creates one on the hot path.
+    pub premake_chunks: u32,
+    /// A chunk whose archive has not been recorded this long after its event was emitted gets
+    /// its event emitted again (covers a crash between recording a chunk and emitting its event,
+    /// and lost stream entries). The archiver ignores events for chunks already done.
+    pub reemit_after_ms: u64,
+    /// A chunk past `archive_after` is closed only once this watcher has seen its write
+    /// counter (`n_tup_ins + n_tup_upd + n_tup_del` in `pg_stat_user_tables`) stay unchanged
+    /// this long, so a backfill still writing an old range does not get it archived and dropped
+    /// under it (which would split the range over several incarnations and files). Counted from
+    /// this watcher's first observation: after a restart every chunk waits the full period
+    /// again. Keep it well above PostgreSQL's statistics delay (up to 10 s for a writer that
+    /// goes idle; see the chunk-watcher's documentation).
+    pub quiet_period_ms: u64,
+}
+
+impl Default for ChunkWatcherConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 30_000,
+            premake_chunks: 1,
+            reemit_after_ms: 900_000,
+            quiet_period_ms: 300_000,
+        }
+    }
+}
+
+impl ChunkWatcherConfig {
+    /// Checks the keys that would make the watcher spin or close chunks without watching them;
+    /// `Err` names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval_ms == 0 {
+            return Err("[chunk_watcher] interval_ms must be > 0".into());
+        }
+        if self.quiet_period_ms == 0 {
+            return Err("[chunk_watcher] quiet_period_ms must be > 0: a chunk is closed only after it has had no writes for that long (the default is 300000, 5 min)".into());
+        }
+        Ok(())
+    }
+}
+
+/// The chunk-watcher's registry entry: not a stream consumer, it writes `archive:{T}`.
+pub const STAGE: StageSpec = StageSpec {
+    name: "chunk-watcher",
+    about: "Run the chunk-watcher stage: closed chunks → archival events on archive:{T}",
+    input: None,
+    output: Some(StreamKind::Archive),
+    section: "chunk_watcher",
+    validate: |c| c.chunk_watcher.validate(),
+    needs_postgres: true,
+    redis_connections: |_| 2,
+    postgres_connections: |_| 1,
+    start,
+};
+
+/// Starts the periodic scan of `schema`'s table.
+fn start<'a>(
+    ctx: &'a StartContext<'a>,
+    schema: &'a SchemaRef,
+    tasks: &'a mut Tasks,
+) -> BoxFuture<'a, Result<(), StageError>> {
+    Box::pin(async move {
+        let watcher = Watcher::new(
+            schema.clone(),
+            ctx.pg.clone(),
+            ctx.redis.clone(),
+            ctx.config.chunk_watcher.clone(),
+        );
+        tasks.spawn(watcher.run(ctx.shutdown.clone()));
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn quiet_period_defaults_to_five_minutes_and_must_not_be_zero() {
+        let w: ChunkWatcherConfig = toml::from_str("interval_ms = 1000\n").unwrap();
+        assert_eq!(w.quiet_period_ms, 300_000);
+        assert!(w.validate().is_ok());
+        let w: ChunkWatcherConfig = toml::from_str("quiet_period_ms = 0\n").unwrap();
+        assert!(w.validate().unwrap_err().contains("quiet_period_ms"));
+        let w: ChunkWatcherConfig = toml::from_str("interval_ms = 0\n").unwrap();
+        assert!(w.validate().unwrap_err().contains("interval_ms"));
+        assert!(toml::from_str::<ChunkWatcherConfig>("quiet_period = 5\n").is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -37,8 +37,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::config::Config;
 use serde_json::Value;
-use strata_pipeline::config::Config;
 use strata_pipeline::frame::FRAME_FIELD;
 use strata_pipeline::schema::{self, SchemaRef, MSGPACK_FIELD};
 use strata_pipeline::streams::{

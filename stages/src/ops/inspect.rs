@@ -5,7 +5,7 @@
 //! Works for every stream strata writes: `telemetry:{T}`, `rows:{T}`, `archive:{T}`,
 //! `archived:{T}` and their `:dlq` streams. Any other existing stream can be inspected too.
 
-use strata_pipeline::config::Config;
+use crate::config::Config;
 use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams::{self, Entry, StreamId};
 

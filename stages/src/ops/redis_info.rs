@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::config::Config;
 use redis::aio::MultiplexedConnection;
-use strata_pipeline::config::Config;
 
 use super::{redact_url, OpsError};
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use crate::config::Config;
 use redis::aio::MultiplexedConnection;
-use strata_pipeline::config::Config;
 use strata_pipeline::error_chain;
 use strata_pipeline::schema::{Schema, SchemaRef};
 use strata_pipeline::streams::{self, ConsumerGroup};
@@ -14,7 +14,7 @@ use super::{
     RedisStatus, Status, StreamStatus, TableStatus,
 };
 use crate::catalog::ident;
-use crate::ops::{redact_url, redis_info, OpsError, StreamKind};
+use crate::ops::{redact_url, redis_info, OpsError};
 
 /// Takes one snapshot: Redis for every stream, PostgreSQL (if it answers) for every table.
 pub async fn collect(
@@ -34,8 +34,12 @@ pub async fn collect(
             postgres_error: None,
             streams: Vec::new(),
         };
-        for kind in StreamKind::ALL {
-            let s = stream_status(conn, &kind.key(&schema.table), kind.group(), now_ms).await?;
+        // Each stage that reads a stream says which, and as which group.
+        for stage in crate::registry::STAGES {
+            let Some(input) = stage.input_key(&schema.table) else {
+                continue;
+            };
+            let s = stream_status(conn, &input, stage.group(), now_ms).await?;
             t.dead_letters += s.dead_letters;
             t.streams.push(s);
         }

@@ -29,9 +29,9 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use crate::config::Config;
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
-use strata_pipeline::config::Config;
 use strata_pipeline::error_chain;
 use strata_pipeline::schema::SchemaRef;
 

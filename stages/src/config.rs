@@ -1,0 +1,214 @@
+//! `config.toml`: the whole file, one section per component, unknown fields rejected, units in
+//! names.
+//!
+//! `REDIS_URL` and `DATABASE_URL` in the environment override `[redis] url` and `[postgres] url`.
+//!
+//! Each section's type lives with the code that reads it: the runtime's (`[redis]`,
+//! `[postgres]`, `[streams]`, `[admin]`, `[tracing]`, `[shutdown]`) in
+//! [`strata_pipeline::config`], each stage's next to the stage ([`IngestConfig`] in
+//! [`crate::ingest`], [`BatchWriterConfig`] in [`crate::writer`], the lifecycle's in
+//! [`crate::lifecycle`]'s stage files, `[lake]` in [`crate::lifecycle::lake`]). [`Config`] only
+//! lists them, as one derived struct, so serde's own errors (an unknown key named, with its
+//! line) are those of every section. It lives here, in the lowest crate that knows every
+//! section, and hands the runtime its part through [`RuntimeConfig`]; each stage checks its own
+//! section through its registry entry ([`crate::registry::StageSpec::validate`]).
+//!
+//! # Layout
+//! - [`Config`]: the file; [`Config::load`] reads it, applies the environment, validates.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use strata_pipeline::config::{
+    AdminConfig, PostgresConfig, RedisConfig, RuntimeConfig, ShutdownConfig, StreamsConfig,
+    TracingConfig,
+};
+use strata_pipeline::ConfigError;
+
+pub use crate::ingest::IngestConfig;
+pub use crate::lifecycle::archiver::ArchiverConfig;
+pub use crate::lifecycle::confirmer::ConfirmerConfig;
+pub use crate::lifecycle::lake::{LakeBackend, LakeConfig};
+pub use crate::lifecycle::watcher::ChunkWatcherConfig;
+pub use crate::writer::BatchWriterConfig;
+
+/// The whole configuration of a strata process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Folder of table schema files (`*.toml`), relative to the config file's folder.
+    pub schemas_dir: PathBuf,
+    /// Where the streams live.
+    pub redis: RedisConfig,
+    /// Where the tables live.
+    pub postgres: PostgresConfig,
+    /// Consumer-group reading and retry settings shared by every stage.
+    pub streams: StreamsConfig,
+    /// The ingest stage (validation, framing).
+    pub ingest: IngestConfig,
+    /// The batch-writer stage (COPY into PostgreSQL).
+    pub batch_writer: BatchWriterConfig,
+    /// The admin endpoint: /metrics, /healthz, /readyz.
+    pub admin: AdminConfig,
+    /// OpenTelemetry sampling (the exporter itself is configured by the standard OTEL_* variables).
+    pub tracing: TracingConfig,
+    /// Where archived chunks go.
+    pub lake: LakeConfig,
+    /// The chunk-watcher stage (finds closed chunks).
+    pub chunk_watcher: ChunkWatcherConfig,
+    /// The archiver stage (chunk → Parquet → object store).
+    pub archiver: ArchiverConfig,
+    /// The confirmer stage (verify, then drop).
+    pub confirmer: ConfirmerConfig,
+    /// How long a graceful stop may take.
+    pub shutdown: ShutdownConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            schemas_dir: PathBuf::from("schemas"),
+            redis: RedisConfig::default(),
+            postgres: PostgresConfig::default(),
+            streams: StreamsConfig::default(),
+            ingest: IngestConfig::default(),
+            batch_writer: BatchWriterConfig::default(),
+            admin: AdminConfig::default(),
+            tracing: TracingConfig::default(),
+            lake: LakeConfig::default(),
+            chunk_watcher: ChunkWatcherConfig::default(),
+            archiver: ArchiverConfig::default(),
+            confirmer: ConfirmerConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl RuntimeConfig for Config {
+    fn redis(&self) -> &RedisConfig {
+        &self.redis
+    }
+    fn postgres(&self) -> &PostgresConfig {
+        &self.postgres
+    }
+    fn streams(&self) -> &StreamsConfig {
+        &self.streams
+    }
+}
+
+impl Config {
+    /// Reads `path` (a missing default `./config.toml` means all defaults), then applies the
+    /// environment overrides.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
+        let display = path.display().to_string();
+        let mut config = match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str::<Config>(&text).map_err(|source| ConfigError::Parse {
+                path: display.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => Config::default(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: display,
+                    source,
+                })
+            }
+        };
+        // Relative paths in the file are relative to the file.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            for p in [&mut config.schemas_dir, &mut config.lake.path] {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        config.apply_env(|k| std::env::var(k).ok());
+        config.validate(&display)?;
+        Ok(config)
+    }
+
+    /// Applies `REDIS_URL` and `DATABASE_URL`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = var("REDIS_URL").filter(|s| !s.is_empty()) {
+            self.redis.url = url;
+        }
+        if let Some(url) = var("DATABASE_URL").filter(|s| !s.is_empty()) {
+            self.postgres.url = url;
+        }
+    }
+
+    /// Checks what serde cannot: the runtime's sections here, each stage's own section through
+    /// its registry entry, then `[lake]`.
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_string(),
+            message,
+        };
+        if self.streams.read_count == 0 {
+            return Err(invalid("[streams] read_count must be > 0".into()));
+        }
+        for stage in crate::registry::STAGES {
+            (stage.validate)(self).map_err(invalid)?;
+        }
+        // A missing bucket or container is a mistake in the file, found when it loads rather
+        // than when the first chunk is archived.
+        self.lake.validate().map_err(invalid)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lake_missing_its_bucket_is_refused_when_the_config_loads() {
+        let dir = std::env::temp_dir().join(format!("strata-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "[lake]\nbackend = \"s3\"\n").unwrap();
+        let err = Config::load(&path, true).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("[lake] bucket is required"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_unknown_fields_are_rejected() {
+        let mut c: Config = toml::from_str("[redis]\nurl = \"redis://file:1\"\n").unwrap();
+        c.apply_env(|k| (k == "REDIS_URL").then(|| "redis://env:2".to_string()));
+        assert_eq!(c.redis.url, "redis://env:2");
+        assert_eq!(c.postgres.url, PostgresConfig::default().url);
+        let err = toml::from_str::<Config>("[batch_writer]\nlinger = 5\n").unwrap_err();
+        assert!(err.to_string().contains("linger"), "{err}");
+    }
+
+    #[test]
+    fn batch_keys_stay_flat_in_each_section_and_unknown_sections_are_named() {
+        let c: Config = toml::from_str(
+            "[ingest]\nmax_batch_rows = 500\nlinger_ms = 3\n[batch_writer]\nmax_batch_bytes = 7\nconnections = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.ingest.batch.max_batch_rows, 500);
+        assert_eq!(c.ingest.batch.linger_ms, 3);
+        assert_eq!(
+            c.ingest.batch.max_batch_bytes,
+            IngestConfig::default().batch.max_batch_bytes
+        );
+        assert_eq!(c.batch_writer.batch.max_batch_bytes, 7);
+        assert_eq!(c.batch_writer.connections, 4);
+        let err = toml::from_str::<Config>("[ingest]\nlinger = 5\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("unknown field `linger`"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+        assert!(text.contains("`max_batch_rows`"), "{text}");
+        let err = toml::from_str::<Config>("[ingestt]\nlinger_ms = 5\n").unwrap_err();
+        assert!(err.to_string().contains("ingestt"), "{err}");
+    }
+
+    #[test]
+    fn the_repository_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.toml");
+        let c = Config::load(&path, true).expect("config.toml");
+        assert!(c.ingest.batch.max_batch_rows > 0);
+    }
+}
