@@ -27,7 +27,7 @@ use strata_stages::lifecycle::deps::object_store::path::Path;
 use strata_stages::lifecycle::deps::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use strata_stages::lifecycle::deps::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use strata_stages::lifecycle::deps::parquet::file::reader::{FileReader, SerializedFileReader};
-use strata_stages::lifecycle::lake::Lake;
+use strata_stages::lifecycle::lake::{Lake, LakeBackend, LakeConfig};
 use strata_stages::lifecycle::{archiver, confirmer, watcher};
 use strata_stages::{ingest, writer, StageSpec, HOT_PATH};
 
@@ -795,6 +795,49 @@ async fn lifecycle_on_local_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_on_s3_moto() {
     suite(BackendKind::S3).await;
+}
+
+/// The lake over HTTPS: moto with a certificate of a private CA, trusted by `[lake] tls_ca_file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_on_s3_over_https_with_a_private_ca() {
+    suite(BackendKind::S3Tls).await;
+}
+
+/// Without `tls_ca_file` the same server is refused, and the error says which endpoint and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_lake_certificate_is_a_clear_error() {
+    let backend = Backend::start(BackendKind::S3Tls);
+    let port = backend.addr.as_ref().unwrap().rsplit(':').next().unwrap();
+    let mut lake_config = LakeConfig {
+        backend: LakeBackend::S3,
+        bucket: Some(backend.bucket.clone()),
+        endpoint: Some(format!("https://localhost:{port}")),
+        region: Some("us-east-1".into()),
+        ..LakeConfig::default()
+    };
+    for key in ["aws_access_key_id", "aws_secret_access_key"] {
+        lake_config.options.insert(key.into(), "test".into());
+    }
+    let lake = Lake::open(&lake_config).expect("open the lake");
+    let err = lake
+        .store
+        .put(&Path::from("probe"), Bytes::from_static(b"x").into())
+        .await
+        .expect_err("an untrusted certificate must be refused");
+    let text = strata_pipeline::error_chain(&err);
+    assert!(text.contains(&format!("localhost:{port}")), "{text}");
+    assert!(text.contains("UnknownIssuer"), "{text}");
+    // A CA file that is not PEM is refused when the lake opens, naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("ca.pem");
+    std::fs::write(&bogus, "not a certificate\n").unwrap();
+    lake_config.tls_ca_file = Some(bogus.clone());
+    let err = Lake::open(&lake_config).expect_err("a CA file without certificates");
+    assert!(
+        strata_pipeline::error_chain(&err).contains(&bogus.display().to_string()),
+        "{}",
+        strata_pipeline::error_chain(&err)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,6 +121,9 @@ impl Config {
                     *p = dir.join(&*p);
                 }
             }
+            if let Some(p) = config.lake.tls_ca_file.as_mut().filter(|p| p.is_relative()) {
+                *p = dir.join(&*p);
+            }
         }
         config.apply_env(|k| std::env::var(k).ok());
         config.validate(&display)?;
