@@ -79,6 +79,11 @@ ensure_test_tools() {
     log "installing moto[server] into $tools/moto"
     python3 -m venv "$tools/moto" && "$tools/moto/bin/pip" install --quiet 'moto[server]'
   fi
+  if ! command -v gcp-storage-emulator >/dev/null && [ ! -x "$tools/gcs/bin/gcp-storage-emulator" ]; then
+    python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3 python3-venv
+    log "installing gcp-storage-emulator into $tools/gcs"
+    python3 -m venv "$tools/gcs" && "$tools/gcs/bin/pip" install --quiet gcp-storage-emulator
+  fi
   if ! command -v azurite-blob >/dev/null && [ ! -x "$tools/azurite/node_modules/.bin/azurite-blob" ]; then
     command -v npm >/dev/null || apt_install nodejs npm
     log "installing azurite into $tools/azurite"

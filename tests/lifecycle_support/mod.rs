@@ -33,6 +33,8 @@ pub enum BackendKind {
     S3,
     /// moto over HTTPS, its certificate signed by a CA of the test's own.
     S3Tls,
+    /// gcp-storage-emulator (PyPI), with OAuth disabled through a service-account file.
+    Gcs,
     Azure,
 }
 
@@ -115,18 +117,19 @@ fn tools_dir() -> PathBuf {
         })
 }
 
-/// `moto_server`: on PATH, or in the tools' virtualenv, else installed there with pip.
-fn moto_server() -> PathBuf {
-    if let Some(p) = on_path("moto_server") {
+/// A Python server from PyPI: `bin` on PATH, or in the tools' virtualenv `venv`, else installed
+/// there with pip (`package`).
+fn pypi_server(bin: &str, venv: &str, package: &str, what: &str) -> PathBuf {
+    if let Some(p) = on_path(bin) {
         return p;
     }
-    let venv = tools_dir().join("moto");
-    let bin = venv.join("bin/moto_server");
-    if bin.is_file() {
-        return bin;
+    let venv = tools_dir().join(venv);
+    let path = venv.join("bin").join(bin);
+    if path.is_file() {
+        return path;
     }
     eprintln!(
-        "moto_server not found: installing moto[server] with pip into {}",
+        "{bin} not found: installing {package} with pip into {}",
         venv.display()
     );
     let ok = Command::new("python3")
@@ -136,19 +139,28 @@ fn moto_server() -> PathBuf {
         .status()
         .is_ok_and(|s| s.success())
         && Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "moto[server]"])
+            .args(["install", "--quiet", package])
             .status()
             .is_ok_and(|s| s.success());
-    if ok && bin.is_file() {
-        return bin;
+    if ok && path.is_file() {
+        return path;
     }
     panic!(
-        "the S3 tests need moto's server: run `python3 -m venv {0} && {0}/bin/pip install 'moto[server]'` (or put moto_server on PATH), then rerun",
+        "the {what} tests need {bin}: run `python3 -m venv {0} && {0}/bin/pip install '{package}'` (or put {bin} on PATH), then rerun",
         venv.display()
     )
 }
 
-/// Where the tests install Azurite when it is not on PATH.
+/// `moto_server` (S3).
+fn moto_server() -> PathBuf {
+    pypi_server("moto_server", "moto", "moto[server]", "S3")
+}
+
+/// `gcp-storage-emulator` (GCS).
+pub fn gcs_emulator() -> PathBuf {
+    pypi_server("gcp-storage-emulator", "gcs", "gcp-storage-emulator", "GCS")
+}
+
 fn azurite_prefix() -> PathBuf {
     tools_dir().join("azurite")
 }
@@ -281,6 +293,45 @@ impl Backend {
                     _storage: Some(storage),
                 }
             }
+            BackendKind::Gcs => {
+                let bin = gcs_emulator();
+                let port = free_port();
+                let addr = format!("127.0.0.1:{port}");
+                let storage = tempfile::tempdir().unwrap();
+                let log = storage.path().join("gcs.log");
+                // No `-` in the name: object_store escapes it in XML API paths (`%2D`), which the
+                // emulator's router does not unescape before matching bucket names.
+                let bucket = rand_name("strata");
+                let mut child = Command::new(bin)
+                    .args(["start", "-H", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--default-bucket", &bucket, "--in-memory"])
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .expect("start gcp-storage-emulator");
+                wait_listening(&addr, &mut child, "gcp-storage-emulator", &log);
+                // object_store's documented way to an emulator: a service account with OAuth off.
+                let account = storage.path().join("service-account.json");
+                std::fs::write(
+                    &account,
+                    format!(r#"{{"disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": "", "gcs_base_url": "http://{addr}"}}"#),
+                )
+                .unwrap();
+                Backend {
+                    kind,
+                    lake_toml: format!(
+                        "[lake]\nbackend = \"gcs\"\nbucket = \"{bucket}\"\nendpoint = \"http://{addr}\"\nallow_http = true\nprefix = \"{prefix}\"\n[lake.options]\ngoogle_service_account = \"{}\"\n",
+                        account.display()
+                    ),
+                    bucket,
+                    prefix,
+                    local_root: None,
+                    addr: Some(addr),
+                    ca_file: None,
+                    server: Some(child),
+                    _storage: Some(storage),
+                }
+            }
             BackendKind::Azure => {
                 let bin = azurite_blob();
                 let port = free_port();
@@ -353,6 +404,7 @@ impl Backend {
                 );
                 body.contains("<UploadId>")
             }
+            BackendKind::Gcs => unreachable!("the GCS emulator is not in the suite (README)"),
             BackendKind::S3Tls => {
                 let port = self.addr.as_ref().unwrap().rsplit(':').next().unwrap();
                 let url = format!("https://localhost:{port}/{}?uploads", self.bucket);
