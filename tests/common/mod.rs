@@ -146,7 +146,11 @@ impl TestEnv {
             "[redis]\nurl = \"{redis_url}\"\n[postgres]\nurl = \"{db_url}\"\n{lake}{extra}\n"
         );
         std::fs::write(dir.path().join("config.toml"), config_text).unwrap();
-        let config = Config::load(&dir.path().join("config.toml"), true).expect("config");
+        let mut config = Config::load(&dir.path().join("config.toml"), true).expect("config");
+        // `Config::load` applies REDIS_URL and DATABASE_URL, which name the servers the tests
+        // use, not this test's own database: the file's URLs stand.
+        config.redis.url = redis_url.to_string();
+        config.postgres.url = db_url.clone();
         let schema = Arc::new(Schema::from_toml("test", &text).expect("schema"));
         TestEnv {
             db,
