@@ -321,15 +321,23 @@ impl TestEnv {
         }
     }
 
+    /// `strata --config <this environment's config>`, without the REDIS_URL and DATABASE_URL of
+    /// the test process (they name the shared servers, not this test's database).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .env_remove("REDIS_URL")
+            .env_remove("DATABASE_URL");
+        cmd
+    }
+
     /// Starts `strata <args>` with this environment's config, logging to a file in the env dir.
     pub fn spawn(&self, args: &[&str], log_name: &str) -> Spawned {
         let log = std::fs::File::create(self.dir.path().join(log_name)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .arg("--config")
-            .arg(self.config_path())
+        let child = self
+            .command()
             .args(args)
-            .env_remove("REDIS_URL")
-            .env_remove("DATABASE_URL")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
