@@ -116,7 +116,17 @@ impl Config {
         };
         // Relative paths in the file are relative to the file.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            for p in [&mut config.schemas_dir, &mut config.lake.path] {
+            let redis = &mut config.redis;
+            let tls_files = [
+                &mut redis.tls_ca_file,
+                &mut redis.tls_cert_file,
+                &mut redis.tls_key_file,
+            ];
+            let files = tls_files.into_iter().flatten();
+            for p in [&mut config.schemas_dir, &mut config.lake.path]
+                .into_iter()
+                .chain(files)
+            {
                 if p.is_relative() {
                     *p = dir.join(&*p);
                 }

@@ -139,7 +139,7 @@ pub struct LoopSpec {
     /// Where new entries are read with a connection of the loop's own (see
     /// [`streams::ReadConnection`]);
     /// `None` reads through the pool, for loops where volume is low.
-    pub read_url: Option<String>,
+    pub read_from: Option<streams::ReadTarget>,
 }
 
 impl LoopSpec {
@@ -167,7 +167,7 @@ impl LoopSpec {
             workers,
             streams,
             output_high_watermark: None,
-            read_url: None,
+            read_from: None,
         }
     }
 }
