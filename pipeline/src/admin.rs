@@ -26,6 +26,8 @@ pub struct Readiness {
     pub postgres: Option<deadpool_postgres::Pool>,
     /// `host:port` of Redis, to name it in the answer.
     pub redis_server: String,
+    /// Whether Redis is reached over TLS (`rediss://`), to explain a handshake left unanswered.
+    pub redis_tls: bool,
     /// The PostgreSQL server, to name it and explain a refused connection
     /// ([`crate::db::PostgresTarget::cause_of`]).
     pub postgres_target: Option<crate::db::PostgresTarget>,
@@ -49,16 +51,18 @@ impl Readiness {
             redis: crate::db::redis_pool(config)?,
             postgres,
             redis_server: crate::db::redis_server(config.redis()),
+            redis_tls: crate::db::redis_uses_tls(config.redis()),
             postgres_target,
         })
     }
 }
 
 /// Why Redis failed `/readyz` or the start check: the server and, for TLS, the cause.
-pub fn explain_redis(server: &str, e: &(dyn std::error::Error + 'static)) -> String {
+pub fn explain_redis(server: &str, tls: bool, e: &(dyn std::error::Error + 'static)) -> String {
     let chain = crate::error_chain(e);
     match crate::tls::failure_of(e) {
         Some(f) => format!("{server}: TLS failed: {f} ({chain})"),
+        None if tls && timed_out_in(e) => format!("{server}: {NO_TLS_ANSWER} ({chain})"),
         None if hang_up_in(e) => format!(
             "{server}: the server closed the connection at once (it may require TLS: use rediss://) ({chain})"
         ),
@@ -82,20 +86,31 @@ fn postgres_error_in<'a>(
     None
 }
 
+/// What an unanswered TLS handshake suggests: a plain server waiting for a command's end.
+const NO_TLS_ANSWER: &str = "no answer to the TLS handshake in time: the server may not speak TLS";
+
+fn timed_out_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    crate::tls::find_in_chain(e, &mut |e| {
+        if let Some(p) = e.downcast_ref::<deadpool_redis::PoolError>() {
+            return matches!(p, deadpool_redis::PoolError::Timeout(_)).then_some(true);
+        }
+        e.downcast_ref::<redis::RedisError>()
+            .filter(|r| r.is_timeout())
+            .map(|_| true)
+    })
+    .unwrap_or(false)
+}
+
 fn hang_up_in(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(e) = cur {
+    crate::tls::find_in_chain(e, &mut |e| {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return crate::tls::is_hang_up(io);
+            return Some(crate::tls::is_hang_up(io));
         }
-        if let Some(r) = e.downcast_ref::<redis::RedisError>() {
-            if r.is_connection_dropped() {
-                return true;
-            }
-        }
-        cur = e.source();
-    }
-    false
+        e.downcast_ref::<redis::RedisError>()
+            .filter(|r| r.is_connection_dropped())
+            .map(|_| true)
+    })
+    .unwrap_or(false)
 }
 
 /// Why PostgreSQL failed `/readyz` or the start check: the server and the cause.
@@ -225,7 +240,14 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     let ready = &state.ready;
     match tokio::time::timeout(Duration::from_secs(2), check_redis(&ready.redis)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => problems.push(format!("redis {}", explain_redis(&ready.redis_server, &*e))),
+        Ok(Err(e)) => problems.push(format!(
+            "redis {}",
+            explain_redis(&ready.redis_server, ready.redis_tls, &*e)
+        )),
+        Err(_) if ready.redis_tls => problems.push(format!(
+            "redis {}: no answer within 2 s ({NO_TLS_ANSWER}?)",
+            ready.redis_server
+        )),
         Err(_) => problems.push(format!(
             "redis {}: no answer within 2 s",
             ready.redis_server

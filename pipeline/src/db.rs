@@ -400,6 +400,12 @@ pub fn redis_read_target(config: &impl RuntimeConfig) -> Result<ReadTarget, Pool
     })
 }
 
+/// Whether `[redis] url` is `rediss://`.
+pub fn redis_uses_tls(redis: &RedisConfig) -> bool {
+    redis::IntoConnectionInfo::into_connection_info(redis.url.as_str())
+        .is_ok_and(|i| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. }))
+}
+
 /// `host:port` of the configured Redis (the URL's, or its socket path), to name it in errors.
 pub fn redis_server(redis: &RedisConfig) -> String {
     match redis::IntoConnectionInfo::into_connection_info(redis.url.as_str()) {

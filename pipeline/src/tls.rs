@@ -365,25 +365,48 @@ impl TlsFailure {
     }
 }
 
-/// The TLS failure somewhere in `err`'s source chain: a `rustls::Error`, directly or inside a
-/// `std::io::Error` (as tokio-rustls and the `redis` crate report it).
-pub fn failure_of(err: &(dyn StdError + 'static)) -> Option<TlsFailure> {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+/// Calls `f` on each error of `err`'s source chain until it returns `Some`. Errors shared as
+/// `Arc<dyn Error>` (as the `redis` crate keeps them) are looked into, and so is the error inside
+/// a `std::io::Error` (whose `source()` skips it).
+pub fn find_in_chain<'a, T>(
+    err: &'a (dyn StdError + 'static),
+    f: &mut impl FnMut(&'a (dyn StdError + 'static)) -> Option<T>,
+) -> Option<T> {
+    let mut cur: Option<&'a (dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
-        if let Some(f) = e.downcast_ref::<TlsConnectError>() {
-            return Some(f.failure.clone());
+        if let Some(found) = f(e) {
+            return Some(found);
         }
-        if let Some(r) = e.downcast_ref::<rustls::Error>() {
-            return Some(TlsFailure::from_rustls(r));
+        if let Some(shared) = e.downcast_ref::<Arc<dyn StdError + Send + Sync>>() {
+            let inner: &'a (dyn StdError + 'static) = &**shared;
+            if let Some(found) = find_in_chain(inner, f) {
+                return Some(found);
+            }
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return Some(TlsFailure::from_rustls(r));
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            let inner: &'a (dyn StdError + 'static) = inner;
+            if let Some(found) = find_in_chain(inner, f) {
+                return Some(found);
             }
         }
         cur = e.source();
     }
     None
+}
+
+/// The TLS failure somewhere in `err`'s source chain: a `rustls::Error`, directly or inside a
+/// `std::io::Error` (as tokio-rustls and the `redis` crate report it).
+pub fn failure_of(err: &(dyn StdError + 'static)) -> Option<TlsFailure> {
+    find_in_chain(err, &mut |e| {
+        if let Some(f) = e.downcast_ref::<TlsConnectError>() {
+            return Some(f.failure.clone());
+        }
+        e.downcast_ref::<rustls::Error>()
+            .map(TlsFailure::from_rustls)
+    })
 }
 
 /// A failed TLS handshake with `server`.

@@ -146,7 +146,7 @@ async fn check_servers(
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(
             redis = %server,
-            error = %admin::explain_redis(&server, &*e),
+            error = %admin::explain_redis(&server, strata_pipeline::db::redis_uses_tls(&config.redis), &*e),
             "cannot connect to Redis (retrying with backoff)"
         ),
         Err(_) => tracing::error!(redis = %server, "Redis did not answer within 10 s"),

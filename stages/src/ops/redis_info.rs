@@ -15,7 +15,11 @@ pub async fn connect(config: &Config) -> Result<MultiplexedConnection, OpsError>
     let server = strata_pipeline::db::redis_server(&config.redis);
     let fail = |e: redis::RedisError| OpsError::RedisConnect {
         url: url.clone(),
-        reason: strata_pipeline::admin::explain_redis(&server, &e),
+        reason: strata_pipeline::admin::explain_redis(
+            &server,
+            strata_pipeline::db::redis_uses_tls(&config.redis),
+            &e,
+        ),
     };
     let client =
         strata_pipeline::db::redis_client(&config.redis).map_err(|e| OpsError::RedisConnect {
