@@ -161,6 +161,7 @@ async fn hot_path_runs_over_tls_with_verify_full_and_client_certificates_to_both
         key: &certs.server_key,
         ca: &certs.ca,
         auth_clients: true,
+        also_plain: false,
     });
     let pg = start_postgres_tls(&certs, &certs.server_cert, &certs.server_key, CERT_HBA);
     let url = verify_full_url(pg.port, "strata", &certs, &certs.ca);
@@ -331,6 +332,7 @@ fn redis_failures_name_the_server_and_the_cause_at_start_and_in_readyz() {
         key: &certs.server_key,
         ca: &certs.ca,
         auth_clients: false,
+        also_plain: false,
     });
     let server = format!("localhost:{}", tls.port);
     redis_failure(
@@ -356,6 +358,7 @@ fn redis_failures_name_the_server_and_the_cause_at_start_and_in_readyz() {
         key: &certs.expired_key,
         ca: &certs.ca,
         auth_clients: false,
+        also_plain: false,
     });
     redis_failure(
         "expired",
@@ -384,6 +387,7 @@ fn skipping_verification_is_explicit_and_warned() {
         key: &certs.server_key,
         ca: &certs.ca,
         auth_clients: false,
+        also_plain: false,
     });
     let setup = Setup::new(
         &format!(

@@ -119,12 +119,17 @@ pub struct RedisTls<'a> {
     pub ca: &'a Path,
     /// `--tls-auth-clients yes`: a client certificate signed by `ca` is required.
     pub auth_clients: bool,
+    /// Also serve plain TCP on another port (to compare plain and TLS on one server).
+    pub also_plain: bool,
 }
 
-/// A `redis-server` that speaks only TLS (`--port 0 --tls-port P`), no persistence.
+/// A `redis-server` that speaks TLS (`--tls-port P`; plain TCP too only with
+/// [`RedisTls::also_plain`]), no persistence.
 pub struct OwnTlsRedis {
     /// Its loopback TLS port.
     pub port: u16,
+    /// Its plain port, with [`RedisTls::also_plain`].
+    pub plain_port: Option<u16>,
     /// Its working folder.
     dir: tempfile::TempDir,
     /// The server process.
@@ -135,13 +140,15 @@ impl OwnTlsRedis {
     /// Starts the server with `tls` and waits until its port accepts connections.
     pub fn start(tls: &RedisTls<'_>) -> Self {
         let port = free_port();
+        let plain_port = tls.also_plain.then(free_port);
+        let plain = plain_port.unwrap_or(0).to_string();
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
             .args([
                 "--bind",
                 "127.0.0.1",
                 "--port",
-                "0",
+                &plain,
                 "--save",
                 "",
                 "--appendonly",
@@ -165,7 +172,12 @@ impl OwnTlsRedis {
             .spawn()
             .expect("redis-server built with TLS");
         wait_for_port(port, true, "redis-server (TLS)");
-        OwnTlsRedis { port, dir, child }
+        OwnTlsRedis {
+            port,
+            plain_port,
+            dir,
+            child,
+        }
     }
 
     /// Its working folder.
