@@ -285,6 +285,25 @@ fn postgres_failures_name_the_server_and_the_cause() {
     );
     assert!(err.contains("expired"), "{err}");
 
+    // While running: /readyz and the log say the same, calmly.
+    let good = Setup::new(
+        "url = \"redis://127.0.0.1:1\"",
+        &verify_full_url(pg.port, "strata", &certs, &certs.ca),
+    );
+    let out = good.run(&["migrate"]);
+    assert!(out.status.success(), "migrate: {}", stderr(&out));
+    let redis = OwnRedis::start();
+    let wrong_ca = Setup::new(
+        &format!("url = \"{}\"", redis.url()),
+        &verify_full_url(pg.port, "strata", &certs, &certs.other_ca),
+    );
+    reported_while_running(
+        &wrong_ca,
+        "postgres wrong CA",
+        &server,
+        "not signed by a trusted CA",
+    );
+
     // A TLS client against a server with ssl = off.
     let plain = OwnPostgres::start();
     let err = migrate_fails(&format!(
@@ -302,6 +321,12 @@ fn redis_failure(name: &str, redis_cfg: &str, server: &str, expect: &str) {
     let setup = Setup::new(redis_cfg, &pg.url("strata"));
     let out = setup.run(&["migrate"]);
     assert!(out.status.success(), "migrate: {}", stderr(&out));
+    reported_while_running(&setup, name, server, expect);
+}
+
+/// `strata run` on `setup`: `/readyz` and the log name `server` and `expect`, and the log stays
+/// calm for 4 s.
+fn reported_while_running(setup: &Setup, name: &str, server: &str, expect: &str) {
     let admin = free_port();
     let _run = setup.serve(admin, "run.log");
     let ready = readyz_until(admin, |a| a.contains(expect));

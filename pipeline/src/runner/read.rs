@@ -61,7 +61,7 @@ pub(super) async fn read_loop(
             None => match redis.get().await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
-                    warn!(stage = spec.stage, error = %e, "redis unavailable, retrying");
+                    super::warn_redis_unavailable(&spec, &e);
                     backoff.wait(&stop).await;
                     continue;
                 }
