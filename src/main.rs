@@ -175,6 +175,9 @@ fn parse() -> (Cli, Option<&'static StageSpec>) {
 }
 
 fn main() -> ExitCode {
+    // One crypto provider (aws-lc-rs) for every TLS connection: PostgreSQL, Redis, the lake and
+    // the OTLP exporter, installed before any of them builds a rustls config.
+    strata_pipeline::tls::install_crypto_provider();
     let (cli, stage) = parse();
     let (config, schemas) = match load(&cli) {
         Ok(loaded) => loaded,

@@ -1,8 +1,11 @@
 //! Connections to PostgreSQL and Redis built from the config.
 //!
 //! [`connect_postgres`] (one connection) and [`postgres_pool`] (a pool of them) are the only
-//! places strata opens a PostgreSQL connection: both go through [`open_postgres`], so the TLS
-//! connector (issue "Production connectivity") goes there and nowhere else.
+//! places strata opens a PostgreSQL connection: both go through [`open_postgres`], which takes
+//! a [`PostgresTarget`] ([`postgres_config`]: the URL with libpq's TLS keys, see
+//! [`crate::pg_tls`]) and uses its rustls connector. Redis: [`redis_client`] (`rediss://` with
+//! `[redis] tls_*`), [`redis_pool`] over it, and [`redis_read_target`] for the hot loops' own
+//! read connections, all from the one rustls setup of [`crate::tls`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -316,6 +319,16 @@ pub fn redis_tls(redis: &RedisConfig) -> Result<Option<Arc<rustls::ClientConfig>
     let info = redis::IntoConnectionInfo::into_connection_info(redis.url.as_str())
         .map_err(PoolError::RedisUrl)?;
     if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+        let tls_keys = redis.tls_ca_file.is_some()
+            || redis.tls_cert_file.is_some()
+            || redis.tls_key_file.is_some()
+            || redis.tls_insecure_skip_verify;
+        if tls_keys {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!("[redis] tls_* settings are ignored: the url is not rediss://");
+            });
+        }
         return Ok(None);
     }
     redis_tls_settings(redis)

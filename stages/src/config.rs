@@ -216,6 +216,24 @@ mod tests {
     }
 
     #[test]
+    fn redis_tls_files_are_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("strata-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(
+            &path,
+            "[redis]\nurl = \"rediss://r:6380\"\ntls_ca_file = \"ca.pem\"\ntls_cert_file = \"/abs/c.pem\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path, true).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c.redis.tls_ca_file, Some(dir.join("ca.pem")));
+        assert_eq!(c.redis.tls_cert_file, Some(PathBuf::from("/abs/c.pem")));
+        assert_eq!(c.redis.tls_key_file, None);
+        assert!(!c.redis.tls_insecure_skip_verify);
+    }
+
+    #[test]
     fn the_repository_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.toml");
         let c = Config::load(&path, true).expect("config.toml");
