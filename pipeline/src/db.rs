@@ -341,15 +341,7 @@ fn redis_tls_settings(redis: &RedisConfig) -> Result<TlsSettings, TlsConfigError
     let client_cert = match (&redis.tls_cert_file, &redis.tls_key_file) {
         (Some(c), Some(k)) => Some((c.clone(), k.clone())),
         (None, None) => None,
-        (Some(c), None) | (None, Some(c)) => {
-            return Err(TlsConfigError::Read {
-                path: c.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "tls_cert_file and tls_key_file must be set together",
-                ),
-            })
-        }
+        (Some(c), None) | (None, Some(c)) => return Err(TlsConfigError::HalfClientCert(c.clone())),
     };
     if redis.tls_insecure_skip_verify {
         static WARNED: std::sync::Once = std::sync::Once::new();

@@ -103,6 +103,8 @@ pub enum TlsConfigError {
         #[source]
         source: rustls::Error,
     },
+    #[error("{0} is set without its pair (a client certificate needs both the certificate and the key file)")]
+    HalfClientCert(PathBuf),
     #[error("cannot build the certificate verifier")]
     Verifier(#[source] rustls::client::VerifierBuilderError),
     #[error("cannot set up TLS")]
