@@ -138,7 +138,9 @@ impl PostgresTarget {
             return (refused && self.tls.mode == SslMode::Disable)
                 .then_some(PgCause::ServerRequiresTls);
         }
-        if self.tls.mode < SslMode::Require {
+        // An unreachable server (an I/O error) is not probed.
+        let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+        if self.tls.mode < SslMode::Require || io {
             return None;
         }
         // tokio-postgres reports a declined SSLRequest only in words; ask the server directly.
