@@ -32,10 +32,15 @@ use crate::tls::{Roots, TlsConfigError, TlsConnectError, TlsSettings, Verify};
 /// libpq's `sslmode` values strata supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SslMode {
+    /// Plain TCP.
     Disable,
+    /// TLS if offered, unverified.
     Prefer,
+    /// TLS, unverified (verify-ca with an `sslrootcert`).
     Require,
+    /// TLS, chain verified.
     VerifyCa,
+    /// TLS, chain and host name verified.
     VerifyFull,
 }
 
@@ -66,12 +71,16 @@ impl SslMode {
 /// TLS parameters that do not make sense.
 #[derive(Debug, thiserror::Error)]
 pub enum SslParamError {
+    /// Not one of the five modes.
     #[error("unsupported sslmode `{0}` (disable, prefer, require, verify-ca or verify-full)")]
     Mode(String),
+    /// libpq's rule for the OS store.
     #[error("sslrootcert=system needs sslmode=verify-full (it is `{0}`)")]
     SystemNeedsVerifyFull(&'static str),
+    /// One of the client certificate's two files.
     #[error("sslcert and sslkey must be given together")]
     CertWithoutKey,
+    /// A file that cannot be used.
     #[error(transparent)]
     Files(#[from] TlsConfigError),
 }

@@ -74,39 +74,56 @@ pub struct TlsSettings {
 /// A TLS setting that cannot be used; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
+    /// A file that cannot be read.
     #[error("cannot read {path}")]
     Read {
+        /// The file.
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// A file that is not PEM (or holds no private key, for a key file).
     #[error("{path} is not valid PEM")]
     Pem {
+        /// The file.
         path: PathBuf,
         #[source]
         source: rustls::pki_types::pem::Error,
     },
+    /// A PEM file without a `CERTIFICATE` block.
     #[error("{path} holds no certificate")]
-    NoCertificate { path: PathBuf },
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A CA file whose certificate cannot be a trust anchor.
     #[error("{path} holds no usable CA certificate")]
     NoUsableCa {
+        /// The file.
         path: PathBuf,
         #[source]
         source: rustls::Error,
     },
+    /// `sslrootcert=system` or no CA file, and the OS store is empty.
     #[error("the operating system's CA store holds no certificate")]
     NoSystemRoots,
+    /// A client certificate and a key that rustls refuses together.
     #[error("client certificate {cert} and key {key} do not go together")]
     ClientCert {
+        /// The certificate file.
         cert: PathBuf,
+        /// The key file.
         key: PathBuf,
         #[source]
         source: rustls::Error,
     },
+    /// Only one of the certificate and key files is set.
     #[error("{0} is set without its pair (a client certificate needs both the certificate and the key file)")]
     HalfClientCert(PathBuf),
+    /// webpki refused the root store.
     #[error("cannot build the certificate verifier")]
     Verifier(#[source] rustls::client::VerifierBuilderError),
+    /// The provider supports no protocol version (cannot happen with aws-lc-rs).
     #[error("cannot set up TLS")]
     Rustls(#[source] rustls::Error),
 }
