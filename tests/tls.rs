@@ -253,6 +253,23 @@ fn postgres_failures_name_the_server_and_the_cause() {
     .run(&["migrate"]);
     assert!(ok.status.success(), "verify-ca: {}", stderr(&ok));
 
+    // prefer and require without a root certificate: encrypted, not verified (any name, any
+    // CA); require with sslrootcert acts as verify-ca, as in libpq.
+    for mode in ["prefer", "require"] {
+        let url = format!(
+            "postgres://postgres@127.0.0.1:{}/strata?sslmode={mode}",
+            pg.port
+        );
+        let out = Setup::new("url = \"redis://127.0.0.1:1\"", &url).run(&["migrate"]);
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+    }
+    let err = migrate_fails(&format!(
+        "postgres://postgres@127.0.0.1:{}/strata?sslmode=require&sslrootcert={}",
+        pg.port,
+        certs.other_ca.display()
+    ));
+    assert!(err.contains("not signed by a trusted CA"), "{err}");
+
     // A plain client against a server that has only hostssl rules.
     let err = migrate_fails(&format!(
         "postgres://postgres@127.0.0.1:{}/strata?sslmode=disable",
