@@ -175,6 +175,9 @@ fn parse() -> (Cli, Option<&'static StageSpec>) {
 }
 
 fn main() -> ExitCode {
+    // One crypto provider (aws-lc-rs) for every TLS connection: PostgreSQL, Redis, the lake and
+    // the OTLP exporter, installed before any of them builds a rustls config.
+    strata_pipeline::tls::install_crypto_provider();
     let (cli, stage) = parse();
     let (config, schemas) = match load(&cli) {
         Ok(loaded) => loaded,
@@ -383,14 +386,10 @@ async fn serve(
     let shutdown = strata_pipeline::shutdown::on_signals();
     if config.admin.enabled {
         let metrics = strata_pipeline::observe::install();
-        let ready = strata_pipeline::admin::Readiness {
-            redis: strata_pipeline::db::redis_pool(config)?,
-            postgres: stages
-                .iter()
-                .any(|s| s.needs_postgres)
-                .then(|| strata_pipeline::db::postgres_pool(config, 1))
-                .transpose()?,
-        };
+        let ready = strata_pipeline::admin::Readiness::new(
+            config,
+            stages.iter().any(|s| s.needs_postgres),
+        )?;
         strata_pipeline::admin::serve(&config.admin.listen, metrics, ready, shutdown.clone())
             .await?;
     }

@@ -36,6 +36,7 @@ use bytes::{Bytes, BytesMut};
 use clap::Parser;
 use futures_util::{SinkExt, TryStreamExt};
 use redis::aio::MultiplexedConnection;
+use strata_pipeline::db::PostgresTarget;
 use strata_pipeline::schema::Schema;
 use strata_pipeline::streams;
 use strata_stages::catalog::ident;
@@ -105,6 +106,37 @@ struct Args {
     /// reported, with every run's ratio. On a shared machine single runs vary by ±20 %.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
+    /// Run the hot path twice per run, over plain TCP and over TLS to both Redis and PostgreSQL
+    /// (verify-full, certificates generated for the run), on servers of the benchmark's own
+    /// (one redis-server with a plain and a TLS port, one PostgreSQL with `ssl = on` accepting
+    /// both), and report how much slower TLS is (target ≤ 15 %). --database-url and --redis-url
+    /// are not used then.
+    #[arg(long)]
+    tls: bool,
+}
+
+/// TLS may cost at most this share of the plain hot path's throughput.
+const TLS_SLOWDOWN_MAX: f64 = 0.15;
+
+/// The servers one measurement talks to.
+#[derive(Clone)]
+struct Servers {
+    /// The benchmark's database (TLS keys in the URL, as strata reads them).
+    database_url: String,
+    /// `[redis]` as strata reads it: URL and, for TLS, the CA file.
+    redis: strata_pipeline::config::RedisConfig,
+}
+
+impl Servers {
+    fn of(args: &Args) -> Self {
+        Servers {
+            database_url: args.database_url.clone(),
+            redis: strata_pipeline::config::RedisConfig {
+                url: args.redis_url.clone(),
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// A failure, with what was being done when it happened.
@@ -158,6 +190,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.tls {
+        return match runtime.block_on(bench_tls(&args)) {
+            Ok(report) => {
+                print!("{}", report.text());
+                if args.json {
+                    println!("{}", report.json());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("strata-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(bench(&args)) {
         Ok(report) => {
             print!("{}", report.text());
@@ -411,12 +458,11 @@ struct Setup {
     dir: PathBuf,
     config: PathBuf,
     schema: Schema,
-    database_url: String,
-    redis_url: String,
+    servers: Servers,
 }
 
 impl Setup {
-    fn new(args: &Args) -> Result<Self> {
+    fn new(args: &Args, servers: &Servers) -> Result<Self> {
         let strata = match &args.strata {
             Some(p) => p.clone(),
             None => std::env::current_exe()
@@ -454,6 +500,14 @@ impl Setup {
         std::fs::write(schemas.join(format!("{TABLE}.toml")), schema_text)
             .context(|| format!("writing into {}", schemas.display()))?;
         table.insert("schemas_dir".into(), "schemas".into());
+        if let Some(ca) = &servers.redis.tls_ca_file {
+            let redis = table
+                .entry("redis")
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            if let Some(redis) = redis.as_table_mut() {
+                redis.insert("tls_ca_file".into(), ca.display().to_string().into());
+            }
+        }
         let config = dir.join("config.toml");
         std::fs::write(&config, table.to_string())
             .context(|| format!("writing {}", config.display()))?;
@@ -462,8 +516,7 @@ impl Setup {
             dir,
             config,
             schema,
-            database_url: args.database_url.clone(),
-            redis_url: args.redis_url.clone(),
+            servers: servers.clone(),
         })
     }
 
@@ -479,8 +532,8 @@ impl Setup {
             .arg(&self.config)
             .args(args)
             .current_dir(&self.dir)
-            .env("DATABASE_URL", &self.database_url)
-            .env("REDIS_URL", &self.redis_url)
+            .env("DATABASE_URL", &self.servers.database_url)
+            .env("REDIS_URL", &self.servers.redis.url)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         cmd
@@ -544,31 +597,157 @@ async fn bench(args: &Args) -> Result<Report> {
         if args.runs > 1 {
             step(&format!("run {run} of {}", args.runs));
         }
-        let setup = Setup::new(args)?;
-        let result = measure(args, &setup).await;
-        // The scratch folder is kept only when `strata run`'s log may explain a failure.
-        if result.is_ok() || !setup.run_log().exists() {
-            let _ = std::fs::remove_dir_all(&setup.dir);
-        }
-        let report = result?;
+        reports.push(one_run(args, &Servers::of(args)).await?);
         if args.runs > 1 {
-            step(&format!("run {run}: ratio {:.3}", report.ratio()));
+            step(&format!(
+                "run {run}: ratio {:.3}",
+                reports[reports.len() - 1].ratio()
+            ));
         }
-        reports.push(report);
     }
+    Ok(median(reports))
+}
+
+/// One whole run on `servers` (fresh database, pre-load, strata, ceiling).
+async fn one_run(args: &Args, servers: &Servers) -> Result<Report> {
+    let setup = Setup::new(args, servers)?;
+    let result = measure(args, &setup).await;
+    // The scratch folder is kept only when `strata run`'s log may explain a failure.
+    if result.is_ok() || !setup.run_log().exists() {
+        let _ = std::fs::remove_dir_all(&setup.dir);
+    }
+    result
+}
+
+/// The run with the median ratio, holding every run's ratio.
+fn median(mut reports: Vec<Report>) -> Report {
     let ratios: Vec<f64> = reports.iter().map(Report::ratio).collect();
     reports.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
     let mut median = reports.swap_remove(reports.len() / 2);
     median.ratios = ratios;
-    Ok(median)
+    median
+}
+
+/// `--tls`: plain and TLS runs, alternating, on the same servers of the benchmark's own.
+struct TlsReport {
+    /// The median plain run.
+    plain: Report,
+    /// The median TLS run.
+    tls: Report,
+    /// Per run: TLS's slowdown of strata's events/s against the plain run just before it.
+    slowdowns: Vec<f64>,
+}
+
+impl TlsReport {
+    /// 1 − TLS events/s ÷ plain events/s, of the medians.
+    fn slowdown(&self) -> f64 {
+        1.0 - self.tls.strata_eps() / self.plain.strata_eps()
+    }
+
+    fn text(&self) -> String {
+        let mut out = String::from("\n== plain TCP to Redis and PostgreSQL ==");
+        out.push_str(&self.plain.text());
+        out.push_str(
+            "\n== TLS to Redis (rediss://, CA file) and PostgreSQL (sslmode=verify-full) ==",
+        );
+        out.push_str(&self.tls.text());
+        let s = self.slowdown();
+        out.push_str(&format!(
+            "\nTLS vs plain   {} vs {} events/s: {:.1} % slower   target ≤ {:.0} %: {}\n",
+            thousands(self.tls.strata_eps().round() as u64),
+            thousands(self.plain.strata_eps().round() as u64),
+            s * 100.0,
+            TLS_SLOWDOWN_MAX * 100.0,
+            if s <= TLS_SLOWDOWN_MAX {
+                "PASS"
+            } else {
+                "MISS"
+            }
+        ));
+        if self.slowdowns.len() > 1 {
+            let all: Vec<String> = self
+                .slowdowns
+                .iter()
+                .map(|r| format!("{:.1} %", r * 100.0))
+                .collect();
+            out.push_str(&format!("  per run      {}\n", all.join(", ")));
+        }
+        out
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "benchmark": "hot_path_tls",
+            "plain": self.plain.json(),
+            "tls": self.tls.json(),
+            "tls_slowdown": (self.slowdown() * 1000.0).round() / 1000.0,
+            "tls_slowdowns": self.slowdowns.iter().map(|r| (r * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+            "tls_slowdown_max": TLS_SLOWDOWN_MAX,
+            "tls_pass": self.slowdown() <= TLS_SLOWDOWN_MAX,
+        })
+    }
+}
+
+async fn bench_tls(args: &Args) -> Result<TlsReport> {
+    use strata_testkit::tls::{start_postgres_tls, OwnTlsRedis, RedisTls, TestCerts};
+    if args.events < 2 {
+        return fail("--events must be at least 2 (the ceiling splits the rows in two halves)");
+    }
+    step("starting a redis-server (plain and TLS ports) and a PostgreSQL with ssl = on");
+    let certs = TestCerts::generate();
+    let redis = OwnTlsRedis::start(&RedisTls {
+        cert: &certs.server_cert,
+        key: &certs.server_key,
+        ca: &certs.ca,
+        auth_clients: false,
+        also_plain: true,
+    });
+    let pg = start_postgres_tls(
+        &certs,
+        &certs.server_cert,
+        &certs.server_key,
+        "host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust",
+    );
+    let plain = Servers {
+        database_url: format!("postgres://postgres@127.0.0.1:{}/strata_bench", pg.port),
+        redis: strata_pipeline::config::RedisConfig {
+            url: format!("redis://127.0.0.1:{}", redis.plain_port.unwrap_or_default()),
+            ..Default::default()
+        },
+    };
+    let tls = Servers {
+        database_url: format!(
+            "postgres://postgres@localhost:{}/strata_bench?sslmode=verify-full&sslrootcert={}",
+            pg.port,
+            certs.ca.display()
+        ),
+        redis: strata_pipeline::config::RedisConfig {
+            url: redis.url(),
+            tls_ca_file: Some(certs.ca.clone()),
+            ..Default::default()
+        },
+    };
+    let (mut plains, mut tlss, mut slowdowns) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=args.runs {
+        step(&format!("run {run} of {}: plain TCP", args.runs));
+        let p = one_run(args, &plain).await?;
+        step(&format!("run {run} of {}: TLS", args.runs));
+        let t = one_run(args, &tls).await?;
+        slowdowns.push(1.0 - t.strata_eps() / p.strata_eps());
+        plains.push(p);
+        tlss.push(t);
+    }
+    Ok(TlsReport {
+        plain: median(plains),
+        tls: median(tlss),
+        slowdowns,
+    })
 }
 
 /// Every step of one run, in the scratch folder of `setup`.
 async fn measure(args: &Args, setup: &Setup) -> Result<Report> {
     let machine = Machine::read();
-    let pg: tokio_postgres::Config = args
-        .database_url
-        .parse()
+    let pg = strata_pipeline::db::postgres_config(&setup.servers.database_url)
         .context(|| "invalid --database-url / DATABASE_URL".into())?;
     let n = args.events;
 
@@ -577,7 +756,7 @@ async fn measure(args: &Args, setup: &Setup) -> Result<Report> {
         pg.get_dbname().unwrap_or("?")
     ));
     reset_database(&pg).await?;
-    let mut redis = connect_redis(&args.redis_url).await?;
+    let mut redis = connect_redis(&setup.servers.redis).await?;
     let redis_version = redis_version(&mut redis).await?;
     reset_streams(&mut redis).await?;
 
@@ -635,24 +814,21 @@ fn step(what: &str) {
     eprintln!("strata-bench: {what}…");
 }
 
-/// Connects to PostgreSQL; the connection is driven by its own task.
-async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.context(|| {
+/// Connects to PostgreSQL as strata does (TLS included); the connection is driven by its own
+/// task.
+async fn connect(pg: &PostgresTarget) -> Result<tokio_postgres::Client> {
+    let (client, _task) = strata_pipeline::db::open_postgres(pg).await.context(|| {
         format!(
-            "connecting to PostgreSQL database `{}`",
-            pg.get_dbname().unwrap_or("?")
+            "connecting to PostgreSQL database `{}` at {}",
+            pg.get_dbname().unwrap_or("?"),
+            pg.server()
         )
     })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            eprintln!("strata-bench: PostgreSQL connection closed: {e}");
-        }
-    });
     Ok(client)
 }
 
 /// Drops and recreates the benchmark's database, which must be named as one.
-async fn reset_database(pg: &tokio_postgres::Config) -> Result<()> {
+async fn reset_database(pg: &PostgresTarget) -> Result<()> {
     let Some(db) = pg.get_dbname() else {
         return fail("--database-url / DATABASE_URL names no database");
     };
@@ -690,8 +866,12 @@ async fn checkpoint(db: &tokio_postgres::Client) {
     }
 }
 
-async fn connect_redis(url: &str) -> Result<MultiplexedConnection> {
-    let client = redis::Client::open(url).context(|| "invalid --redis-url / REDIS_URL".into())?;
+async fn connect_redis(
+    redis: &strata_pipeline::config::RedisConfig,
+) -> Result<MultiplexedConnection> {
+    let url = &redis.url;
+    let client = strata_pipeline::db::redis_client(redis)
+        .context(|| "invalid --redis-url / REDIS_URL".into())?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(30)));
@@ -1045,7 +1225,7 @@ struct Ceiling {
 /// Reads the committed rows back and times COPYing them into the table again in two parallel
 /// sessions.
 async fn ceiling(
-    pg: &tokio_postgres::Config,
+    pg: &PostgresTarget,
     db: &tokio_postgres::Client,
     schema: &Schema,
     n: u64,

@@ -24,6 +24,112 @@ pub struct Readiness {
     pub redis: deadpool_redis::Pool,
     /// Must answer `SELECT 1`, for processes that write or read tables.
     pub postgres: Option<deadpool_postgres::Pool>,
+    /// `host:port` of Redis, to name it in the answer.
+    pub redis_server: String,
+    /// Whether Redis is reached over TLS (`rediss://`), to explain a handshake left unanswered.
+    pub redis_tls: bool,
+    /// The PostgreSQL server, to name it and explain a refused connection
+    /// ([`crate::db::PostgresTarget::cause_of`]).
+    pub postgres_target: Option<crate::db::PostgresTarget>,
+}
+
+impl Readiness {
+    /// The checks for `config`: its Redis, and its PostgreSQL when `postgres` (one pooled
+    /// connection each, made as the stages make theirs).
+    pub fn new(
+        config: &impl crate::RuntimeConfig,
+        postgres: bool,
+    ) -> Result<Self, crate::db::PoolError> {
+        let (postgres, postgres_target) = if postgres {
+            let target = crate::db::postgres_config(&config.postgres().url)
+                .map_err(crate::db::PoolError::PostgresUrl)?;
+            (Some(crate::db::postgres_pool(config, 1)?), Some(target))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            redis: crate::db::redis_pool(config)?,
+            postgres,
+            redis_server: crate::db::redis_server(config.redis()),
+            redis_tls: crate::db::redis_uses_tls(config.redis()),
+            postgres_target,
+        })
+    }
+}
+
+/// Why Redis failed `/readyz` or the start check: the server and, for TLS, the cause.
+pub fn explain_redis(server: &str, tls: bool, e: &(dyn std::error::Error + 'static)) -> String {
+    let chain = crate::error_chain(e);
+    match crate::tls::failure_of(e) {
+        Some(f) => format!("{server}: TLS failed: {f} ({chain})"),
+        None if tls && timed_out_in(e) => format!("{server}: {NO_TLS_ANSWER} ({chain})"),
+        None if hang_up_in(e) => format!(
+            "{server}: the server closed the connection at once (it may require TLS: use rediss://) ({chain})"
+        ),
+        None => format!("{server}: {chain}"),
+    }
+}
+
+fn postgres_error_in<'a>(
+    e: &'a (dyn std::error::Error + Send + Sync + 'static),
+) -> Option<&'a tokio_postgres::Error> {
+    if let Some(p) = e.downcast_ref::<tokio_postgres::Error>() {
+        return Some(p);
+    }
+    let mut cur = e.source();
+    while let Some(x) = cur {
+        if let Some(p) = x.downcast_ref::<tokio_postgres::Error>() {
+            return Some(p);
+        }
+        cur = x.source();
+    }
+    None
+}
+
+/// What an unanswered TLS handshake suggests: a plain server waiting for a command's end.
+const NO_TLS_ANSWER: &str = "no answer to the TLS handshake in time: the server may not speak TLS";
+
+fn timed_out_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    crate::tls::find_in_chain(e, &mut |e| {
+        if let Some(p) = e.downcast_ref::<deadpool_redis::PoolError>() {
+            return matches!(p, deadpool_redis::PoolError::Timeout(_)).then_some(true);
+        }
+        e.downcast_ref::<redis::RedisError>()
+            .filter(|r| r.is_timeout())
+            .map(|_| true)
+    })
+    .unwrap_or(false)
+}
+
+fn hang_up_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    crate::tls::find_in_chain(e, &mut |e| {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(crate::tls::is_hang_up(io));
+        }
+        e.downcast_ref::<redis::RedisError>()
+            .filter(|r| r.is_connection_dropped())
+            .map(|_| true)
+    })
+    .unwrap_or(false)
+}
+
+/// Why PostgreSQL failed `/readyz` or the start check: the server and the cause.
+pub async fn explain_postgres(
+    target: &crate::db::PostgresTarget,
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) -> String {
+    let chain = crate::error_chain(e);
+    let server = target.server();
+    if let Some(f) = crate::tls::failure_of(e) {
+        return format!("{server}: TLS failed: {f} ({chain})");
+    }
+    match postgres_error_in(e) {
+        Some(p) => match target.cause_of(p).await {
+            Some(c) => format!("{server}: {c} ({chain})"),
+            None => format!("{server}: {chain}"),
+        },
+        None => format!("{server}: {chain}"),
+    }
 }
 
 #[derive(Clone)]
@@ -109,38 +215,60 @@ pub async fn serve(
     Ok(bound)
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One PING over the pool.
+pub async fn check_redis(pool: &deadpool_redis::Pool) -> Result<(), BoxError> {
+    let mut conn = pool.get().await?;
+    redis::cmd("PING").query_async::<String>(&mut *conn).await?;
+    Ok(())
+}
+
+/// One `SELECT 1` over the pool.
+pub async fn check_postgres(pool: &deadpool_postgres::Pool) -> Result<(), BoxError> {
+    let client = pool.get().await?;
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
 async fn render_metrics(State(state): State<AppState>) -> String {
     state.metrics.render()
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     let mut problems = Vec::new();
-    match tokio::time::timeout(Duration::from_secs(2), async {
-        let mut conn = state.ready.redis.get().await.map_err(|e| e.to_string())?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut *conn)
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => problems.push(format!("redis: {e}")),
-        Err(_) => problems.push("redis: no answer within 2 s".into()),
+    let ready = &state.ready;
+    match tokio::time::timeout(Duration::from_secs(2), check_redis(&ready.redis)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!(
+            "redis {}",
+            explain_redis(&ready.redis_server, ready.redis_tls, &*e)
+        )),
+        Err(_) if ready.redis_tls => problems.push(format!(
+            "redis {}: no answer within 2 s ({NO_TLS_ANSWER}?)",
+            ready.redis_server
+        )),
+        Err(_) => problems.push(format!(
+            "redis {}: no answer within 2 s",
+            ready.redis_server
+        )),
     }
-    if let Some(pg) = &state.ready.postgres {
-        match tokio::time::timeout(Duration::from_secs(2), async {
-            let client = pg.get().await.map_err(|e| e.to_string())?;
-            client
-                .simple_query("SELECT 1")
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => problems.push(format!("postgres: {e}")),
-            Err(_) => problems.push("postgres: no answer within 2 s".into()),
+    if let Some(pg) = &ready.postgres {
+        let server = ready
+            .postgres_target
+            .as_ref()
+            .map(|t| t.server())
+            .unwrap_or_default();
+        match tokio::time::timeout(Duration::from_secs(2), check_postgres(pg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let why = match &ready.postgres_target {
+                    Some(t) => explain_postgres(t, &*e).await,
+                    None => crate::error_chain(&*e),
+                };
+                problems.push(format!("postgres {why}"));
+            }
+            Err(_) => problems.push(format!("postgres {server}: no answer within 2 s")),
         }
     }
     if RUNNING_LOOPS.load(Ordering::Relaxed) == 0 {

@@ -49,6 +49,15 @@ pub struct RedisConfig {
     pub url: String,
     /// Connections in the shared pool (blocking reads hold one each).
     pub pool_size: usize,
+    /// `rediss://` only: PEM file of the CA(s) the server's certificate must chain to, for a
+    /// private CA (unset: the OS store).
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// `rediss://` only: PEM client certificate, for servers with `tls-auth-clients yes`.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// `rediss://` only: PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// `rediss://` only: accept any server certificate (test setups only; warned at start).
+    pub tls_insecure_skip_verify: bool,
 }
 
 impl Default for RedisConfig {
@@ -56,6 +65,10 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             pool_size: 32,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_insecure_skip_verify: false,
         }
     }
 }

@@ -13,6 +13,8 @@
 //! - [`runner`]: the consumer loop (read, claim, batch, process, commit) and the [`runner::Stage`] trait.
 //! - [`error`]: errors carrying a [`error::RetryHint`] that decides delivery.
 //! - [`db`]: PostgreSQL connection pools.
+//! - [`tls`]: the one rustls client setup (roots, client certificates, verification, failure
+//!   causes); [`pg_tls`]: libpq's `sslmode`/`sslrootcert`/`sslcert`/`sslkey` for PostgreSQL.
 //! - [`latency`]: the end-to-end latency histogram (for summaries).
 //! - [`observe`]: metric names, the Prometheus recorder, per-loop metric handles.
 //! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` endpoint.
@@ -27,10 +29,12 @@ pub mod frame;
 pub mod latency;
 pub mod observe;
 pub mod pg_limits;
+pub mod pg_tls;
 pub mod runner;
 pub mod schema;
 pub mod shutdown;
 pub mod streams;
+pub mod tls;
 pub mod trace;
 
 pub use config::RuntimeConfig;

@@ -116,7 +116,17 @@ impl Config {
         };
         // Relative paths in the file are relative to the file.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            for p in [&mut config.schemas_dir, &mut config.lake.path] {
+            let redis = &mut config.redis;
+            let tls_files = [
+                &mut redis.tls_ca_file,
+                &mut redis.tls_cert_file,
+                &mut redis.tls_key_file,
+            ];
+            let files = tls_files.into_iter().flatten();
+            for p in [&mut config.schemas_dir, &mut config.lake.path]
+                .into_iter()
+                .chain(files)
+            {
                 if p.is_relative() {
                     *p = dir.join(&*p);
                 }
@@ -206,6 +216,24 @@ mod tests {
         assert!(text.contains("`max_batch_rows`"), "{text}");
         let err = toml::from_str::<Config>("[ingestt]\nlinger_ms = 5\n").unwrap_err();
         assert!(err.to_string().contains("ingestt"), "{err}");
+    }
+
+    #[test]
+    fn redis_tls_files_are_relative_to_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("strata-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(
+            &path,
+            "[redis]\nurl = \"rediss://r:6380\"\ntls_ca_file = \"ca.pem\"\ntls_cert_file = \"/abs/c.pem\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path, true).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c.redis.tls_ca_file, Some(dir.join("ca.pem")));
+        assert_eq!(c.redis.tls_cert_file, Some(PathBuf::from("/abs/c.pem")));
+        assert_eq!(c.redis.tls_key_file, None);
+        assert!(!c.redis.tls_insecure_skip_verify);
     }
 
     #[test]

@@ -102,7 +102,7 @@ fn start<'a>(
         for _ in 0..config.consumers {
             let mut spec = STAGE.loop_spec(&schema.table, config.batch, config.workers, ctx.config);
             spec.output_high_watermark = Some(config.max_rows_backlog);
-            spec.read_url = Some(ctx.config.redis.url.clone());
+            spec.read_from = Some(ctx.redis_read.clone());
             tasks.spawn(run_loop(
                 stage.clone(),
                 spec,

@@ -131,6 +131,43 @@ impl Running {
     }
 }
 
+/// Checks once, at start, that Redis and (if used) PostgreSQL answer, and logs why not, naming
+/// the server and the cause (a TLS failure, a server requiring TLS, …). Not fatal: the loops
+/// retry with backoff, and `/readyz` reports the same cause until the server answers.
+async fn check_servers(
+    config: &Config,
+    redis: &deadpool_redis::Pool,
+    pg: Option<&deadpool_postgres::Pool>,
+) {
+    use strata_pipeline::admin;
+    let limit = std::time::Duration::from_secs(10);
+    let server = strata_pipeline::db::redis_server(&config.redis);
+    match tokio::time::timeout(limit, admin::check_redis(redis)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(
+            redis = %server,
+            error = %admin::explain_redis(&server, strata_pipeline::db::redis_uses_tls(&config.redis), &*e),
+            "cannot connect to Redis (retrying with backoff)"
+        ),
+        Err(_) => tracing::error!(redis = %server, "Redis did not answer within 10 s"),
+    }
+    let Some(pg) = pg else { return };
+    let Ok(target) = strata_pipeline::db::postgres_config(&config.postgres.url) else {
+        return;
+    };
+    match tokio::time::timeout(limit, admin::check_postgres(pg)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(
+            postgres = %target.server(),
+            error = %admin::explain_postgres(&target, &*e).await,
+            "cannot connect to PostgreSQL (retrying with backoff)"
+        ),
+        Err(_) => {
+            tracing::error!(postgres = %target.server(), "PostgreSQL did not answer within 10 s")
+        }
+    }
+}
+
 /// Starts `stages` for every table in `schemas`, in this process, until `shutdown`.
 pub async fn start(
     config: &Config,
@@ -154,10 +191,14 @@ pub async fn start(
     let pg_size = pg_per_table * schemas.len();
     let pg = strata_pipeline::db::postgres_pool(config, pg_size.max(config.postgres.pool_size))
         .map_err(|e| StageError::fatal("creating the PostgreSQL pool").with_source(e))?;
+    check_servers(config, &redis, (pg_size > 0).then_some(&pg)).await;
+    let redis_read = strata_pipeline::db::redis_read_target(config)
+        .map_err(|e| StageError::fatal("setting up Redis TLS").with_source(e))?;
     let mut tasks = JoinSet::new();
     let ctx = registry::StartContext {
         config,
         redis: &redis,
+        redis_read: &redis_read,
         pg: &pg,
         shutdown: &shutdown,
         stats: &stats,

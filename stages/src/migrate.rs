@@ -70,7 +70,7 @@ pub async fn connect_creating(url: &str) -> Result<tokio_postgres::Client, Migra
 }
 
 /// A migration waits for the server as long as it takes (no time limits).
-async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, MigrateError> {
+async fn connect(config: &db::PostgresTarget) -> Result<tokio_postgres::Client, MigrateError> {
     Ok(db::connect_postgres(config, ConnectLimits::default()).await?)
 }
 

@@ -35,6 +35,8 @@ pub struct StartContext<'a> {
     pub config: &'a Config,
     /// The process's Redis pool, sized by [`StageSpec::redis_connections`].
     pub redis: &'a deadpool_redis::Pool,
+    /// Where the hot loops open their own read connections (URL and TLS config, built once).
+    pub redis_read: &'a strata_pipeline::streams::ReadTarget,
     /// The process's PostgreSQL pool, sized by [`StageSpec::postgres_connections`] (a stage
     /// holding several connections per item makes its own, [`own_postgres_pool`]).
     pub pg: &'a deadpool_postgres::Pool,

@@ -111,7 +111,7 @@ fn start<'a>(
         // Its applied-frame pruning runs as the stage's tick (see `Stage::tick` below).
         let writer = Arc::new(writer);
         let mut spec = spec;
-        spec.read_url = Some(ctx.config.redis.url.clone());
+        spec.read_from = Some(ctx.redis_read.clone());
         tasks.spawn(run_loop(
             writer,
             spec,

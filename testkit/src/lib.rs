@@ -6,6 +6,9 @@
 //! - [`OwnRedis`]: `redis-server` with `appendfsync always`; restart on the same port.
 //! - [`OwnPostgres`]: a cluster of its own, trust auth, user `postgres`; crash-stop and start.
 //! - [`free_port`], [`rss_kb`]: a free loopback port; a process's resident memory.
+//! - [`tls`]: test certificates (rcgen), a TLS-only `redis-server`, a PostgreSQL with `ssl = on`.
+
+pub mod tls;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -146,6 +149,12 @@ pub struct OwnPostgres {
 impl OwnPostgres {
     /// Runs initdb and starts the cluster on a free port (fsync off: tests crash it on purpose).
     pub fn start() -> Self {
+        Self::start_configured(|_| {})
+    }
+
+    /// [`OwnPostgres::start`], with `configure` run on the data folder between initdb and the
+    /// first start (to add TLS files, `postgresql.conf` settings, `pg_hba.conf` rules).
+    pub fn start_configured(configure: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let pg = OwnPostgres {
@@ -156,6 +165,7 @@ impl OwnPostgres {
         init.args(["-U", "postgres", "--auth=trust", "-D"])
             .arg(pg.data());
         run(init, "initdb");
+        configure(&pg.data());
         pg.launch();
         pg
     }

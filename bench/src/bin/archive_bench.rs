@@ -77,17 +77,21 @@ fn config(db_url: &str, lake: &Path) -> Config {
     c
 }
 
+/// Connects as strata does (TLS keys in the URL or PGSSL* included).
 async fn connect(url: &str) -> Result<tokio_postgres::Client, BoxError> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let target = strata_pipeline::db::postgres_config(url)?;
+    let (client, _task) = strata_pipeline::db::open_postgres(&target).await?;
     Ok(client)
 }
 
+/// `url` naming database `db` (its `?…` parameters, e.g. `sslmode`, kept).
 fn with_db(url: &str, db: &str) -> Result<String, BoxError> {
+    let (url, query) = match url.split_once('?') {
+        Some((u, q)) => (u, format!("?{q}")),
+        None => (url, String::new()),
+    };
     let (base, _) = url.rsplit_once('/').ok_or("DATABASE_URL has no database")?;
-    Ok(format!("{base}/{db}"))
+    Ok(format!("{base}/{db}{query}"))
 }
 
 /// VmHWM (peak resident set) of this process, in KiB.

@@ -183,7 +183,11 @@ async fn main() {
     for s in samples.iter().step_by(5) {
         println!("  {:6.1} {:<9} {:7.1} {:7.1}", s.0, s.1, s.2, s.3);
     }
-    if let Ok(client) = redis::Client::open(args.redis_url.as_str()) {
+    let redis = strata_pipeline::config::RedisConfig {
+        url: args.redis_url.clone(),
+        ..Default::default()
+    };
+    if let Ok(client) = strata_pipeline::db::redis_client(&redis) {
         if let Ok(mut c) = client.get_multiplexed_async_connection().await {
             let t = format!("telemetry:{{{table}}}");
             let r = format!("rows:{{{table}}}");

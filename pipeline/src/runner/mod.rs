@@ -139,7 +139,7 @@ pub struct LoopSpec {
     /// Where new entries are read with a connection of the loop's own (see
     /// [`streams::ReadConnection`]);
     /// `None` reads through the pool, for loops where volume is low.
-    pub read_url: Option<String>,
+    pub read_from: Option<streams::ReadTarget>,
 }
 
 impl LoopSpec {
@@ -167,7 +167,7 @@ impl LoopSpec {
             workers,
             streams,
             output_high_watermark: None,
-            read_url: None,
+            read_from: None,
         }
     }
 }
@@ -299,7 +299,7 @@ async fn retry_redis(
         match redis.get().await {
             Ok(c) => return Ok(c),
             Err(e) => {
-                warn!(stage = spec.stage, error = %e, "redis unavailable, retrying");
+                warn_redis_unavailable(spec, &e);
                 if !backoff.wait(shutdown).await {
                     return Err(StageError::backoff("shutdown while waiting for redis"));
                 }
@@ -310,6 +310,17 @@ async fn retry_redis(
 
 /// The runner against the real Redis (`REDIS_URL`, default 127.0.0.1:6379), with stages made for
 /// the test; each test uses keys of its own and deletes them.
+/// Logs a failed pool checkout; a TLS failure gets its cause (unknown CA, name mismatch, …) as a
+/// field of its own (the start check and `/readyz` name the server).
+pub(super) fn warn_redis_unavailable(spec: &LoopSpec, e: &deadpool_redis::PoolError) {
+    match crate::tls::failure_of(e) {
+        Some(tls) => {
+            warn!(stage = spec.stage, error = %e, %tls, "redis unavailable (TLS failed), retrying")
+        }
+        None => warn!(stage = spec.stage, error = %e, "redis unavailable, retrying"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

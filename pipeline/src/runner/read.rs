@@ -61,7 +61,7 @@ pub(super) async fn read_loop(
             None => match redis.get().await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
-                    warn!(stage = spec.stage, error = %e, "redis unavailable, retrying");
+                    super::warn_redis_unavailable(&spec, &e);
                     backoff.wait(&stop).await;
                     continue;
                 }
@@ -155,7 +155,7 @@ pub(super) async fn read_loop(
     }
 }
 
-/// Reads new entries: over the loop's own connection when it has a `read_url` (reconnecting
+/// Reads new entries: over the loop's own connection when it has a `read_from` (reconnecting
 /// after a failure), else over the pooled one.
 pub(super) async fn read_new(
     spec: &LoopSpec,
@@ -165,7 +165,7 @@ pub(super) async fn read_new(
 ) -> Result<Vec<Entry>, String> {
     let consumer = spec.consumer();
     let count = spec.streams.read_count;
-    let Some(url) = spec.read_url.as_deref() else {
+    let Some(target) = spec.read_from.as_ref() else {
         return consumer
             .read_new(pooled, count, block_ms)
             .await
@@ -175,7 +175,7 @@ pub(super) async fn read_new(
     let conn = match own {
         Some(conn) => conn,
         None => own.insert(
-            ReadConnection::connect(url)
+            ReadConnection::connect(target)
                 .await
                 .map_err(|e| error_chain(&e))?,
         ),

@@ -42,7 +42,7 @@ pub use keys::{
     archive_stream, archived_stream, claims_key, dlq_stream, rows_stream, telemetry_stream,
     StreamKind, StreamName,
 };
-pub use read::{ReadConnection, ReadError};
+pub use read::{ReadConnection, ReadError, ReadTarget};
 pub use reply::{parse_entries, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary};
 pub use scripts::{
     script, script_source, ScriptFailure, ERR_LIMIT, ERR_PARTIAL, ERR_ROLLBACK, ERR_WRONGTYPE,

@@ -6,6 +6,7 @@
 //! one allocation, not twenty-five thousand. Only `XREADGROUP` goes through [`ReadConnection`];
 //! every other call uses the pooled `redis` client.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,8 +24,35 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
     #[error("invalid redis URL")]
     Url(#[source] redis::RedisError),
-    #[error("redis over TLS is not supported by this build")]
-    Tls,
+    /// The TLS handshake failed (the server and the cause are named).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsConnectError),
+    /// An address kind this connection does not know.
+    #[error("unsupported redis address {0}")]
+    Unsupported(String),
+    /// `rediss://` without a TLS config ([`crate::db::redis_read_target`] builds both).
+    #[error("rediss:// needs a TLS config")]
+    NoTlsConfig,
+    /// A plain connection that the server dropped at once.
+    #[error(
+        "redis {server} closed the plain connection at once: it may require TLS (use rediss://)"
+    )]
+    PlainRefused {
+        /// `host:port`.
+        server: String,
+        #[source]
+        source: Box<ReadError>,
+    },
+    /// No handshake answer in time.
+    #[error(
+        "no TLS handshake answer from redis {server} within {timeout:?}: it may not speak TLS"
+    )]
+    HandshakeTimeout {
+        /// `host:port`.
+        server: String,
+        /// The limit.
+        timeout: Duration,
+    },
     /// An error reply (e.g. `NOGROUP …`) or a malformed one.
     #[error(transparent)]
     Reply(#[from] ReplyError),
@@ -34,7 +62,27 @@ pub enum ReadError {
     Closed,
 }
 
-/// A byte stream to Redis: TCP or a Unix socket.
+/// Where a [`ReadConnection`] goes: the `[redis] url` and, for `rediss://`, the rustls config
+/// of [`crate::tls`] (see [`crate::db::redis_read_target`]).
+#[derive(Clone, Debug)]
+pub struct ReadTarget {
+    /// The Redis URL.
+    pub url: String,
+    /// The TLS client config, for `rediss://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl ReadTarget {
+    /// A target without TLS (`redis://` or a Unix socket).
+    pub fn plain(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            tls: None,
+        }
+    }
+}
+
+/// A byte stream to Redis: TCP, TLS over TCP or a Unix socket.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -50,6 +98,15 @@ pub struct ReadConnection {
     out: BytesMut,
 }
 
+/// Whether the server hung up (closed or reset) rather than answered.
+fn hung_up(e: &ReadError) -> bool {
+    match e {
+        ReadError::Closed => true,
+        ReadError::Io(io) => crate::tls::is_hang_up(io),
+        _ => false,
+    }
+}
+
 /// Replies are read in pieces of at least this much.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -57,20 +114,39 @@ const READ_CHUNK: usize = 256 * 1024;
 const REPLY_GRACE: Duration = Duration::from_secs(10);
 
 impl ReadConnection {
-    /// Connects as `url` says (host and port or a Unix socket, user, password, database).
-    pub async fn connect(url: &str) -> Result<Self, ReadError> {
-        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(ReadError::Url)?;
+    /// Connects as `target` says (host and port, TLS, or a Unix socket; user, password,
+    /// database), then checks the connection with PING.
+    pub async fn connect(target: &ReadTarget) -> Result<Self, ReadError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(target.url.as_str())
+            .map_err(ReadError::Url)?;
+        let mut plain_server = None;
         let io: Box<dyn Io> = match info.addr() {
             redis::ConnectionAddr::Tcp(host, port) => {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
+                plain_server = Some(format!("{host}:{port}"));
                 Box::new(s)
+            }
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                let config = target.tls.clone().ok_or(ReadError::NoTlsConfig)?;
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                let server = format!("{host}:{port}");
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let handshake = tokio_rustls::TlsConnector::from(config).connect(name, s);
+                let timeout = Duration::from_secs(10);
+                match tokio::time::timeout(timeout, handshake).await {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Err(e)) => return Err(crate::tls::TlsConnectError::new(server, e)?.into()),
+                    Err(_) => return Err(ReadError::HandshakeTimeout { server, timeout }),
+                }
             }
             #[cfg(unix)]
             redis::ConnectionAddr::Unix(path) => {
                 Box::new(tokio::net::UnixStream::connect(path).await?)
             }
-            _ => return Err(ReadError::Tls),
+            other => return Err(ReadError::Unsupported(other.to_string())),
         };
         let mut conn = Self {
             io,
@@ -80,19 +156,29 @@ impl ReadConnection {
         };
         let settings = info.redis_settings();
         let timeout = Duration::from_secs(10);
-        if let Some(password) = settings.password() {
-            let mut args: Vec<&[u8]> = vec![b"AUTH"];
-            if let Some(user) = settings.username() {
-                args.push(user.as_bytes());
+        let setup = async {
+            if let Some(password) = settings.password() {
+                let mut args: Vec<&[u8]> = vec![b"AUTH"];
+                if let Some(user) = settings.username() {
+                    args.push(user.as_bytes());
+                }
+                args.push(password.as_bytes());
+                conn.simple(&args, timeout).await?;
             }
-            args.push(password.as_bytes());
-            conn.simple(&args, timeout).await?;
+            if settings.db() != 0 {
+                let db = settings.db().to_string();
+                conn.simple(&[b"SELECT", db.as_bytes()], timeout).await?;
+            }
+            conn.simple(&[b"PING"], timeout).await
+        };
+        match (setup.await, plain_server) {
+            (Ok(()), _) => Ok(conn),
+            (Err(e), Some(server)) if hung_up(&e) => Err(ReadError::PlainRefused {
+                server,
+                source: Box::new(e),
+            }),
+            (Err(e), _) => Err(e),
         }
-        if settings.db() != 0 {
-            let db = settings.db().to_string();
-            conn.simple(&[b"SELECT", db.as_bytes()], timeout).await?;
-        }
-        Ok(conn)
     }
 
     /// Sends a command whose reply is a status or an error.

@@ -12,11 +12,20 @@ use super::{redact_url, OpsError};
 /// One connection to the configured Redis, checked with PING; a failure names the server.
 pub async fn connect(config: &Config) -> Result<MultiplexedConnection, OpsError> {
     let url = redact_url(&config.redis.url);
+    let server = strata_pipeline::db::redis_server(&config.redis);
     let fail = |e: redis::RedisError| OpsError::RedisConnect {
         url: url.clone(),
-        reason: e.to_string(),
+        reason: strata_pipeline::admin::explain_redis(
+            &server,
+            strata_pipeline::db::redis_uses_tls(&config.redis),
+            &e,
+        ),
     };
-    let client = redis::Client::open(config.redis.url.as_str()).map_err(fail)?;
+    let client =
+        strata_pipeline::db::redis_client(&config.redis).map_err(|e| OpsError::RedisConnect {
+            url: url.clone(),
+            reason: strata_pipeline::error_chain(&e),
+        })?;
     let cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(3)))
         .set_response_timeout(Some(Duration::from_secs(10)));

@@ -184,7 +184,12 @@ async fn pg_connect(config: &Config) -> Result<tokio_postgres::Client, String> {
     };
     let pg = postgres_config(&config.postgres.url).map_err(|e| error_chain(&e))?;
     let client = connect_postgres(&pg, limits).await.map_err(|e| match &e {
-        ConnectError::Postgres(pe) | ConnectError::Setup(pe) => pg_error(pe),
+        ConnectError::Postgres {
+            cause: None,
+            source: pe,
+            server,
+        } => format!("{server}: {}", pg_error(pe)),
+        ConnectError::Setup(pe) => pg_error(pe),
         _ => error_chain(&e),
     })?;
     client
