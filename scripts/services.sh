@@ -68,8 +68,7 @@ ensure_test_tools() {
   command -v redis-server >/dev/null || apt_install redis-server
   [ -n "$(pg_bin)" ] || apt_install postgresql
   command -v prometheus >/dev/null || apt_install prometheus
-  # The TLS tests make their certificates with the openssl CLI and talk HTTPS with curl.
-  command -v openssl >/dev/null || apt_install openssl
+  # The lake's TLS test creates its bucket over HTTPS with curl.
   command -v curl >/dev/null || apt_install curl ca-certificates
   # Object store servers for the lifecycle suite: moto (S3, PyPI) and Azurite (Azure, npm),
   # installed under ~/.cache/strata where the tests look for them.

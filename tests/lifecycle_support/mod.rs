@@ -2,8 +2,8 @@
 //! test itself and killed when it ends:
 //! - local disk: a folder in the test's temporary directory;
 //! - S3: moto's server (`moto_server`, from PyPI `moto[server]`), over plain HTTP and over HTTPS
-//!   with a certificate of a private CA the test makes (the `openssl` CLI), trusted through
-//!   `[lake] tls_ca_file`;
+//!   with a certificate of a private CA the test makes (`strata_testkit::tls::TestCerts`),
+//!   trusted through `[lake] tls_ca_file`;
 //! - Azure Blob: Azurite (`azurite-blob`, from npm `azurite`).
 //!
 //! A server binary missing from PATH is looked for, or installed on the spot, under
@@ -54,6 +54,8 @@ pub struct Backend {
     pub addr: Option<String>,
     /// S3Tls: the PEM file of the private CA that signed the server's certificate.
     pub ca_file: Option<PathBuf>,
+    /// S3Tls: the certificates (their folder lives as long as the backend).
+    _certs: Option<strata_testkit::tls::TestCerts>,
     /// The server process.
     server: Option<Child>,
     /// The server's storage folder.
@@ -219,6 +221,7 @@ impl Backend {
                     local_root: Some(root),
                     addr: None,
                     ca_file: None,
+                    _certs: None,
                     server: None,
                     _storage: Some(storage),
                 }
@@ -249,6 +252,7 @@ impl Backend {
                     local_root: None,
                     addr: Some(addr),
                     ca_file: None,
+                    _certs: None,
                     server: Some(child),
                     _storage: Some(storage),
                 }
@@ -258,7 +262,12 @@ impl Backend {
                 let port = free_port();
                 let addr = format!("127.0.0.1:{port}");
                 let storage = tempfile::tempdir().unwrap();
-                let (ca, cert, key) = private_ca_and_server_cert(storage.path());
+                let certs = strata_testkit::tls::TestCerts::generate();
+                let (ca, cert, key) = (
+                    certs.ca.clone(),
+                    certs.server_cert.clone(),
+                    certs.server_key.clone(),
+                );
                 let log = storage.path().join("moto.log");
                 let mut child = Command::new(bin)
                     .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -289,6 +298,7 @@ impl Backend {
                     local_root: None,
                     addr: Some(addr),
                     ca_file: Some(ca),
+                    _certs: Some(certs),
                     server: Some(child),
                     _storage: Some(storage),
                 }
@@ -328,6 +338,7 @@ impl Backend {
                     local_root: None,
                     addr: Some(addr),
                     ca_file: None,
+                    _certs: None,
                     server: Some(child),
                     _storage: Some(storage),
                 }
@@ -365,6 +376,7 @@ impl Backend {
                     local_root: None,
                     addr: Some(addr),
                     ca_file: None,
+                    _certs: None,
                     server: Some(child),
                     _storage: Some(storage),
                 }
@@ -445,77 +457,6 @@ impl Backend {
         }
         out
     }
-}
-
-/// A private CA and a server certificate it signed for `localhost` and 127.0.0.1, made with the
-/// `openssl` CLI in `dir`: (CA certificate, server certificate, server key), PEM files.
-pub fn private_ca_and_server_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let (ca_key, ca, key, csr, cert, ext) = (
-        dir.join("ca.key"),
-        dir.join("ca.pem"),
-        dir.join("server.key"),
-        dir.join("server.csr"),
-        dir.join("server.pem"),
-        dir.join("server.ext"),
-    );
-    std::fs::write(&ext, "subjectAltName = DNS:localhost, IP:127.0.0.1\n").unwrap();
-    let openssl = |args: &[&std::ffi::OsStr]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("run openssl (Debian package openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let s = |x: &str| std::ffi::OsString::from(x);
-    openssl(&[
-        &s("req"),
-        &s("-x509"),
-        &s("-newkey"),
-        &s("rsa:2048"),
-        &s("-nodes"),
-        &s("-days"),
-        &s("2"),
-        &s("-subj"),
-        &s("/CN=strata test CA"),
-        &s("-keyout"),
-        ca_key.as_os_str(),
-        &s("-out"),
-        ca.as_os_str(),
-    ]);
-    openssl(&[
-        &s("req"),
-        &s("-newkey"),
-        &s("rsa:2048"),
-        &s("-nodes"),
-        &s("-subj"),
-        &s("/CN=localhost"),
-        &s("-keyout"),
-        key.as_os_str(),
-        &s("-out"),
-        csr.as_os_str(),
-    ]);
-    openssl(&[
-        &s("x509"),
-        &s("-req"),
-        &s("-in"),
-        csr.as_os_str(),
-        &s("-CA"),
-        ca.as_os_str(),
-        &s("-CAkey"),
-        ca_key.as_os_str(),
-        &s("-CAcreateserial"),
-        &s("-days"),
-        &s("2"),
-        &s("-extfile"),
-        ext.as_os_str(),
-        &s("-out"),
-        cert.as_os_str(),
-    ]);
-    (ca, cert, key)
 }
 
 /// One HTTPS request with `curl`, trusting `ca`; returns the status and the body.
