@@ -51,7 +51,19 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Create the database, strata's bookkeeping tables and every table in schemas/ (idempotent).
-    Migrate,
+    Migrate {
+        /// Then grant this runtime role what the stages need (the data tables go to a group
+        /// role `<ROLE>_tables` it joins); run migrate itself as the owner role.
+        #[arg(long, value_name = "ROLE")]
+        grant: Option<String>,
+    },
+    /// Print the least-privilege Redis ACL rule of strata's processes (`ACL SETUSER …`); add
+    /// the password with `ACL SETUSER <user> >password`.
+    AclRule {
+        /// The ACL user's name.
+        #[arg(long, default_value = "strata")]
+        user: String,
+    },
     // One subcommand per stage goes here, from the registry (see `cli`).
     /// Run every stage in this process.
     Run,
@@ -286,7 +298,11 @@ async fn run(
         return serve(&config, &schemas, std::slice::from_ref(stage)).await;
     };
     match command {
-        Command::Migrate => {
+        Command::AclRule { user } => {
+            println!("{}", streams::acl::setuser_line(user));
+            Ok(())
+        }
+        Command::Migrate { grant } => {
             for r in strata_stages::migrate::migrate(&config, &schemas).await? {
                 let what = if r.created { "created" } else { "up to date" };
                 let added = if r.added_columns.is_empty() {
@@ -295,6 +311,10 @@ async fn run(
                     format!(", added {}", r.added_columns.join(", "))
                 };
                 println!("{}: {what} ({}{added})", r.table, r.partitioning.as_str());
+            }
+            if let Some(role) = grant {
+                let group = strata_stages::migrate::grant(&config, &schemas, role).await?;
+                println!("granted {role} the runtime privileges (tables owned by {group})");
             }
             Ok(())
         }
@@ -391,8 +411,7 @@ async fn serve(
                 .then(|| strata_pipeline::db::postgres_pool(config, 1))
                 .transpose()?,
         };
-        strata_pipeline::admin::serve(&config.admin.listen, metrics, ready, shutdown.clone())
-            .await?;
+        strata_pipeline::admin::serve(&config.admin, metrics, ready, shutdown.clone()).await?;
     }
     let running = strata_stages::start(config, schemas, stages, shutdown.clone()).await?;
     running.wait(&shutdown).await?;
@@ -487,7 +506,7 @@ async fn demo(
     println!("where to look:");
     println!(
         "  table:        psql '{}' -c 'SELECT count(*), max(time) FROM {table}'",
-        config.postgres.url
+        strata_pipeline::secrets::redact_url(&config.postgres.url)
     );
     println!("  streams:      redis-cli XINFO GROUPS '{input}'; redis-cli XINFO GROUPS '{rows}'");
     println!(

@@ -14,7 +14,11 @@
 //! - [`BatchLimits`] and [`batched_section!`](crate::batched_section), which gives a stage's
 //!   section its flat batch keys.
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
+
+use crate::secrets::redact_url;
 
 /// The sections of the file the runtime reads, whatever else the file holds.
 pub trait RuntimeConfig {
@@ -42,13 +46,28 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// Connection URL; `REDIS_URL` overrides it.
+    /// Connection URL, `redis://user:password@host:port/db` (an ACL user and its password);
+    /// `REDIS_URL` or `REDIS_URL_FILE` overrides it. Shown only redacted.
     pub url: String,
     /// Connections in the shared pool (blocking reads hold one each).
     pub pool_size: usize,
+    /// A file holding the password, put into `url` when the config loads (so the password
+    /// need not be in the file or the environment); relative to the config file.
+    pub password_file: Option<PathBuf>,
+}
+
+/// The URL redacted: the config may be logged or printed, its password never.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 impl Default for RedisConfig {
@@ -56,6 +75,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379".into(),
             pool_size: 32,
+            password_file: None,
         }
     }
 }
@@ -72,15 +92,31 @@ pub enum TimescaleMode {
     Off,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
-    /// Connection URL; `DATABASE_URL` overrides it. `strata migrate` creates the database.
+    /// Connection URL (or libpq key=value string); `DATABASE_URL` or `DATABASE_URL_FILE`
+    /// overrides it. `strata migrate` creates the database. Shown only redacted.
     pub url: String,
     /// TimescaleDB hypertables or native partitions.
     pub timescaledb: TimescaleMode,
     /// Connections in each process's pool (the writer uses `batch_writer.connections` of them).
     pub pool_size: usize,
+    /// A file holding the password, put into `url` when the config loads; relative to the
+    /// config file.
+    pub password_file: Option<PathBuf>,
+}
+
+/// The URL redacted: the config may be logged or printed, its password never.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("timescaledb", &self.timescaledb)
+            .field("pool_size", &self.pool_size)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 impl Default for PostgresConfig {
@@ -89,6 +125,7 @@ impl Default for PostgresConfig {
             url: "postgres://postgres@127.0.0.1:5432/strata".into(),
             timescaledb: TimescaleMode::Auto,
             pool_size: 8,
+            password_file: None,
         }
     }
 }
@@ -118,8 +155,26 @@ pub struct AdminConfig {
     /// Serve the endpoint and record metrics (off: no recorder, metrics calls cost nothing).
     pub enabled: bool,
     /// Address of the admin endpoint. Port 0 picks a free port (logged); if the port is taken
-    /// (another strata process on the box), a free one is used with a warning.
+    /// (another strata process on the box), a free one is used with a warning. Loopback by
+    /// default: anything else warns at start unless `token_file` is set.
     pub listen: String,
+    /// A file holding a bearer token that `/metrics` and `/readyz` then require
+    /// (`Authorization: Bearer <token>`); `/healthz` stays open. Read once when the config loads,
+    /// relative to the config file.
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_file` (never from the TOML itself).
+    #[serde(skip)]
+    pub token: Option<AdminToken>,
+}
+
+/// The admin endpoint's bearer token; its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
 }
 
 impl Default for AdminConfig {
@@ -127,6 +182,8 @@ impl Default for AdminConfig {
         Self {
             enabled: true,
             listen: "127.0.0.1:9464".into(),
+            token_file: None,
+            token: None,
         }
     }
 }

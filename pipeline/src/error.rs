@@ -240,6 +240,9 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    /// A secret (a URL or password from the environment or a file) could not be resolved.
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
 }
 
 #[cfg(test)]

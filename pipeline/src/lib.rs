@@ -13,6 +13,7 @@
 //! - [`runner`]: the consumer loop (read, claim, batch, process, commit) and the [`runner::Stage`] trait.
 //! - [`error`]: errors carrying a [`error::RetryHint`] that decides delivery.
 //! - [`db`]: PostgreSQL connection pools.
+//! - [`secrets`]: URLs and passwords from the environment or files; URLs shown redacted.
 //! - [`latency`]: the end-to-end latency histogram (for summaries).
 //! - [`observe`]: metric names, the Prometheus recorder, per-loop metric handles.
 //! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` endpoint.
@@ -29,6 +30,7 @@ pub mod observe;
 pub mod pg_limits;
 pub mod runner;
 pub mod schema;
+pub mod secrets;
 pub mod shutdown;
 pub mod streams;
 pub mod trace;
