@@ -11,83 +11,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::acl::{admin_redis, AclUser};
 use common::{rand_suffix, TestEnv};
 use strata_pipeline::schema::Schema;
-use strata_pipeline::streams::{self, acl};
+use strata_pipeline::streams;
 use strata_stages::{ingest, writer};
 
 const HOUR_US: i64 = 3_600_000_000;
-
-/// A Redis ACL user with a random name and password, deleted when dropped.
-pub struct AclUser {
-    pub name: String,
-    pub password: String,
-}
-
-impl AclUser {
-    /// Creates the user with strata's rule, then `extra` rule words (e.g. `-xack`).
-    pub async fn create(extra: &[&str]) -> AclUser {
-        let user = AclUser {
-            name: format!("strata_test_{}", rand_suffix()),
-            password: format!("pw-{}-{}", rand_suffix(), rand_suffix()),
-        };
-        let mut conn = admin_redis().await;
-        let mut cmd = redis::cmd("ACL");
-        cmd.arg("SETUSER")
-            .arg(&user.name)
-            .arg("reset")
-            .arg(format!(">{}", user.password));
-        cmd.arg(acl::rule()).arg(extra);
-        let () = cmd.query_async(&mut conn).await.expect("ACL SETUSER");
-        user
-    }
-
-    /// `redis://user:password@…` on the tests' Redis.
-    pub fn url(&self) -> String {
-        let base = common::redis_url();
-        let rest = base.strip_prefix("redis://").unwrap_or(&base);
-        let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-        format!("redis://{}:{}@{rest}", self.name, self.password)
-    }
-
-    /// Entries of Redis's ACL log for this user: each refused command or key.
-    pub async fn denials(&self) -> Vec<String> {
-        let mut conn = admin_redis().await;
-        let log: Vec<redis::Value> = redis::cmd("ACL")
-            .arg("LOG")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        log.into_iter()
-            .map(|e| format!("{e:?}"))
-            .filter(|e| e.contains(&self.name))
-            .collect()
-    }
-}
-
-impl Drop for AclUser {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(client) = redis::Client::open(common::redis_url().as_str()) {
-                if let Ok(mut conn) = client.get_connection() {
-                    let _: redis::RedisResult<()> =
-                        redis::cmd("ACL").arg("DELUSER").arg(&name).query(&mut conn);
-                }
-            }
-        })
-        .join();
-    }
-}
-
-async fn admin_redis() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(common::redis_url().as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
 
 /// A PostgreSQL LOGIN role without superuser, dropped (with the group `strata migrate --grant`
 /// made for it) when dropped; drop it after the test's database.

@@ -298,6 +298,9 @@ async fn retry_redis(
     loop {
         match redis.get().await {
             Ok(c) => return Ok(c),
+            Err(e) if crate::error::redis_pool_hint(&e) == RetryHint::Fatal => {
+                return Err(StageError::fatal("connecting to redis").with_source(e));
+            }
             Err(e) => {
                 warn!(stage = spec.stage, error = %e, "redis unavailable, retrying");
                 if !backoff.wait(shutdown).await {
