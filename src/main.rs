@@ -188,6 +188,11 @@ fn parse() -> (Cli, Option<&'static StageSpec>) {
 
 fn main() -> ExitCode {
     let (cli, stage) = parse();
+    // Needs no config: printed where strata is to be deployed, before anything is set up.
+    if let Some(Command::AclRule { user }) = &cli.command {
+        print_acl_rule(user);
+        return ExitCode::SUCCESS;
+    }
     let (config, schemas) = match load(&cli) {
         Ok(loaded) => loaded,
         Err(e) => return fail(e.as_ref()),
@@ -299,7 +304,7 @@ async fn run(
     };
     match command {
         Command::AclRule { user } => {
-            println!("{}", streams::acl::setuser_line(user));
+            print_acl_rule(user);
             Ok(())
         }
         Command::Migrate { grant } => {
@@ -382,6 +387,11 @@ async fn run(
             Ok(dlq(&config, &opts, &mut std::io::stdout()).await?)
         }
     }
+}
+
+/// `strata acl-rule`: the `ACL SETUSER` line of [`streams::acl`].
+fn print_acl_rule(user: &str) {
+    println!("{}", streams::acl::setuser_line(user));
 }
 
 fn find<'a>(schemas: &'a [SchemaRef], table: &str) -> Result<&'a SchemaRef, BoxError> {

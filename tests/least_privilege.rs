@@ -427,3 +427,14 @@ async fn a_missing_permission_stops_the_stage_naming_the_command_and_the_key() {
         "{out}"
     );
 }
+
+#[test]
+fn the_readme_shows_the_rule_the_cli_prints() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let line = strata_pipeline::streams::acl::setuser_line("strata");
+    assert!(
+        readme.contains(&format!("$ strata acl-rule\n{line}\n")),
+        "README.md's rule differs from `strata acl-rule`: {line}"
+    );
+}
