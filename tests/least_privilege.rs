@@ -210,6 +210,8 @@ async fn the_whole_pipeline_runs_under_the_acl_rule_and_the_runtime_role() {
     let (ok, out) = strata(&env.config_path(), &["migrate", "--grant", &role.name], &[]);
     assert!(ok, "migrate --grant: {out}");
     assert!(out.contains(&format!("granted {}", role.name)), "{out}");
+    let (ok, out) = strata(&env.config_path(), &["migrate", "--grant", &role.name], &[]);
+    assert!(ok, "migrate --grant again (idempotent): {out}");
     let is_super: bool = common::connect(&common::admin_url())
         .await
         .query_one(

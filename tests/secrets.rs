@@ -1,8 +1,9 @@
 //! Secrets never printed: a run of the hot path with the Redis URL (an ACL user's password in
 //! it) from `REDIS_URL_FILE` and a PostgreSQL password from `[postgres] password_file` (a cluster
 //! of the test's own that requires it, scram-sha-256), `strata status` (text and JSON),
-//! `strata inspect`, failing connections (wrong passwords), and the `/metrics` body: the
-//! secrets appear in none of their outputs. And the admin endpoint's bearer token.
+//! `strata inspect`, failing connections (wrong passwords), the `/metrics` body and the spans
+//! exported over OTLP: the secrets appear in none of them. And the admin endpoint's bearer
+//! token.
 
 mod common;
 
@@ -10,6 +11,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
 use common::acl::{admin_redis, AclUser};
 use common::rand_suffix;
 use strata_pipeline::streams;
@@ -70,6 +76,15 @@ fn wait_http(addr: &str) {
         assert!(Instant::now() < deadline, "nothing listens on {addr}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The raw bodies an OTLP/HTTP receiver got (protobuf keeps strings as they are, so a secret
+/// in any span would show in the bytes).
+type Bodies = Arc<Mutex<Vec<Bytes>>>;
+
+async fn receive(State(bodies): State<Bodies>, body: Bytes) -> &'static str {
+    bodies.lock().unwrap().push(body);
+    ""
 }
 
 /// A folder with config.toml (`config` appended) and the example `metrics` schema as `table`.
@@ -158,6 +173,15 @@ async fn secrets_from_files_are_used_and_never_printed() {
     assert!(ok, "migrate with the password file: {out}");
     outputs.push(out);
 
+    let spans = Bodies::default();
+    let otlp_port = common::free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", otlp_port))
+        .await
+        .unwrap();
+    let app = axum::Router::new()
+        .route("/v1/traces", post(receive))
+        .with_state(spans.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let log_path = dir.path().join("run.log");
     let mut run = common::Spawned(
         Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -167,6 +191,12 @@ async fn secrets_from_files_are_used_and_never_printed() {
             .env_remove("REDIS_URL")
             .env_remove("DATABASE_URL")
             .envs(vars)
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{otlp_port}"),
+            )
+            .env("OTEL_TRACES_SAMPLER", "always_on")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
             .stdout(std::fs::File::create(dir.path().join("run.out")).unwrap())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()
@@ -278,6 +308,11 @@ async fn secrets_from_files_are_used_and_never_printed() {
     assert!(status.success(), "strata run: {status}: {log}");
     outputs.push(log);
     outputs.push(std::fs::read_to_string(dir.path().join("run.out")).unwrap());
+    let spans = spans.lock().unwrap().clone();
+    assert!(!spans.is_empty(), "no spans were exported");
+    for body in &spans {
+        outputs.push(String::from_utf8_lossy(body).into_owned());
+    }
     for out in &outputs {
         for secret in [&user.password, &pg_password, &wrong_redis, &wrong_pg] {
             assert!(
