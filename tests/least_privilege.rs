@@ -65,24 +65,39 @@ impl Drop for PgRole {
     }
 }
 
-/// Runs `strata <args>` to its end with `env`; returns success and stdout + stderr.
-fn strata(config: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+/// Runs `strata <args>` to its end (killed after 60 s) with `vars`; returns success and
+/// stdout + stderr.
+fn strata(config: &Path, args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
+    let out_file = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
         .arg("--config")
         .arg(config)
         .args(args)
         .env_remove("REDIS_URL")
         .env_remove("DATABASE_URL")
-        .envs(env.iter().copied())
+        .envs(vars.iter().copied())
         .stdin(Stdio::null())
-        .output()
+        .stdout(out_file.reopen().unwrap())
+        .stderr(out_file.reopen().unwrap())
+        .spawn()
         .expect("run strata");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "strata {args:?} did not end within 60 s: {}",
+                std::fs::read_to_string(out_file.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(out_file.path()).unwrap_or_default();
+    (status.success(), text)
 }
 
 /// Starts `strata <args>` with `env`, stderr to `log` in the env's folder.
@@ -385,28 +400,25 @@ async fn a_missing_permission_stops_the_stage_naming_the_command_and_the_key() {
         ("value", b"1"),
     ])
     .await;
-    let url = |user: &AclUser| user.url();
-    for (extra, command) in [
-        ("-xgroup|create", "XGROUP CREATE"),
-        ("-xinfo|groups", "XINFO GROUPS"),
+    let archive = streams::archive_stream(&env.table);
+    for (extra, args, command, key) in [
+        // Every stage starts by creating its group.
+        ("-xgroup|create", "ingest", "XGROUP CREATE", env.input()),
+        // The hot path reads over its own connection, the lifecycle over the pool.
+        ("-xreadgroup", "ingest", "XREADGROUP", env.input()),
+        ("-xreadgroup", "archiver", "XREADGROUP", archive.clone()),
+        // Operator commands name it too.
+        ("-xinfo|groups", "status", "XINFO GROUPS", env.input()),
     ] {
         let user = AclUser::create(&[extra]).await;
-        let redis_url = url(&user);
+        let redis_url = user.url();
         let vars = [
             ("REDIS_URL", redis_url.as_str()),
             ("DATABASE_URL", env.db_url.as_str()),
         ];
-        let (ok, out) = if command == "XGROUP CREATE" {
-            // Every stage starts by creating its group: the stage stops at once.
-            strata(&env.config_path(), &["ingest"], &vars)
-        } else {
-            strata(&env.config_path(), &["status", "--json"], &vars)
-        };
-        let key = env.input();
-        println!("without {extra}: {out}");
-        if command == "XGROUP CREATE" {
-            assert!(!ok, "the stage kept running without {extra}: {out}");
-        }
+        let (ok, out) = strata(&env.config_path(), &[args], &vars);
+        println!("without {extra}, strata {args}: {out}");
+        assert!(!ok, "strata {args} kept running without {extra}: {out}");
         assert!(out.contains("NOPERM"), "{extra}: {out}");
         assert!(
             out.contains(&format!("{command} on `{key}`")),
@@ -428,6 +440,7 @@ async fn a_missing_permission_stops_the_stage_naming_the_command_and_the_key() {
         out.contains(&format!("XGROUP CREATE on `{}`", env.rows())) && out.contains("NOPERM"),
         "{out}"
     );
+    delete_lifecycle_keys(&env.table).await;
 }
 
 #[test]

@@ -270,7 +270,10 @@ pub async fn run_loop<S: Stage>(
     // Workers end only when the batcher closed, i.e. the reader ended, or on a fatal error.
     stop.cancel();
     let _ = batcher.await;
-    let _ = reader.await;
+    // A read the account may not make stops the loop too (the workers ended for want of input).
+    if let (Ok(()), Ok(Err(e))) = (&result, reader.await) {
+        result = Err(e);
+    }
     let _ = keeper.await;
     crate::admin::RUNNING_LOOPS.fetch_sub(1, Ordering::Relaxed);
     if let Ok(mut conn) = redis.get().await {
