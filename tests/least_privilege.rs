@@ -1,7 +1,8 @@
 //! Least privilege against the real servers: the whole pipeline (hot path, chunk lifecycle,
 //! `status`, `inspect`, `dlq list|replay`) runs as a Redis ACL user holding exactly the rule
 //! `strata acl-rule` prints, and as a PostgreSQL runtime role (LOGIN, no superuser) granted by
-//! `strata migrate --grant`; Redis's ACL log records no refusal. A user lacking one permission
+//! `strata migrate --grant`, run by an owner role that is no superuser either (CREATEROLE, owning
+//! the database); Redis's ACL log records no refusal. A user lacking one permission
 //! stops the stage with an error naming the command and the key.
 
 mod common;
@@ -26,15 +27,16 @@ pub struct PgRole {
 }
 
 impl PgRole {
-    pub async fn create() -> PgRole {
-        let name = format!("strata_rt_{}", rand_suffix());
+    /// A role `<prefix>_<random>` with `attributes` besides LOGIN NOSUPERUSER.
+    pub async fn create(prefix: &str, attributes: &str) -> PgRole {
+        let name = format!("{prefix}_{}", rand_suffix());
         common::connect(&common::admin_url())
             .await
             .batch_execute(&format!(
-                "CREATE ROLE {name} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
+                "CREATE ROLE {name} LOGIN NOSUPERUSER {attributes}"
             ))
             .await
-            .expect("create the runtime role");
+            .expect("create the role");
         PgRole { name }
     }
 }
@@ -215,17 +217,37 @@ async fn chunk_states(env: &TestEnv) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_pipeline_runs_under_the_acl_rule_and_the_runtime_role() {
-    let role = PgRole::create().await;
+    // The owner: no superuser, as on a managed service, owning the database.
+    let owner = PgRole::create("strata_own", "NOCREATEDB CREATEROLE").await;
+    let role = PgRole::create("strata_rt", "NOCREATEDB NOCREATEROLE").await;
     let user = AclUser::create(&[]).await;
     let port = common::free_port();
     let env = lifecycle_env(&format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n")).await;
     let mut outputs = Vec::new();
+    env.pg()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} OWNER TO {}",
+            env.db, owner.name
+        ))
+        .await
+        .unwrap();
+    let owner_url = as_role(&env.db_url, &owner.name);
+    let owner_vars = [("DATABASE_URL", owner_url.as_str())];
 
-    // The owner (the config's role) migrates and grants the runtime role.
-    let (ok, out) = strata(&env.config_path(), &["migrate", "--grant", &role.name], &[]);
+    // The owner migrates and grants the runtime role.
+    let (ok, out) = strata(
+        &env.config_path(),
+        &["migrate", "--grant", &role.name],
+        &owner_vars,
+    );
     assert!(ok, "migrate --grant: {out}");
     assert!(out.contains(&format!("granted {}", role.name)), "{out}");
-    let (ok, out) = strata(&env.config_path(), &["migrate", "--grant", &role.name], &[]);
+    let (ok, out) = strata(
+        &env.config_path(),
+        &["migrate", "--grant", &role.name],
+        &owner_vars,
+    );
     assert!(ok, "migrate --grant again (idempotent): {out}");
     let is_super: bool = common::connect(&common::admin_url())
         .await
@@ -368,9 +390,34 @@ async fn the_whole_pipeline_runs_under_the_acl_rule_and_the_runtime_role() {
             "the password was printed: {out}"
         );
     }
+    // The runtime role made partitions (the watcher's premade ones remain) and dropped some;
+    // the owner can still alter the table, partitions included.
+    let partitions: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass($1)",
+            &[&env.table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(partitions > 0, "no partition left to alter");
+    let schema_file = env
+        .dir
+        .path()
+        .join("schemas")
+        .join(format!("{}.toml", env.table));
+    let mut text = std::fs::read_to_string(&schema_file).unwrap();
+    text.push_str("\n[[columns]]\nname = \"added_later\"\ntype = \"text\"\n");
+    std::fs::write(&schema_file, text).unwrap();
+    let (ok, out) = strata(&env.config_path(), &["migrate"], &owner_vars);
+    assert!(ok, "migrate as the owner after the lifecycle ran: {out}");
+    assert!(out.contains("added added_later"), "{out}");
     delete_lifecycle_keys(&env.table).await;
     drop(env);
     drop(role);
+    drop(owner);
 }
 
 fn walk(dir: &Path) -> Vec<String> {
