@@ -68,6 +68,9 @@ ensure_test_tools() {
   command -v redis-server >/dev/null || apt_install redis-server
   [ -n "$(pg_bin)" ] || apt_install postgresql
   command -v prometheus >/dev/null || apt_install prometheus
+  # The TLS tests make their certificates with the openssl CLI and talk HTTPS with curl.
+  command -v openssl >/dev/null || apt_install openssl
+  command -v curl >/dev/null || apt_install curl ca-certificates
   # Object store servers for the lifecycle suite: moto (S3, PyPI) and Azurite (Azure, npm),
   # installed under ~/.cache/strata where the tests look for them.
   local tools="${STRATA_TOOLS_DIR:-$HOME/.cache/strata}"
@@ -75,6 +78,11 @@ ensure_test_tools() {
     python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3 python3-venv
     log "installing moto[server] into $tools/moto"
     python3 -m venv "$tools/moto" && "$tools/moto/bin/pip" install --quiet 'moto[server]'
+  fi
+  if ! command -v gcp-storage-emulator >/dev/null && [ ! -x "$tools/gcs/bin/gcp-storage-emulator" ]; then
+    python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3 python3-venv
+    log "installing gcp-storage-emulator into $tools/gcs"
+    python3 -m venv "$tools/gcs" && "$tools/gcs/bin/pip" install --quiet gcp-storage-emulator
   fi
   if ! command -v azurite-blob >/dev/null && [ ! -x "$tools/azurite/node_modules/.bin/azurite-blob" ]; then
     command -v npm >/dev/null || apt_install nodejs npm

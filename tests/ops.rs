@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -337,12 +337,8 @@ async fn the_binary_prints_plain_aligned_status_when_piped() {
         .unwrap();
     assert_eq!(held.len(), 1);
     let strata = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_strata"))
-            .arg("--config")
-            .arg(env.config_path())
+        env.command()
             .args(args)
-            .env_remove("REDIS_URL")
-            .env_remove("DATABASE_URL")
             .env_remove("NO_COLOR")
             .stdin(Stdio::null())
             .output()

@@ -44,9 +44,8 @@ async fn one_trace_shows_ingest_and_copy_under_the_producers_trace_id() {
         .with_state(seen.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--config")
-        .arg(env.config_path())
+    let mut child = env
+        .command()
         .args(["run", "--admin-listen", "127.0.0.1:0"])
         .env(
             "OTEL_EXPORTER_OTLP_ENDPOINT",

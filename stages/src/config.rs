@@ -128,6 +128,7 @@ impl Config {
                 &mut config.redis.password_file,
                 &mut config.postgres.password_file,
                 &mut config.admin.token_file,
+                &mut config.lake.tls_ca_file,
             ]
             .into_iter()
             .flatten()

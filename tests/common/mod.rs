@@ -147,7 +147,11 @@ impl TestEnv {
             "[redis]\nurl = \"{redis_url}\"\n[postgres]\nurl = \"{db_url}\"\n{lake}{extra}\n"
         );
         std::fs::write(dir.path().join("config.toml"), config_text).unwrap();
-        let config = Config::load(&dir.path().join("config.toml"), true).expect("config");
+        let mut config = Config::load(&dir.path().join("config.toml"), true).expect("config");
+        // `Config::load` applies REDIS_URL and DATABASE_URL, which name the servers the tests
+        // use, not this test's own database: the file's URLs stand.
+        config.redis.url = redis_url.to_string();
+        config.postgres.url = db_url.clone();
         let schema = Arc::new(Schema::from_toml("test", &text).expect("schema"));
         TestEnv {
             db,
@@ -318,15 +322,23 @@ impl TestEnv {
         }
     }
 
+    /// `strata --config <this environment's config>`, without the REDIS_URL and DATABASE_URL of
+    /// the test process (they name the shared servers, not this test's database).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .env_remove("REDIS_URL")
+            .env_remove("DATABASE_URL");
+        cmd
+    }
+
     /// Starts `strata <args>` with this environment's config, logging to a file in the env dir.
     pub fn spawn(&self, args: &[&str], log_name: &str) -> Spawned {
         let log = std::fs::File::create(self.dir.path().join(log_name)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .arg("--config")
-            .arg(self.config_path())
+        let child = self
+            .command()
             .args(args)
-            .env_remove("REDIS_URL")
-            .env_remove("DATABASE_URL")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1,7 +1,9 @@
 //! Object store backends for the lifecycle tests, each a real server on loopback started by the
 //! test itself and killed when it ends:
 //! - local disk: a folder in the test's temporary directory;
-//! - S3: moto's server (`moto_server`, from PyPI `moto[server]`);
+//! - S3: moto's server (`moto_server`, from PyPI `moto[server]`), over plain HTTP and over HTTPS
+//!   with a certificate of a private CA the test makes (the `openssl` CLI), trusted through
+//!   `[lake] tls_ca_file`;
 //! - Azure Blob: Azurite (`azurite-blob`, from npm `azurite`).
 //!
 //! A server binary missing from PATH is looked for, or installed on the spot, under
@@ -29,6 +31,10 @@ pub const AZURITE_KEY: &str =
 pub enum BackendKind {
     Local,
     S3,
+    /// moto over HTTPS, its certificate signed by a CA of the test's own.
+    S3Tls,
+    /// gcp-storage-emulator (PyPI), with OAuth disabled through a service-account file.
+    Gcs,
     Azure,
 }
 
@@ -46,6 +52,8 @@ pub struct Backend {
     pub local_root: Option<PathBuf>,
     /// `127.0.0.1:<port>` of the server.
     pub addr: Option<String>,
+    /// S3Tls: the PEM file of the private CA that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
     /// The server process.
     server: Option<Child>,
     /// The server's storage folder.
@@ -109,18 +117,19 @@ fn tools_dir() -> PathBuf {
         })
 }
 
-/// `moto_server`: on PATH, or in the tools' virtualenv, else installed there with pip.
-fn moto_server() -> PathBuf {
-    if let Some(p) = on_path("moto_server") {
+/// A Python server from PyPI: `bin` on PATH, or in the tools' virtualenv `venv`, else installed
+/// there with pip (`package`).
+fn pypi_server(bin: &str, venv: &str, package: &str, what: &str) -> PathBuf {
+    if let Some(p) = on_path(bin) {
         return p;
     }
-    let venv = tools_dir().join("moto");
-    let bin = venv.join("bin/moto_server");
-    if bin.is_file() {
-        return bin;
+    let venv = tools_dir().join(venv);
+    let path = venv.join("bin").join(bin);
+    if path.is_file() {
+        return path;
     }
     eprintln!(
-        "moto_server not found: installing moto[server] with pip into {}",
+        "{bin} not found: installing {package} with pip into {}",
         venv.display()
     );
     let ok = Command::new("python3")
@@ -130,19 +139,28 @@ fn moto_server() -> PathBuf {
         .status()
         .is_ok_and(|s| s.success())
         && Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "moto[server]"])
+            .args(["install", "--quiet", package])
             .status()
             .is_ok_and(|s| s.success());
-    if ok && bin.is_file() {
-        return bin;
+    if ok && path.is_file() {
+        return path;
     }
     panic!(
-        "the S3 tests need moto's server: run `python3 -m venv {0} && {0}/bin/pip install 'moto[server]'` (or put moto_server on PATH), then rerun",
+        "the {what} tests need {bin}: run `python3 -m venv {0} && {0}/bin/pip install '{package}'` (or put {bin} on PATH), then rerun",
         venv.display()
     )
 }
 
-/// Where the tests install Azurite when it is not on PATH.
+/// `moto_server` (S3).
+fn moto_server() -> PathBuf {
+    pypi_server("moto_server", "moto", "moto[server]", "S3")
+}
+
+/// `gcp-storage-emulator` (GCS).
+pub fn gcs_emulator() -> PathBuf {
+    pypi_server("gcp-storage-emulator", "gcs", "gcp-storage-emulator", "GCS")
+}
+
 fn azurite_prefix() -> PathBuf {
     tools_dir().join("azurite")
 }
@@ -200,6 +218,7 @@ impl Backend {
                     prefix,
                     local_root: Some(root),
                     addr: None,
+                    ca_file: None,
                     server: None,
                     _storage: Some(storage),
                 }
@@ -229,6 +248,86 @@ impl Backend {
                     prefix,
                     local_root: None,
                     addr: Some(addr),
+                    ca_file: None,
+                    server: Some(child),
+                    _storage: Some(storage),
+                }
+            }
+            BackendKind::S3Tls => {
+                let bin = moto_server();
+                let port = free_port();
+                let addr = format!("127.0.0.1:{port}");
+                let storage = tempfile::tempdir().unwrap();
+                let (ca, cert, key) = private_ca_and_server_cert(storage.path());
+                let log = storage.path().join("moto.log");
+                let mut child = Command::new(bin)
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .arg("-c")
+                    .arg(&cert)
+                    .arg("-k")
+                    .arg(&key)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .expect("start moto_server");
+                wait_listening(&addr, &mut child, "moto_server", &log);
+                let bucket = rand_name("strata-");
+                let endpoint = format!("https://localhost:{port}");
+                let (status, body) = https(&ca, "PUT", &format!("{endpoint}/{bucket}"));
+                assert_eq!(
+                    status, 200,
+                    "creating bucket {bucket} in moto (HTTPS): {body}"
+                );
+                Backend {
+                    kind,
+                    lake_toml: format!(
+                        "[lake]\nbackend = \"s3\"\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\ntls_ca_file = \"{}\"\nprefix = \"{prefix}\"\n[lake.options]\naws_access_key_id = \"test\"\naws_secret_access_key = \"test\"\n",
+                        ca.display()
+                    ),
+                    bucket,
+                    prefix,
+                    local_root: None,
+                    addr: Some(addr),
+                    ca_file: Some(ca),
+                    server: Some(child),
+                    _storage: Some(storage),
+                }
+            }
+            BackendKind::Gcs => {
+                let bin = gcs_emulator();
+                let port = free_port();
+                let addr = format!("127.0.0.1:{port}");
+                let storage = tempfile::tempdir().unwrap();
+                let log = storage.path().join("gcs.log");
+                // No `-` in the name: object_store escapes it in XML API paths (`%2D`), which the
+                // emulator's router does not unescape before matching bucket names.
+                let bucket = rand_name("strata");
+                let mut child = Command::new(bin)
+                    .args(["start", "-H", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--default-bucket", &bucket, "--in-memory"])
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .expect("start gcp-storage-emulator");
+                wait_listening(&addr, &mut child, "gcp-storage-emulator", &log);
+                // object_store's documented way to an emulator: a service account with OAuth off.
+                let account = storage.path().join("service-account.json");
+                std::fs::write(
+                    &account,
+                    format!(r#"{{"disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": "", "gcs_base_url": "http://{addr}"}}"#),
+                )
+                .unwrap();
+                Backend {
+                    kind,
+                    lake_toml: format!(
+                        "[lake]\nbackend = \"gcs\"\nbucket = \"{bucket}\"\nendpoint = \"http://{addr}\"\nallow_http = true\nprefix = \"{prefix}\"\n[lake.options]\ngoogle_service_account = \"{}\"\n",
+                        account.display()
+                    ),
+                    bucket,
+                    prefix,
+                    local_root: None,
+                    addr: Some(addr),
+                    ca_file: None,
                     server: Some(child),
                     _storage: Some(storage),
                 }
@@ -265,6 +364,7 @@ impl Backend {
                     prefix,
                     local_root: None,
                     addr: Some(addr),
+                    ca_file: None,
                     server: Some(child),
                     _storage: Some(storage),
                 }
@@ -304,6 +404,13 @@ impl Backend {
                 );
                 body.contains("<UploadId>")
             }
+            BackendKind::Gcs => unreachable!("the GCS emulator is not in the suite (README)"),
+            BackendKind::S3Tls => {
+                let port = self.addr.as_ref().unwrap().rsplit(':').next().unwrap();
+                let url = format!("https://localhost:{port}/{}?uploads", self.bucket);
+                let (_, body) = https(self.ca_file.as_ref().unwrap(), "GET", &url);
+                body.contains("<UploadId>")
+            }
             BackendKind::Azure => {
                 let (_, body) = azure_request(
                     self.addr.as_ref().unwrap(),
@@ -338,6 +445,90 @@ impl Backend {
         }
         out
     }
+}
+
+/// A private CA and a server certificate it signed for `localhost` and 127.0.0.1, made with the
+/// `openssl` CLI in `dir`: (CA certificate, server certificate, server key), PEM files.
+pub fn private_ca_and_server_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca_key, ca, key, csr, cert, ext) = (
+        dir.join("ca.key"),
+        dir.join("ca.pem"),
+        dir.join("server.key"),
+        dir.join("server.csr"),
+        dir.join("server.pem"),
+        dir.join("server.ext"),
+    );
+    std::fs::write(&ext, "subjectAltName = DNS:localhost, IP:127.0.0.1\n").unwrap();
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |x: &str| std::ffi::OsString::from(x);
+    openssl(&[
+        &s("req"),
+        &s("-x509"),
+        &s("-newkey"),
+        &s("rsa:2048"),
+        &s("-nodes"),
+        &s("-days"),
+        &s("2"),
+        &s("-subj"),
+        &s("/CN=strata test CA"),
+        &s("-keyout"),
+        ca_key.as_os_str(),
+        &s("-out"),
+        ca.as_os_str(),
+    ]);
+    openssl(&[
+        &s("req"),
+        &s("-newkey"),
+        &s("rsa:2048"),
+        &s("-nodes"),
+        &s("-subj"),
+        &s("/CN=localhost"),
+        &s("-keyout"),
+        key.as_os_str(),
+        &s("-out"),
+        csr.as_os_str(),
+    ]);
+    openssl(&[
+        &s("x509"),
+        &s("-req"),
+        &s("-in"),
+        csr.as_os_str(),
+        &s("-CA"),
+        ca.as_os_str(),
+        &s("-CAkey"),
+        ca_key.as_os_str(),
+        &s("-CAcreateserial"),
+        &s("-days"),
+        &s("2"),
+        &s("-extfile"),
+        ext.as_os_str(),
+        &s("-out"),
+        cert.as_os_str(),
+    ]);
+    (ca, cert, key)
+}
+
+/// One HTTPS request with `curl`, trusting `ca`; returns the status and the body.
+pub fn https(ca: &Path, method: &str, url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-X", method, "--cacert"])
+        .arg(ca)
+        .args(["-w", "\n%{http_code}", url])
+        .output()
+        .expect("run curl (Debian package curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", ""));
+    (status.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// A minimal HTTP/1.1 request on loopback; returns the status and the body.

@@ -75,8 +75,12 @@ pub struct LakeConfig {
     /// Key prefix inside the bucket, container or folder; files go to
     /// `<prefix>/<table>/date=YYYY-MM-DD/<chunk>-<uuid>.parquet`.
     pub prefix: String,
-    /// `s3` and `azure`: a custom endpoint URL (S3-compatible servers, Azurite, private links).
+    /// A custom endpoint URL: `s3` (S3-compatible servers), `azure` (Azurite, private links),
+    /// `gcs` (the JSON/XML API base URL of an emulator or a private endpoint).
     pub endpoint: Option<String>,
+    /// A PEM file of CA certificates trusted for the store's HTTPS endpoint, besides the
+    /// operating system's (an S3-compatible server with a private CA). Read when the lake opens.
+    pub tls_ca_file: Option<PathBuf>,
     /// `s3`: the region (else `AWS_REGION` / `AWS_DEFAULT_REGION`).
     pub region: Option<String>,
     /// Allow plain `http://` endpoints (test servers on loopback); off for real clouds.
@@ -96,6 +100,7 @@ impl Default for LakeConfig {
             account: None,
             prefix: String::new(),
             endpoint: None,
+            tls_ca_file: None,
             region: None,
             allow_http: false,
             options: BTreeMap::new(),
@@ -139,6 +144,20 @@ pub enum LakeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("[lake] tls_ca_file {path}: cannot read it")]
+    CaFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("[lake] tls_ca_file {path}: not a PEM file of certificates")]
+    CaPem {
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("[lake] tls_ca_file {path}: holds no certificate")]
+    CaEmpty { path: String },
     #[error("[lake] backend = \"{backend}\": cannot open the object store")]
     Build {
         backend: &'static str,
@@ -179,6 +198,7 @@ impl Lake {
             key: key.clone(),
             backend,
         };
+        let client = client_options(config)?;
         let (store, root_url, local_root): (Arc<dyn ObjectStore>, String, _) = match config.backend
         {
             LakeBackend::Local => {
@@ -206,7 +226,7 @@ impl Lake {
                 let bucket = config.bucket.clone().unwrap_or_default();
                 let mut b = AmazonS3Builder::from_env()
                     .with_bucket_name(&bucket)
-                    .with_allow_http(config.allow_http);
+                    .with_client_options(client);
                 if let Some(e) = &endpoint {
                     b = b.with_endpoint(e);
                 }
@@ -227,7 +247,7 @@ impl Lake {
                 let container = config.container.clone().unwrap_or_default();
                 let mut b = MicrosoftAzureBuilder::from_env()
                     .with_container_name(&container)
-                    .with_allow_http(config.allow_http);
+                    .with_client_options(client);
                 if let Some(a) = &config.account {
                     b = b.with_account(a);
                 }
@@ -246,7 +266,12 @@ impl Lake {
             }
             LakeBackend::Gcs => {
                 let bucket = config.bucket.clone().unwrap_or_default();
-                let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(&bucket);
+                let mut b = GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&bucket)
+                    .with_client_options(client);
+                if let Some(e) = &endpoint {
+                    b = b.with_base_url(e);
+                }
                 for (k, v) in &config.options {
                     let key: GoogleConfigKey = k.parse().map_err(|_| unknown(k))?;
                     b = b.with_config(key, v);
@@ -352,6 +377,32 @@ impl Lake {
         }
         Ok((hex(&hasher.finalize()), size))
     }
+}
+
+/// The HTTP client settings every cloud backend shares: `allow_http` and the extra CAs of
+/// `tls_ca_file` (HTTPS goes through rustls, the TLS stack of every strata connection).
+fn client_options(config: &LakeConfig) -> Result<object_store::ClientOptions, LakeError> {
+    let mut options = object_store::ClientOptions::new().with_allow_http(config.allow_http);
+    if let Some(file) = &config.tls_ca_file {
+        let path = file.display().to_string();
+        let pem = std::fs::read(file).map_err(|source| LakeError::CaFile {
+            path: path.clone(),
+            source,
+        })?;
+        let certs = object_store::Certificate::from_pem_bundle(&pem).map_err(|source| {
+            LakeError::CaPem {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        if certs.is_empty() {
+            return Err(LakeError::CaEmpty { path });
+        }
+        for cert in certs {
+            options = options.with_root_certificate(cert);
+        }
+    }
+    Ok(options)
 }
 
 /// Lowercase hex.
