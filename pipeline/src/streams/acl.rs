@@ -84,14 +84,20 @@ pub fn setuser_line(user: &str) -> String {
 
 /// For `.map_err`: a `NOPERM` error gains the command and key it refused (`XACK on
 /// `rows:{m}`: …`), keeping its code; any other error passes unchanged.
-pub fn denied(command: &str, key: &str) -> impl FnOnce(redis::RedisError) -> redis::RedisError {
-    let context = format!("{command} on `{key}`");
+/// Costs nothing unless the call failed (it runs on the hot path's commits).
+pub fn denied<'a>(
+    command: &'a str,
+    key: &'a str,
+) -> impl FnOnce(redis::RedisError) -> redis::RedisError + 'a {
     move |e| {
         if e.code() != Some("NOPERM") {
             return e;
         }
-        let detail = e.detail().unwrap_or("").to_string();
-        redis::make_extension_error("NOPERM".to_string(), Some(format!("{context}: {detail}")))
+        let detail = e.detail().unwrap_or("");
+        redis::make_extension_error(
+            "NOPERM".to_string(),
+            Some(format!("{command} on `{key}`: {detail}")),
+        )
     }
 }
 

@@ -474,11 +474,10 @@ impl CommitStep<'_> {
                 }
             }
         }
-        let keys = [input, self.output, self.dlq].join("`, `");
-        let reply: Value = inv
-            .invoke_async(conn)
-            .await
-            .map_err(super::acl::denied("EVALSHA commit.lua", &keys))?;
+        let reply: Value = inv.invoke_async(conn).await.map_err(|e| {
+            let keys = [input, self.output, self.dlq].join("`, `");
+            super::acl::denied("EVALSHA commit.lua", &keys)(e)
+        })?;
         let Value::Array(items) = reply else {
             return Ok(Vec::new());
         };
