@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,14 +69,11 @@ impl Drop for PgRole {
 
 /// Runs `strata <args>` to its end (killed after 60 s) with `vars`; returns success and
 /// stdout + stderr.
-fn strata(config: &Path, args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
+fn strata(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
     let out_file = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--config")
-        .arg(config)
+    let mut child = env
+        .command()
         .args(args)
-        .env_remove("REDIS_URL")
-        .env_remove("DATABASE_URL")
         .envs(vars.iter().copied())
         .stdin(Stdio::null())
         .stdout(out_file.reopen().unwrap())
@@ -105,12 +102,9 @@ fn strata(config: &Path, args: &[&str], vars: &[(&str, &str)]) -> (bool, String)
 /// Starts `strata <args>` with `env`, stderr to `log` in the env's folder.
 fn spawn(env: &TestEnv, args: &[&str], vars: &[(&str, &str)], log: &str) -> common::Spawned {
     let file = std::fs::File::create(env.dir.path().join(log)).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--config")
-        .arg(env.config_path())
+    let child = env
+        .command()
         .args(args)
-        .env_remove("REDIS_URL")
-        .env_remove("DATABASE_URL")
         .envs(vars.iter().copied())
         .stdout(Stdio::null())
         .stderr(file)
@@ -236,18 +230,10 @@ async fn the_whole_pipeline_runs_under_the_acl_rule_and_the_runtime_role() {
     let owner_vars = [("DATABASE_URL", owner_url.as_str())];
 
     // The owner migrates and grants the runtime role.
-    let (ok, out) = strata(
-        &env.config_path(),
-        &["migrate", "--grant", &role.name],
-        &owner_vars,
-    );
+    let (ok, out) = strata(&env, &["migrate", "--grant", &role.name], &owner_vars);
     assert!(ok, "migrate --grant: {out}");
     assert!(out.contains(&format!("granted {}", role.name)), "{out}");
-    let (ok, out) = strata(
-        &env.config_path(),
-        &["migrate", "--grant", &role.name],
-        &owner_vars,
-    );
+    let (ok, out) = strata(&env, &["migrate", "--grant", &role.name], &owner_vars);
     assert!(ok, "migrate --grant again (idempotent): {out}");
     let is_super: bool = common::connect(&common::admin_url())
         .await
@@ -340,7 +326,7 @@ async fn the_whole_pipeline_runs_under_the_acl_rule_and_the_runtime_role() {
         vec!["dlq", "list", "--stream", env.input().as_str()],
         vec!["dlq", "replay", "--stream", env.input().as_str()],
     ] {
-        let (ok, out) = strata(&env.config_path(), &args, &vars);
+        let (ok, out) = strata(&env, &args, &vars);
         assert!(
             ok,
             "strata {args:?} as the ACL user and runtime role: {out}"
@@ -411,7 +397,7 @@ async fn the_whole_pipeline_runs_under_the_acl_rule_and_the_runtime_role() {
     let mut text = std::fs::read_to_string(&schema_file).unwrap();
     text.push_str("\n[[columns]]\nname = \"added_later\"\ntype = \"text\"\n");
     std::fs::write(&schema_file, text).unwrap();
-    let (ok, out) = strata(&env.config_path(), &["migrate"], &owner_vars);
+    let (ok, out) = strata(&env, &["migrate"], &owner_vars);
     assert!(ok, "migrate as the owner after the lifecycle ran: {out}");
     assert!(out.contains("added added_later"), "{out}");
     delete_lifecycle_keys(&env.table).await;
@@ -463,7 +449,7 @@ async fn a_missing_permission_stops_the_stage_naming_the_command_and_the_key() {
             ("REDIS_URL", redis_url.as_str()),
             ("DATABASE_URL", env.db_url.as_str()),
         ];
-        let (ok, out) = strata(&env.config_path(), &[args], &vars);
+        let (ok, out) = strata(&env, &[args], &vars);
         println!("without {extra}, strata {args}: {out}");
         assert!(!ok, "strata {args} kept running without {extra}: {out}");
         assert!(out.contains("NOPERM"), "{extra}: {out}");
@@ -481,7 +467,7 @@ async fn a_missing_permission_stops_the_stage_naming_the_command_and_the_key() {
         ("REDIS_URL", redis_url.as_str()),
         ("DATABASE_URL", env.db_url.as_str()),
     ];
-    let (ok, out) = strata(&env.config_path(), &["batch-writer"], &vars);
+    let (ok, out) = strata(&env, &["batch-writer"], &vars);
     assert!(!ok, "the stage kept running without its key: {out}");
     assert!(
         out.contains(&format!("XGROUP CREATE on `{}`", env.rows())) && out.contains("NOPERM"),
