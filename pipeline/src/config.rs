@@ -169,7 +169,10 @@ pub struct AdminConfig {
 
 /// The admin endpoint's bearer token; its `Debug` does not show it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken(pub String);
+pub struct AdminToken(
+    /// The token a request must carry after `Bearer `.
+    pub String,
+);
 
 impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -112,17 +112,36 @@ pub async fn grant(
     let client = connect_creating(&config.postgres.url).await?;
     let group = format!("{role}_tables");
     let (r, g) = (ident(role), ident(&group));
-    let quoted_group = group.replace('\'', "''");
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&group])
+        .await
+        .map_err(sql(format!("looking for role {group}")))?
+        .is_some();
+    if !exists {
+        match client
+            .batch_execute(&format!("CREATE ROLE {g} NOLOGIN"))
+            .await
+        {
+            // Another migrate created it meanwhile.
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42710") => {}
+            other => other.map_err(sql(format!("creating role {group}")))?,
+        }
+    }
+    let schema: String = client
+        .query_one("SELECT current_schema()", &[])
+        .await
+        .map_err(sql("reading the current schema"))?
+        .get(0);
     client
         .batch_execute(&format!(
-            "DO $$ BEGIN CREATE ROLE {g} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-             GRANT {g} TO CURRENT_USER;
+            "GRANT {g} TO CURRENT_USER;
              GRANT {g} TO {r};
-             DO $$ BEGIN EXECUTE format('GRANT USAGE, CREATE ON SCHEMA %I TO %I', current_schema(), '{quoted_group}'); END $$;
+             GRANT USAGE, CREATE ON SCHEMA {} TO {g};
              GRANT USAGE ON SCHEMA strata TO {r};
              GRANT SELECT ON {TABLES} TO {r};
              GRANT SELECT, INSERT, UPDATE, DELETE ON {APPLIED_FRAMES}, {CHUNKS} TO {r};
-             GRANT USAGE, SELECT ON SEQUENCE strata.chunks_id_seq TO {r};"
+             GRANT USAGE, SELECT ON SEQUENCE strata.chunks_id_seq TO {r};",
+            ident(&schema)
         ))
         .await
         .map_err(sql(format!("granting {role} the runtime privileges")))?;
