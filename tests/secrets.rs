@@ -259,6 +259,26 @@ async fn secrets_from_files_are_used_and_never_printed() {
         outputs.push(out);
     }
 
+    // The Redis password from `[redis] password_file` instead, the URL naming only the user.
+    std::fs::write(dir.path().join("redis.pw"), format!("{}\n", user.password)).unwrap();
+    let with_file = dir.path().join("redis-pwfile.toml");
+    std::fs::write(
+        &with_file,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "[redis]\nurl = \"redis://127.0.0.1:1\"\n",
+            &format!(
+                "[redis]\nurl = \"redis://{}@127.0.0.1:6379\"\npassword_file = \"redis.pw\"\n",
+                user.name
+            ),
+        ),
+    )
+    .unwrap();
+    for args in [vec!["status", "--json"], vec!["inspect", &rows]] {
+        let (ok, out) = strata(&with_file, &args, &[("RUST_LOG", "debug")]);
+        assert!(ok, "strata {args:?} with [redis] password_file: {out}");
+        outputs.push(out);
+    }
+
     // Failing connections: wrong passwords, in the URL file and in the password file.
     let wrong_url_file = dir.path().join("wrong-url");
     std::fs::write(
