@@ -51,7 +51,19 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Create the database, strata's bookkeeping tables and every table in schemas/ (idempotent).
-    Migrate,
+    Migrate {
+        /// Then grant this runtime role what the stages need (the data tables go to a group
+        /// role `<ROLE>_tables` it joins); run migrate itself as the owner role.
+        #[arg(long, value_name = "ROLE")]
+        grant: Option<String>,
+    },
+    /// Print the least-privilege Redis ACL rule of strata's processes (`ACL SETUSER …`); add
+    /// the password with `ACL SETUSER <user> >password`.
+    AclRule {
+        /// The ACL user's name.
+        #[arg(long, default_value = "strata")]
+        user: String,
+    },
     // One subcommand per stage goes here, from the registry (see `cli`).
     /// Run every stage in this process.
     Run,
@@ -179,6 +191,11 @@ fn main() -> ExitCode {
     // the OTLP exporter, installed before any of them builds a rustls config.
     strata_pipeline::tls::install_crypto_provider();
     let (cli, stage) = parse();
+    // Needs no config: printed where strata is to be deployed, before anything is set up.
+    if let Some(Command::AclRule { user }) = &cli.command {
+        print_acl_rule(user);
+        return ExitCode::SUCCESS;
+    }
     let (config, schemas) = match load(&cli) {
         Ok(loaded) => loaded,
         Err(e) => return fail(e.as_ref()),
@@ -289,7 +306,11 @@ async fn run(
         return serve(&config, &schemas, std::slice::from_ref(stage)).await;
     };
     match command {
-        Command::Migrate => {
+        Command::AclRule { user } => {
+            print_acl_rule(user);
+            Ok(())
+        }
+        Command::Migrate { grant } => {
             for r in strata_stages::migrate::migrate(&config, &schemas).await? {
                 let what = if r.created { "created" } else { "up to date" };
                 let added = if r.added_columns.is_empty() {
@@ -298,6 +319,10 @@ async fn run(
                     format!(", added {}", r.added_columns.join(", "))
                 };
                 println!("{}: {what} ({}{added})", r.table, r.partitioning.as_str());
+            }
+            if let Some(role) = grant {
+                let group = strata_stages::migrate::grant(&config, &schemas, role).await?;
+                println!("granted {role} the runtime privileges (tables owned by {group})");
             }
             Ok(())
         }
@@ -367,6 +392,11 @@ async fn run(
     }
 }
 
+/// `strata acl-rule`: the `ACL SETUSER` line of [`streams::acl`].
+fn print_acl_rule(user: &str) {
+    println!("{}", streams::acl::setuser_line(user));
+}
+
 fn find<'a>(schemas: &'a [SchemaRef], table: &str) -> Result<&'a SchemaRef, BoxError> {
     schemas.iter().find(|s| s.table == table).ok_or_else(|| {
         let known: Vec<&str> = schemas.iter().map(|s| s.table.as_str()).collect();
@@ -390,8 +420,7 @@ async fn serve(
             config,
             stages.iter().any(|s| s.needs_postgres),
         )?;
-        strata_pipeline::admin::serve(&config.admin.listen, metrics, ready, shutdown.clone())
-            .await?;
+        strata_pipeline::admin::serve(&config.admin, metrics, ready, shutdown.clone()).await?;
     }
     let running = strata_stages::start(config, schemas, stages, shutdown.clone()).await?;
     running.wait(&shutdown).await?;
@@ -486,7 +515,7 @@ async fn demo(
     println!("where to look:");
     println!(
         "  table:        psql '{}' -c 'SELECT count(*), max(time) FROM {table}'",
-        config.postgres.url
+        strata_pipeline::secrets::redact_url(&config.postgres.url)
     );
     println!("  streams:      redis-cli XINFO GROUPS '{input}'; redis-cli XINFO GROUPS '{rows}'");
     println!(

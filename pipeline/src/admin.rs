@@ -1,18 +1,28 @@
 //! The admin endpoint every strata process serves: `/metrics` (Prometheus text), `/healthz`
 //! (alive) and `/readyz` (Redis and, where used, PostgreSQL answer, and the consumer loops run).
+//!
+//! It listens on loopback unless `[admin] listen` says otherwise. With `[admin] token_file`,
+//! `/metrics` and `/readyz` answer 401 without `Authorization: Bearer <token>` (compared in
+//! constant time); `/healthz` stays open, for liveness probes that carry no credentials. Bound
+//! beyond loopback without a token, the endpoint warns at start.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::config::{AdminConfig, AdminToken};
+use crate::secrets::constant_time_eq;
 
 /// Consumer loops running in this process (incremented by the runner).
 pub static RUNNING_LOOPS: AtomicUsize = AtomicUsize::new(0);
@@ -152,17 +162,22 @@ pub enum AdminError {
     },
 }
 
-/// Binds `listen` (if the port is taken, a free one, with a warning) and serves until
-/// `shutdown`. Returns the bound address; port 0 picks a free port.
+/// Binds `[admin] listen` (if the port is taken, a free one, with a warning) and serves until
+/// `shutdown`, requiring `[admin] token_file`'s token on `/metrics` and `/readyz` when set.
+/// Returns the bound address; port 0 picks a free port.
 pub async fn serve(
-    listen: &str,
+    config: &AdminConfig,
     metrics: PrometheusHandle,
     ready: Readiness,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, AdminError> {
+    let listen = config.listen.as_str();
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| AdminError::Address(listen.to_string()))?;
+    if !addr.ip().is_loopback() && config.token.is_none() {
+        warn!(%addr, "the admin endpoint listens beyond loopback without a token: anyone who reaches it reads /metrics and /readyz; set [admin] token_file");
+    }
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
@@ -197,10 +212,15 @@ pub async fn serve(
             }
         }
     });
-    let app = Router::new()
+    let guarded = Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::new(config.token.clone()),
+            require_token,
+        ));
+    let app = guarded
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(AppState {
             metrics,
             ready: Arc::new(ready),
@@ -229,6 +249,30 @@ pub async fn check_postgres(pool: &deadpool_postgres::Pool) -> Result<(), BoxErr
     let client = pool.get().await?;
     client.simple_query("SELECT 1").await?;
     Ok(())
+}
+
+/// Lets a request through when no token is configured or it carries `Bearer <token>`.
+async fn require_token(
+    State(token): State<Arc<Option<AdminToken>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(AdminToken(token)) = token.as_ref() else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    match given {
+        Some(given) if constant_time_eq(given, token.as_bytes()) => next.run(request).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a bearer token is required\n",
+        )
+            .into_response(),
+    }
 }
 
 async fn render_metrics(State(state): State<AppState>) -> String {

@@ -14,7 +14,11 @@
 //! - [`BatchLimits`] and [`batched_section!`](crate::batched_section), which gives a stage's
 //!   section its flat batch keys.
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
+
+use crate::secrets::redact_url;
 
 /// The sections of the file the runtime reads, whatever else the file holds.
 pub trait RuntimeConfig {
@@ -42,22 +46,41 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// Connection URL; `REDIS_URL` overrides it.
+    /// Connection URL, `redis://user:password@host:port/db` (an ACL user and its password);
+    /// `REDIS_URL` or `REDIS_URL_FILE` overrides it. Shown only redacted.
     pub url: String,
     /// Connections in the shared pool (blocking reads hold one each).
     pub pool_size: usize,
     /// `rediss://` only: PEM file of the CA(s) the server's certificate must chain to, for a
     /// private CA (unset: the OS store).
-    pub tls_ca_file: Option<std::path::PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
     /// `rediss://` only: PEM client certificate, for servers with `tls-auth-clients yes`.
-    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
     /// `rediss://` only: PEM private key of `tls_cert_file`.
-    pub tls_key_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// `rediss://` only: accept any server certificate (test setups only; warned at start).
     pub tls_insecure_skip_verify: bool,
+    /// A file holding the password, put into `url` when the config loads (so the password
+    /// need not be in the file or the environment); relative to the config file.
+    pub password_file: Option<PathBuf>,
+}
+
+/// The URL redacted: the config may be logged or printed, its password never.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_insecure_skip_verify", &self.tls_insecure_skip_verify)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 impl Default for RedisConfig {
@@ -69,6 +92,7 @@ impl Default for RedisConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_insecure_skip_verify: false,
+            password_file: None,
         }
     }
 }
@@ -85,15 +109,31 @@ pub enum TimescaleMode {
     Off,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
-    /// Connection URL; `DATABASE_URL` overrides it. `strata migrate` creates the database.
+    /// Connection URL (or libpq key=value string); `DATABASE_URL` or `DATABASE_URL_FILE`
+    /// overrides it. `strata migrate` creates the database. Shown only redacted.
     pub url: String,
     /// TimescaleDB hypertables or native partitions.
     pub timescaledb: TimescaleMode,
     /// Connections in each process's pool (the writer uses `batch_writer.connections` of them).
     pub pool_size: usize,
+    /// A file holding the password, put into `url` when the config loads; relative to the
+    /// config file.
+    pub password_file: Option<PathBuf>,
+}
+
+/// The URL redacted: the config may be logged or printed, its password never.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("timescaledb", &self.timescaledb)
+            .field("pool_size", &self.pool_size)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 impl Default for PostgresConfig {
@@ -102,6 +142,7 @@ impl Default for PostgresConfig {
             url: "postgres://postgres@127.0.0.1:5432/strata".into(),
             timescaledb: TimescaleMode::Auto,
             pool_size: 8,
+            password_file: None,
         }
     }
 }
@@ -131,8 +172,29 @@ pub struct AdminConfig {
     /// Serve the endpoint and record metrics (off: no recorder, metrics calls cost nothing).
     pub enabled: bool,
     /// Address of the admin endpoint. Port 0 picks a free port (logged); if the port is taken
-    /// (another strata process on the box), a free one is used with a warning.
+    /// (another strata process on the box), a free one is used with a warning. Loopback by
+    /// default: anything else warns at start unless `token_file` is set.
     pub listen: String,
+    /// A file holding a bearer token that `/metrics` and `/readyz` then require
+    /// (`Authorization: Bearer <token>`); `/healthz` stays open. Read once when the config loads,
+    /// relative to the config file.
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_file` (never from the TOML itself).
+    #[serde(skip)]
+    pub token: Option<AdminToken>,
+}
+
+/// The admin endpoint's bearer token; its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(
+    /// The token a request must carry after `Bearer `.
+    pub String,
+);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
 }
 
 impl Default for AdminConfig {
@@ -140,6 +202,8 @@ impl Default for AdminConfig {
         Self {
             enabled: true,
             listen: "127.0.0.1:9464".into(),
+            token_file: None,
+            token: None,
         }
     }
 }

@@ -184,11 +184,16 @@ pub const REDIS_TRANSIENT_CODES: [&str; 9] = [
 /// Redis error codes of a deployment fault: the account lacks a permission or cannot log in.
 pub const REDIS_FATAL_CODES: [&str; 3] = ["NOPERM", "NOAUTH", "WRONGPASS"];
 
-/// What a failed Redis call means: connection and I/O faults and the codes in
+/// What a failed Redis call means: a refused login (wrong user or password) is fatal;
+/// connection and I/O faults and the codes in
 /// [`REDIS_TRANSIENT_CODES`] are transient; [`REDIS_FATAL_CODES`] are fatal; any other error
 /// reply (a script that refused its input, a command error) may depend on the entries and is
 /// reported as `DeadLetter`, so the runner splits the batch instead of retrying it forever.
 pub fn redis_hint(err: &redis::RedisError) -> RetryHint {
+    // The client's own verdict on AUTH at connection setup (no code: Redis's reply is dropped).
+    if err.kind() == redis::ErrorKind::AuthenticationFailed {
+        return RetryHint::Fatal;
+    }
     match err.code() {
         Some(code) if REDIS_TRANSIENT_CODES.contains(&code) => RetryHint::Backoff,
         Some(code) if REDIS_FATAL_CODES.contains(&code) => RetryHint::Fatal,
@@ -211,9 +216,20 @@ impl From<redis::RedisError> for StageError {
     }
 }
 
+/// What a failure to get a pooled Redis connection means: fatal when the server refused the
+/// login or the account ([`redis_hint`]), transient otherwise (the server is away, the pool busy).
+pub fn redis_pool_hint(err: &deadpool_redis::PoolError) -> RetryHint {
+    match err {
+        deadpool_redis::PoolError::Backend(e) if redis_hint(e) == RetryHint::Fatal => {
+            RetryHint::Fatal
+        }
+        _ => RetryHint::Backoff,
+    }
+}
+
 impl From<deadpool_redis::PoolError> for StageError {
     fn from(err: deadpool_redis::PoolError) -> Self {
-        StageError::backoff("redis pool").with_source(err)
+        StageError::new(redis_pool_hint(&err), "redis pool").with_source(err)
     }
 }
 
@@ -240,6 +256,9 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    /// A secret (a URL or password from the environment or a file) could not be resolved.
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
 }
 
 #[cfg(test)]

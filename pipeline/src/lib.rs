@@ -15,6 +15,7 @@
 //! - [`db`]: PostgreSQL connection pools.
 //! - [`tls`]: the one rustls client setup (roots, client certificates, verification, failure
 //!   causes); [`pg_tls`]: libpq's `sslmode`/`sslrootcert`/`sslcert`/`sslkey` for PostgreSQL.
+//! - [`secrets`]: URLs and passwords from the environment or files; URLs shown redacted.
 //! - [`latency`]: the end-to-end latency histogram (for summaries).
 //! - [`observe`]: metric names, the Prometheus recorder, per-loop metric handles.
 //! - [`admin`]: the `/metrics`, `/healthz`, `/readyz` endpoint.
@@ -32,6 +33,7 @@ pub mod pg_limits;
 pub mod pg_tls;
 pub mod runner;
 pub mod schema;
+pub mod secrets;
 pub mod shutdown;
 pub mod streams;
 pub mod tls;

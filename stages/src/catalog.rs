@@ -187,6 +187,25 @@ pub async fn create_partition(
         pg_timestamp_literal(start_us.saturating_add(schema.chunk_interval_us))
     ))
     .await?;
+    // Made by a runtime role (`strata migrate --grant`), the partition belongs to it; hand it to
+    // the table's owner (a group the role is a member of), so the owner role can still alter
+    // the table and every runtime role can drop the partition.
+    let owner: Option<String> = tx
+        .query_one(
+            "SELECT CASE WHEN p.relowner = c.relowner THEN NULL ELSE pg_get_userbyid(p.relowner)::text END
+             FROM pg_class c, pg_class p WHERE c.oid = to_regclass($1) AND p.oid = to_regclass($2)",
+            &[&ident(&name), &ident(&schema.table)],
+        )
+        .await?
+        .get(0);
+    if let Some(owner) = owner {
+        tx.batch_execute(&format!(
+            "ALTER TABLE {} OWNER TO {}",
+            ident(&name),
+            ident(&owner)
+        ))
+        .await?;
+    }
     tx.commit().await
 }
 

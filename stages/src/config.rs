@@ -1,7 +1,10 @@
 //! `config.toml`: the whole file, one section per component, unknown fields rejected, units in
 //! names.
 //!
-//! `REDIS_URL` and `DATABASE_URL` in the environment override `[redis] url` and `[postgres] url`.
+//! `REDIS_URL` and `DATABASE_URL` in the environment (or `REDIS_URL_FILE` and
+//! `DATABASE_URL_FILE`, naming files that hold them) override `[redis] url` and
+//! `[postgres] url`; `[redis] password_file` and `[postgres] password_file` put a password into
+//! them, and `[admin] token_file` is read (see [`strata_pipeline::secrets`]).
 //!
 //! Each section's type lives with the code that reads it: the runtime's (`[redis]`,
 //! `[postgres]`, `[streams]`, `[admin]`, `[tracing]`, `[shutdown]`) in
@@ -20,10 +23,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use strata_pipeline::config::{
-    AdminConfig, PostgresConfig, RedisConfig, RuntimeConfig, ShutdownConfig, StreamsConfig,
-    TracingConfig,
+    AdminConfig, AdminToken, PostgresConfig, RedisConfig, RuntimeConfig, ShutdownConfig,
+    StreamsConfig, TracingConfig,
 };
-use strata_pipeline::ConfigError;
+use strata_pipeline::{secrets, ConfigError};
 
 pub use crate::ingest::IngestConfig;
 pub use crate::lifecycle::archiver::ArchiverConfig;
@@ -131,23 +134,47 @@ impl Config {
                     *p = dir.join(&*p);
                 }
             }
-            if let Some(p) = config.lake.tls_ca_file.as_mut().filter(|p| p.is_relative()) {
-                *p = dir.join(&*p);
+            for p in [
+                &mut config.redis.password_file,
+                &mut config.postgres.password_file,
+                &mut config.admin.token_file,
+                &mut config.lake.tls_ca_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
             }
         }
-        config.apply_env(|k| std::env::var(k).ok());
+        config.apply_env(|k| std::env::var(k).ok())?;
         config.validate(&display)?;
         Ok(config)
     }
 
-    /// Applies `REDIS_URL` and `DATABASE_URL`.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
-        if let Some(url) = var("REDIS_URL").filter(|s| !s.is_empty()) {
+    /// Applies `REDIS_URL` / `REDIS_URL_FILE` and `DATABASE_URL` / `DATABASE_URL_FILE`, then the
+    /// password files, and reads the admin token: the one place secrets are resolved.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(url) = secrets::resolve_env("REDIS_URL", &var)? {
             self.redis.url = url;
         }
-        if let Some(url) = var("DATABASE_URL").filter(|s| !s.is_empty()) {
+        if let Some(url) = secrets::resolve_env("DATABASE_URL", &var)? {
             self.postgres.url = url;
         }
+        if let Some(file) = &self.redis.password_file {
+            let password = secrets::read_secret_file(file, "[redis] password_file")?;
+            self.redis.url = secrets::with_password(&self.redis.url, &password);
+        }
+        if let Some(file) = &self.postgres.password_file {
+            let password = secrets::read_secret_file(file, "[postgres] password_file")?;
+            self.postgres.url = secrets::with_password(&self.postgres.url, &password);
+        }
+        if let Some(file) = &self.admin.token_file {
+            let token = secrets::read_secret_file(file, "[admin] token_file")?;
+            self.admin.token = Some(AdminToken(token));
+        }
+        Ok(())
     }
 
     /// Checks what serde cannot: the runtime's sections here, each stage's own section through
@@ -188,7 +215,8 @@ mod tests {
     #[test]
     fn env_overrides_file_and_unknown_fields_are_rejected() {
         let mut c: Config = toml::from_str("[redis]\nurl = \"redis://file:1\"\n").unwrap();
-        c.apply_env(|k| (k == "REDIS_URL").then(|| "redis://env:2".to_string()));
+        c.apply_env(|k| (k == "REDIS_URL").then(|| "redis://env:2".to_string()))
+            .unwrap();
         assert_eq!(c.redis.url, "redis://env:2");
         assert_eq!(c.postgres.url, PostgresConfig::default().url);
         let err = toml::from_str::<Config>("[batch_writer]\nlinger = 5\n").unwrap_err();
@@ -234,6 +262,40 @@ mod tests {
         assert_eq!(c.redis.tls_cert_file, Some(PathBuf::from("/abs/c.pem")));
         assert_eq!(c.redis.tls_key_file, None);
         assert!(!c.redis.tls_insecure_skip_verify);
+    }
+
+    #[test]
+    fn password_files_go_into_the_urls_and_debug_redacts_them() {
+        let dir = std::env::temp_dir().join(format!("strata-pwfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("redis.pw"), "r3d1s-s3cret\n").unwrap();
+        std::fs::write(dir.join("pg.pw"), "pg-s3cret").unwrap();
+        std::fs::write(dir.join("token"), "t0ken\n").unwrap();
+        std::fs::write(
+            dir.join("config.toml"),
+            "[redis]\nurl = \"redis://strata@h:6379\"\npassword_file = \"redis.pw\"\n\
+             [postgres]\nurl = \"postgres://app@h/db\"\npassword_file = \"pg.pw\"\n\
+             [admin]\ntoken_file = \"token\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&dir.join("config.toml"), true).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c.redis.url, "redis://strata:r3d1s-s3cret@h:6379");
+        assert_eq!(c.postgres.url, "postgres://app:pg-s3cret@h/db");
+        assert_eq!(c.admin.token, Some(AdminToken("t0ken".into())));
+        let debug = format!("{c:?}");
+        for secret in ["r3d1s-s3cret", "pg-s3cret", "t0ken"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        let mut c = Config::default();
+        let err = c
+            .apply_env(|k| k.starts_with("DATABASE_URL").then(|| "x".into()))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("DATABASE_URL and DATABASE_URL_FILE"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,12 +1,22 @@
 //! `strata migrate`: creates the database, strata's bookkeeping tables and every table of
 //! `schemas/`, idempotently. A new nullable column is added in place.
+//!
+//! `strata migrate --grant ROLE` then gives the runtime role `ROLE` what the stages need and no
+//! more ([`grant`]). Migrate runs as an owner role (it creates tables and indexes); the stages
+//! run as `ROLE`. PostgreSQL lets only a table's owner create a partition of it, detach one or
+//! drop one (and TimescaleDB's `drop_chunks` likewise), so the data tables are handed to a
+//! NOLOGIN group role `<ROLE>_tables` of which both the owner role and `ROLE` are members; a
+//! partition the writer creates is handed to that group too ([`crate::catalog::create_partition`]),
+//! so a later migration can still alter the table. `ROLE` gets on strata's bookkeeping tables
+//! only the rows it reads and writes (no DDL), and CREATE on the data tables' schema for
+//! partitions.
 
 use strata_pipeline::config::TimescaleMode;
 use strata_pipeline::db::{self, ConnectError, ConnectLimits};
 use strata_pipeline::schema::Schema;
 use tracing::{info, warn};
 
-use crate::catalog::{ident, Partitioning, BOOKKEEPING_DDL, TABLES};
+use crate::catalog::{ident, Partitioning, APPLIED_FRAMES, BOOKKEEPING_DDL, CHUNKS, TABLES};
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +99,75 @@ pub async fn migrate(
         .batch_execute("SELECT pg_advisory_unlock(hashtext('strata.migrate'))")
         .await;
     result
+}
+
+/// Grants the runtime role `role` what the stages need (see the module documentation); returns
+/// the group role owning the data tables. Idempotent; the connecting role needs CREATEROLE (or
+/// to be a superuser) the first time.
+pub async fn grant(
+    config: &Config,
+    schemas: &[impl AsRef<Schema>],
+    role: &str,
+) -> Result<String, MigrateError> {
+    let client = connect_creating(&config.postgres.url).await?;
+    let group = format!("{role}_tables");
+    let (r, g) = (ident(role), ident(&group));
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&group])
+        .await
+        .map_err(sql(format!("looking for role {group}")))?
+        .is_some();
+    if !exists {
+        match client
+            .batch_execute(&format!("CREATE ROLE {g} NOLOGIN"))
+            .await
+        {
+            // Another migrate created it meanwhile.
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42710") => {}
+            other => other.map_err(sql(format!("creating role {group}")))?,
+        }
+    }
+    let schema: String = client
+        .query_one("SELECT current_schema()", &[])
+        .await
+        .map_err(sql("reading the current schema"))?
+        .get(0);
+    client
+        .batch_execute(&format!(
+            "GRANT {g} TO CURRENT_USER;
+             GRANT {g} TO {r};
+             GRANT USAGE, CREATE ON SCHEMA {} TO {g};
+             GRANT USAGE ON SCHEMA strata TO {r};
+             GRANT SELECT ON {TABLES} TO {r};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON {APPLIED_FRAMES}, {CHUNKS} TO {r};
+             GRANT USAGE, SELECT ON SEQUENCE strata.chunks_id_seq TO {r};",
+            ident(&schema)
+        ))
+        .await
+        .map_err(sql(format!("granting {role} the runtime privileges")))?;
+    for schema in schemas {
+        let table = &schema.as_ref().table;
+        let partitions: Vec<String> = client
+            .query(
+                "SELECT c.oid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass($1)",
+                &[&ident(table)],
+            )
+            .await
+            .map_err(sql(format!("listing the partitions of {table}")))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut ddl = format!("ALTER TABLE {} OWNER TO {g};", ident(table));
+        for p in partitions {
+            ddl.push_str(&format!("ALTER TABLE {p} OWNER TO {g};"));
+        }
+        client
+            .batch_execute(&ddl)
+            .await
+            .map_err(sql(format!("handing {table} to {group}")))?;
+    }
+    info!(role = %role, group = %group, "granted the runtime privileges");
+    Ok(group)
 }
 
 async fn migrate_locked(

@@ -149,12 +149,23 @@ pub struct OwnPostgres {
 impl OwnPostgres {
     /// Runs initdb and starts the cluster on a free port (fsync off: tests crash it on purpose).
     pub fn start() -> Self {
-        Self::start_configured(|_| {})
+        Self::init(None, |_| {})
     }
 
     /// [`OwnPostgres::start`], with `configure` run on the data folder between initdb and the
     /// first start (to add TLS files, `postgresql.conf` settings, `pg_hba.conf` rules).
     pub fn start_configured(configure: impl FnOnce(&Path)) -> Self {
+        Self::init(None, configure)
+    }
+
+    /// Like [`OwnPostgres::start`], but connections over TCP must give `password` for user
+    /// `postgres` (scram-sha-256), so a test can check a password really is sent.
+    pub fn start_with_password(password: &str) -> Self {
+        Self::init(Some(password), |_| {})
+    }
+
+    /// initdb (trust, or scram-sha-256 over TCP with `password`), `configure`, start.
+    fn init(password: Option<&str>, configure: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let pg = OwnPostgres {
@@ -162,8 +173,24 @@ impl OwnPostgres {
             dir,
         };
         let mut init = pg_command("initdb");
-        init.args(["-U", "postgres", "--auth=trust", "-D"])
-            .arg(pg.data());
+        match password {
+            None => {
+                init.args(["-U", "postgres", "--auth=trust"]);
+            }
+            Some(password) => {
+                let file = pg.dir.path().join("pwfile");
+                std::fs::write(&file, format!("{password}\n")).unwrap();
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+                init.args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                ])
+                .arg(format!("--pwfile={}", file.display()));
+            }
+        }
+        init.arg("-D").arg(pg.data());
         run(init, "initdb");
         configure(&pg.data());
         pg.launch();

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod acl;
 pub mod servers;
 
 use std::path::{Path, PathBuf};

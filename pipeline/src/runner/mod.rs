@@ -270,7 +270,10 @@ pub async fn run_loop<S: Stage>(
     // Workers end only when the batcher closed, i.e. the reader ended, or on a fatal error.
     stop.cancel();
     let _ = batcher.await;
-    let _ = reader.await;
+    // A read the account may not make stops the loop too (the workers ended for want of input).
+    if let (Ok(()), Ok(Err(e))) = (&result, reader.await) {
+        result = Err(e);
+    }
     let _ = keeper.await;
     crate::admin::RUNNING_LOOPS.fetch_sub(1, Ordering::Relaxed);
     if let Ok(mut conn) = redis.get().await {
@@ -298,6 +301,9 @@ async fn retry_redis(
     loop {
         match redis.get().await {
             Ok(c) => return Ok(c),
+            Err(e) if crate::error::redis_pool_hint(&e) == RetryHint::Fatal => {
+                return Err(StageError::fatal("connecting to redis").with_source(e));
+            }
             Err(e) => {
                 warn_redis_unavailable(spec, &e);
                 if !backoff.wait(shutdown).await {

@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::error::error_chain;
+use crate::error::{error_chain, redis_hint, RetryHint, StageError, REDIS_FATAL_CODES};
 use crate::observe::LoopMetrics;
-use crate::streams::{self, Entry, Held, ReadConnection, ReadSpan, StreamId};
+use crate::streams::{self, Entry, Held, ReadConnection, ReadError, ReadSpan, StreamId};
 
 use super::{Backoff, LoopSpec, LoopStats};
 
@@ -39,6 +39,37 @@ pub(super) fn hold(in_flight: &InFlight, entries: &mut [Entry]) {
     }
 }
 
+/// A read that failed: why, and whether a retry can mend it.
+pub(super) struct ReadFailure {
+    /// The error with its causes, naming the command and key when Redis refused them.
+    reason: String,
+    /// The account may not read (NOPERM) or log in: no retry helps, the loop stops.
+    fatal: bool,
+}
+
+impl ReadFailure {
+    fn redis(e: &redis::RedisError) -> Self {
+        Self {
+            // A Redis error's Display already holds its detail.
+            reason: e.to_string(),
+            fatal: redis_hint(e) == RetryHint::Fatal,
+        }
+    }
+
+    /// A failure of the loop's own read connection; an error reply is fatal by its code.
+    fn own(e: &ReadError, spec: &LoopSpec) -> Self {
+        let fatal = matches!(e, ReadError::Reply(r) if r.code().is_some_and(|c| REDIS_FATAL_CODES.contains(&c)));
+        let reason = if fatal {
+            format!("XREADGROUP on `{}`: {}", spec.input, error_chain(e))
+        } else {
+            error_chain(e)
+        };
+        Self { reason, fatal }
+    }
+}
+
+/// Reads until `stop`; returns a fatal error (the account may not read) after logging it, so the
+/// loop stops instead of retrying for ever.
 pub(super) async fn read_loop(
     spec: Arc<LoopSpec>,
     redis: deadpool_redis::Pool,
@@ -47,7 +78,7 @@ pub(super) async fn read_loop(
     stats: Arc<LoopStats>,
     in_flight: InFlight,
     metrics: LoopMetrics,
-) {
+) -> Result<(), StageError> {
     let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
     let mut pressure = BackPressure::default();
     let claim_every = Duration::from_millis(spec.streams.claim_interval_ms.max(1));
@@ -110,7 +141,7 @@ pub(super) async fn read_loop(
                     }
                     Ok((entries, deleted))
                 }
-                Err(e) => Err(error_chain(&e)),
+                Err(e) => Err(ReadFailure::redis(&e)),
             }
         } else {
             let block = spec
@@ -146,13 +177,21 @@ pub(super) async fn read_loop(
                     }
                 }
             }
+            Err(e) if e.fatal => {
+                error!(stage = spec.stage, stream = %spec.input, error = %e.reason, "read refused: stopping");
+                return Err(StageError::fatal(format!(
+                    "reading {}: {}",
+                    spec.input, e.reason
+                )));
+            }
             Err(e) => {
-                warn!(stage = spec.stage, stream = %spec.input, error = %e, "read failed, retrying");
+                warn!(stage = spec.stage, stream = %spec.input, error = %e.reason, "read failed, retrying");
                 conn = None;
                 backoff.wait(&stop).await;
             }
         }
     }
+    Ok(())
 }
 
 /// Reads new entries: over the loop's own connection when it has a `read_from` (reconnecting
@@ -162,7 +201,7 @@ pub(super) async fn read_new(
     pooled: &mut deadpool_redis::Connection,
     own: &mut Option<ReadConnection>,
     block_ms: u64,
-) -> Result<Vec<Entry>, String> {
+) -> Result<Vec<Entry>, ReadFailure> {
     let consumer = spec.consumer();
     let count = spec.streams.read_count;
     let Some(target) = spec.read_from.as_ref() else {
@@ -170,20 +209,20 @@ pub(super) async fn read_new(
             .read_new(pooled, count, block_ms)
             .await
             .map(|(entries, _)| entries)
-            .map_err(|e| error_chain(&e));
+            .map_err(|e| ReadFailure::redis(&e));
     };
     let conn = match own {
         Some(conn) => conn,
         None => own.insert(
             ReadConnection::connect(target)
                 .await
-                .map_err(|e| error_chain(&e))?,
+                .map_err(|e| ReadFailure::own(&e, spec))?,
         ),
     };
     let read = conn.read_new(&consumer, count, block_ms).await;
     read.map_err(|e| {
         *own = None;
-        error_chain(&e)
+        ReadFailure::own(&e, spec)
     })
 }
 

@@ -16,7 +16,11 @@ use super::scripts;
 
 /// XLEN of `stream` (0 when it does not exist).
 pub async fn len<C: ConnectionLike>(conn: &mut C, stream: &str) -> RedisResult<u64> {
-    redis::cmd("XLEN").arg(stream).query_async(conn).await
+    redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .map_err(super::acl::denied("XLEN", stream))
 }
 
 /// XRANGE `stream` `start` `end` COUNT `count` (`-`, `+`, an ID or a bare millisecond time).
@@ -34,7 +38,8 @@ pub async fn range<C: ConnectionLike>(
         .arg("COUNT")
         .arg(count)
         .query_async(conn)
-        .await?;
+        .await
+        .map_err(super::acl::denied("XRANGE", stream))?;
     Ok(reply::parse_entries(reply, 0).0)
 }
 
@@ -45,6 +50,7 @@ pub async fn groups<C: ConnectionLike>(conn: &mut C, stream: &str) -> RedisResul
         .arg(stream)
         .query_async(conn)
         .await
+        .map_err(super::acl::denied("XINFO GROUPS", stream))
     {
         Ok(v) => Ok(reply::groups(v)),
         Err(e) if reply::is_no_such_key(&e) => Ok(Vec::new()),
@@ -56,7 +62,11 @@ pub async fn groups<C: ConnectionLike>(conn: &mut C, stream: &str) -> RedisResul
 /// entry some group still needs. A stream without groups is left alone. Returns the entries
 /// removed.
 pub async fn trim_acknowledged<C: ConnectionLike>(conn: &mut C, stream: &str) -> RedisResult<u64> {
-    scripts::TRIM.key(stream).invoke_async(conn).await
+    scripts::TRIM
+        .key(stream)
+        .invoke_async(conn)
+        .await
+        .map_err(super::acl::denied("EVALSHA trim.lua", stream))
 }
 
 /// A consumer name unique to this process: host, PID and a random suffix.
@@ -97,7 +107,8 @@ impl<'a> ConsumerGroup<'a> {
             .arg("0")
             .arg("MKSTREAM")
             .query_async(conn)
-            .await;
+            .await
+            .map_err(super::acl::denied("XGROUP CREATE", self.stream));
         match res {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             other => other,
@@ -115,6 +126,7 @@ impl<'a> ConsumerGroup<'a> {
             .arg(ids)
             .query_async(conn)
             .await
+            .map_err(super::acl::denied("XACK", self.stream))
     }
 
     /// The group's counters (XINFO GROUPS); None when the stream or the group is absent.
@@ -161,6 +173,7 @@ impl<'a> ConsumerGroup<'a> {
             .arg(self.name)
             .query_async(conn)
             .await
+            .map_err(super::acl::denied("XINFO CONSUMERS", self.stream))
         {
             Ok(v) => Ok(reply::consumers(v)),
             Err(e) if reply::is_no_such_key(&e) || reply::is_no_group(&e) => Ok(Vec::new()),
@@ -178,6 +191,7 @@ impl<'a> ConsumerGroup<'a> {
             .arg(self.name)
             .query_async(conn)
             .await
+            .map_err(super::acl::denied("XPENDING", self.stream))
         {
             Ok(v) => Ok(reply::pending_summary(v)),
             Err(e) if reply::is_no_group(&e) => Ok(PendingSummary::default()),
@@ -199,6 +213,7 @@ impl<'a> ConsumerGroup<'a> {
             .arg(1)
             .query_async(conn)
             .await
+            .map_err(super::acl::denied("XPENDING", self.stream))
         {
             Ok(v) => Ok(reply::pending_entries(v).into_iter().next()),
             Err(e) if reply::is_no_group(&e) => Ok(None),
@@ -218,7 +233,11 @@ impl<'a> ConsumerGroup<'a> {
             .arg(self.name)
             .arg(consumer)
             .invoke_async(conn)
-            .await?;
+            .await
+            .map_err(super::acl::denied(
+                "EVALSHA remove_consumer.lua",
+                self.stream,
+            ))?;
         Ok(())
     }
 }
@@ -268,7 +287,8 @@ impl<'a> Consumer<'a> {
             .arg(self.group.stream)
             .arg(">")
             .query_async(conn)
-            .await?;
+            .await
+            .map_err(super::acl::denied("XREADGROUP", self.group.stream))?;
         // [[stream, entries]] or nil on timeout
         let mut out = (Vec::new(), Vec::new());
         let Value::Array(streams) = reply else {
@@ -313,7 +333,8 @@ impl<'a> Consumer<'a> {
             .arg(cursor)
             .arg(count)
             .invoke_async(conn)
-            .await?;
+            .await
+            .map_err(super::acl::denied("EVALSHA claim.lua", stream))?;
         let Value::Array(mut parts) = reply else {
             return Ok(Claimed::default());
         };
@@ -348,7 +369,8 @@ impl<'a> Consumer<'a> {
             .arg(entries.len() * 2)
             .arg(self.name)
             .query_async(conn)
-            .await?;
+            .await
+            .map_err(super::acl::denied("XPENDING", self.group.stream))?;
         Ok(reply::pending_entries(reply)
             .into_iter()
             .map(|p| (p.id, p.deliveries))
@@ -376,7 +398,9 @@ impl<'a> Consumer<'a> {
         for s in spans {
             inv.arg(s.first).arg(s.last);
         }
-        inv.invoke_async(conn).await
+        inv.invoke_async(conn)
+            .await
+            .map_err(super::acl::denied("EVALSHA touch.lua", self.group.stream))
     }
 
     /// Removes this consumer from its group if it owns nothing.
@@ -450,7 +474,10 @@ impl CommitStep<'_> {
                 }
             }
         }
-        let reply: Value = inv.invoke_async(conn).await?;
+        let reply: Value = inv.invoke_async(conn).await.map_err(|e| {
+            let keys = [input, self.output, self.dlq].join("`, `");
+            super::acl::denied("EVALSHA commit.lua", &keys)(e)
+        })?;
         let Value::Array(items) = reply else {
             return Ok(Vec::new());
         };

@@ -16,8 +16,11 @@
 //!   pending, remove), [`CommitStep`], and stream-wide calls (length, range, groups, trim).
 //! - [`read`]: [`ReadConnection`], the hot read path's own connection.
 //! - [`dead_letter`]: the fields of a dead letter, packed when there are many.
+//! - [`acl`]: the least-privilege Redis ACL rule (key patterns and commands), and NOPERM errors
+//!   that name the command and key.
 //! - [`scripts`]: the Lua scripts, one `.lua` file each, and the error codes they reply with.
 
+pub mod acl;
 mod codec;
 pub mod dead_letter;
 pub mod entry;

@@ -20,6 +20,16 @@ pub enum ReplyError {
     Protocol(&'static str),
 }
 
+impl ReplyError {
+    /// The code of an error reply: its first word (RESP error replies read `CODE message`).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ReplyError::Server(message) => message.split(' ').next().filter(|c| !c.is_empty()),
+            ReplyError::Protocol(_) => None,
+        }
+    }
+}
+
 /// Finds where the reply starting at the front of a buffer ends, across partial reads: the
 /// state survives a short buffer, so a large reply is scanned once.
 #[derive(Debug, Default)]

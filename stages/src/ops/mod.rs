@@ -95,22 +95,7 @@ pub(crate) fn check_id(id: &str) -> Result<StreamId, OpsError> {
 }
 
 /// `url` without a password, for messages.
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if user.is_empty() {
-                format!("{scheme}://{host}")
-            } else {
-                format!("{scheme}://{user}@{host}")
-            }
-        }
-        None => url.to_string(),
-    }
-}
+pub(crate) use strata_pipeline::secrets::redact_url;
 
 #[cfg(test)]
 mod tests {
