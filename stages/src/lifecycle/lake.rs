@@ -59,7 +59,7 @@ impl LakeBackend {
 }
 
 /// Where archives go (`[lake]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LakeConfig {
     /// The object store: `local`, `s3`, `azure` or `gcs`.
@@ -88,6 +88,27 @@ pub struct LakeConfig {
     /// Further `object_store` builder keys for the chosen backend (`aws_*`, `azure_*`,
     /// `google_*`), applied after the environment.
     pub options: BTreeMap<String, String>,
+}
+
+/// `[lake.options]` may hold credentials (`aws_secret_access_key`, `azure_storage_account_key`):
+/// their keys are shown, their values never.
+impl std::fmt::Debug for LakeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: Vec<&String> = self.options.keys().collect();
+        f.debug_struct("LakeConfig")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("bucket", &self.bucket)
+            .field("container", &self.container)
+            .field("account", &self.account)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("region", &self.region)
+            .field("allow_http", &self.allow_http)
+            .field("options (values hidden)", &options)
+            .finish()
+    }
 }
 
 impl Default for LakeConfig {
@@ -540,11 +561,15 @@ mod tests {
     #[test]
     fn lake_sections_parse_and_name_missing_keys() {
         let lake: LakeConfig = toml::from_str(
-            "backend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n[options]\naws_access_key_id = \"k\"\n",
+            "backend = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n[options]\naws_secret_access_key = \"s3cr3t-k3y\"\n",
         )
         .unwrap();
         assert_eq!(lake.backend, LakeBackend::S3);
-        assert_eq!(lake.options["aws_access_key_id"], "k");
+        assert_eq!(lake.options["aws_secret_access_key"], "s3cr3t-k3y");
+        // Debug shows the option's key, never its value.
+        let debug = format!("{lake:?}");
+        assert!(debug.contains("aws_secret_access_key"), "{debug}");
+        assert!(!debug.contains("s3cr3t-k3y"), "{debug}");
         assert!(lake.validate().is_ok());
         let lake: LakeConfig = toml::from_str("backend = \"azure\"\n").unwrap();
         assert!(lake.validate().unwrap_err().contains("container"));
