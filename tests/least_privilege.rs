@@ -70,33 +70,7 @@ impl Drop for PgRole {
 /// Runs `strata <args>` to its end (killed after 60 s) with `vars`; returns success and
 /// stdout + stderr.
 fn strata(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
-    let out_file = tempfile::NamedTempFile::new().unwrap();
-    let mut child = env
-        .command()
-        .args(args)
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(out_file.reopen().unwrap())
-        .stderr(out_file.reopen().unwrap())
-        .spawn()
-        .expect("run strata");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "strata {args:?} did not end within 60 s: {}",
-                std::fs::read_to_string(out_file.path()).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = std::fs::read_to_string(out_file.path()).unwrap_or_default();
-    (status.success(), text)
+    common::run_to_end(env.command().args(args).envs(vars.iter().copied()))
 }
 
 /// Starts `strata <args>` with `env`, stderr to `log` in the env's folder.
@@ -376,7 +350,7 @@ async fn the_whole_pipeline_runs_under_the_acl_rule_and_the_runtime_role() {
             "the password was printed: {out}"
         );
     }
-    // The runtime role made partitions (the watcher's premade ones remain) and dropped some;
+    // The runtime role made partitions (native: the watcher's premade ones remain) and dropped some;
     // the owner can still alter the table, partitions included.
     let partitions: i64 = env
         .pg()
@@ -388,7 +362,10 @@ async fn the_whole_pipeline_runs_under_the_acl_rule_and_the_runtime_role() {
         .await
         .unwrap()
         .get(0);
-    assert!(partitions > 0, "no partition left to alter");
+    // (A hypertable has no premade chunks: there, every chunk may be dropped by now.)
+    if env.partitioning().await == strata_stages::catalog::Partitioning::Native {
+        assert!(partitions > 0, "no partition left to alter");
+    }
     let schema_file = env
         .dir
         .path()

@@ -24,36 +24,15 @@ use strata_testkit::OwnPostgres;
 /// Runs `strata <args>` to its end (killed after 60 s) with `vars`; returns success and
 /// stdout + stderr.
 fn strata(config: &Path, args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
-    let out_file = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("REDIS_URL")
-        .env_remove("DATABASE_URL")
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(out_file.reopen().unwrap())
-        .stderr(out_file.reopen().unwrap())
-        .spawn()
-        .expect("run strata");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "strata {args:?} did not end within 60 s: {}",
-                std::fs::read_to_string(out_file.path()).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = std::fs::read_to_string(out_file.path()).unwrap_or_default();
-    (status.success(), text)
+    common::run_to_end(
+        Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("REDIS_URL")
+            .env_remove("DATABASE_URL")
+            .envs(vars.iter().copied()),
+    )
 }
 
 /// One HTTP/1.1 GET on loopback with optional headers; the whole response.

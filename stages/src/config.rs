@@ -103,6 +103,15 @@ impl Config {
     /// Reads `path` (a missing default `./config.toml` means all defaults), then applies the
     /// environment overrides.
     pub fn load(path: &Path, must_exist: bool) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, must_exist, |k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load`] with the environment read through `var` (tests give their own).
+    pub fn load_with_env(
+        path: &Path,
+        must_exist: bool,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let display = path.display().to_string();
         let mut config = match std::fs::read_to_string(path) {
             Ok(text) => toml::from_str::<Config>(&text).map_err(|source| ConfigError::Parse {
@@ -148,7 +157,7 @@ impl Config {
                 }
             }
         }
-        config.apply_env(|k| std::env::var(k).ok())?;
+        config.apply_env(var)?;
         config.validate(&display)?;
         Ok(config)
     }
@@ -201,13 +210,21 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The tests' environment: none (the process's REDIS_URL/DATABASE_URL would override the
+    /// files under test, e.g. on a machine where scripts/services.sh exported DATABASE_URL).
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
     #[test]
     fn a_lake_missing_its_bucket_is_refused_when_the_config_loads() {
         let dir = std::env::temp_dir().join(format!("strata-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.toml");
         std::fs::write(&path, "[lake]\nbackend = \"s3\"\n").unwrap();
-        let err = Config::load(&path, true).unwrap_err().to_string();
+        let err = Config::load_with_env(&path, true, no_env)
+            .unwrap_err()
+            .to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(err.contains("[lake] bucket is required"), "{err}");
     }
@@ -256,7 +273,7 @@ mod tests {
             "[redis]\nurl = \"rediss://r:6380\"\ntls_ca_file = \"ca.pem\"\ntls_cert_file = \"/abs/c.pem\"\n",
         )
         .unwrap();
-        let c = Config::load(&path, true).unwrap();
+        let c = Config::load_with_env(&path, true, no_env).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(c.redis.tls_ca_file, Some(dir.join("ca.pem")));
         assert_eq!(c.redis.tls_cert_file, Some(PathBuf::from("/abs/c.pem")));
@@ -278,7 +295,7 @@ mod tests {
              [admin]\ntoken_file = \"token\"\n",
         )
         .unwrap();
-        let c = Config::load(&dir.join("config.toml"), true).unwrap();
+        let c = Config::load_with_env(&dir.join("config.toml"), true, no_env).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(c.redis.url, "redis://strata:r3d1s-s3cret@h:6379");
         assert_eq!(c.postgres.url, "postgres://app:pg-s3cret@h/db");
@@ -301,7 +318,7 @@ mod tests {
     #[test]
     fn the_repository_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.toml");
-        let c = Config::load(&path, true).expect("config.toml");
+        let c = Config::load_with_env(&path, true, no_env).expect("config.toml");
         assert!(c.ingest.batch.max_batch_rows > 0);
     }
 }

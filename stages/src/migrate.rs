@@ -210,15 +210,17 @@ async fn timescale_available(
         return Ok(false);
     }
     // Without the preload, CREATE EXTENSION fails with a FATAL error that closes the session,
-    // so look first.
+    // so look first. Not through `shared_preload_libraries`, which only superusers (and
+    // pg_read_all_settings) may read, and managed services' owner roles are neither: the
+    // preloaded loader defines `timescaledb.disable_load` in every session, readable by all.
     let created_or_loadable = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
-                 OR 'timescaledb' = ANY (string_to_array(replace(current_setting('shared_preload_libraries'), ' ', ''), ','))",
+                 OR current_setting('timescaledb.disable_load', true) IS NOT NULL",
             &[],
         )
         .await
-        .map_err(sql("looking for timescaledb in shared_preload_libraries"))?
+        .map_err(sql("looking for the preloaded timescaledb loader"))?
         .get::<_, bool>(0);
     if !created_or_loadable {
         if mode == TimescaleMode::Require {

@@ -147,11 +147,10 @@ impl TestEnv {
             "[redis]\nurl = \"{redis_url}\"\n[postgres]\nurl = \"{db_url}\"\n{lake}{extra}\n"
         );
         std::fs::write(dir.path().join("config.toml"), config_text).unwrap();
-        let mut config = Config::load(&dir.path().join("config.toml"), true).expect("config");
-        // `Config::load` applies REDIS_URL and DATABASE_URL, which name the servers the tests
-        // use, not this test's own database: the file's URLs stand.
-        config.redis.url = redis_url.to_string();
-        config.postgres.url = db_url.clone();
+        // Not the process's environment: its REDIS_URL and DATABASE_URL name the servers the
+        // tests use, not this test's own database, so the file's URLs stand.
+        let config =
+            Config::load_with_env(&dir.path().join("config.toml"), true, |_| None).expect("config");
         let schema = Arc::new(Schema::from_toml("test", &text).expect("schema"));
         TestEnv {
             db,
@@ -540,4 +539,33 @@ impl Drop for TestEnv {
         })
         .join();
     }
+}
+
+/// Runs `cmd` to its end, stdout and stderr into one text (killed, and the test failed, after
+/// 60 s); returns whether it succeeded, and the text.
+pub fn run_to_end(cmd: &mut Command) -> (bool, String) {
+    let out_file = tempfile::NamedTempFile::new().unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out_file.reopen().unwrap())
+        .stderr(out_file.reopen().unwrap())
+        .spawn()
+        .expect("run strata");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not end within 60 s: {}",
+                std::fs::read_to_string(out_file.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(out_file.path()).unwrap_or_default();
+    (status.success(), text)
 }
