@@ -31,7 +31,7 @@ pub static RUNNING_LOOPS: AtomicUsize = AtomicUsize::new(0);
 #[derive(Clone)]
 pub struct Readiness {
     /// Must answer PING.
-    pub redis: deadpool_redis::Pool,
+    pub redis: crate::db::RedisPool,
     /// Must answer `SELECT 1`, for processes that write or read tables.
     pub postgres: Option<deadpool_postgres::Pool>,
     /// `host:port` of Redis, to name it in the answer.
@@ -238,9 +238,9 @@ pub async fn serve(
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One PING over the pool.
-pub async fn check_redis(pool: &deadpool_redis::Pool) -> Result<(), BoxError> {
+pub async fn check_redis(pool: &crate::db::RedisPool) -> Result<(), BoxError> {
     let mut conn = pool.get().await?;
-    redis::cmd("PING").query_async::<String>(&mut *conn).await?;
+    redis::cmd("PING").query_async::<String>(&mut conn).await?;
     Ok(())
 }
 

@@ -64,8 +64,37 @@ pub struct RedisConfig {
     /// `rediss://` only: accept any server certificate (test setups only; warned at start).
     pub tls_insecure_skip_verify: bool,
     /// A file holding the password, put into `url` when the config loads (so the password
-    /// need not be in the file or the environment); relative to the config file.
+    /// need not be in the file or the environment); relative to the config file. With
+    /// `cluster`, it goes into every `nodes` URL too.
     pub password_file: Option<PathBuf>,
+    /// A Redis Cluster: the pool holds cluster connections (routed by slot, following
+    /// `MOVED`/`ASK`) and the hot loops' read connections follow redirects to the stream's
+    /// node. Off: one standalone server (the default).
+    pub cluster: bool,
+    /// Cluster only: seed node URLs (`redis://user:password@host:port`, `rediss://` for TLS);
+    /// any one that answers finds the rest. Empty: `url` is the one seed. The `tls_*` keys
+    /// apply to every node. Shown only redacted.
+    pub nodes: Vec<String>,
+}
+
+impl RedisConfig {
+    /// The URL that names the Redis in use (in messages, and to tell TLS): `url`, or with
+    /// `cluster` the first of `nodes`.
+    pub fn primary_url(&self) -> &str {
+        match self.nodes.first() {
+            Some(first) if self.cluster => first,
+            _ => &self.url,
+        }
+    }
+
+    /// The cluster's seed URLs: `nodes`, or `url` when it is empty.
+    pub fn seeds(&self) -> Vec<String> {
+        if self.nodes.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.nodes.clone()
+        }
+    }
 }
 
 /// The URL redacted: the config may be logged or printed, its password never.
@@ -79,6 +108,11 @@ impl std::fmt::Debug for RedisConfig {
             .field("tls_key_file", &self.tls_key_file)
             .field("tls_insecure_skip_verify", &self.tls_insecure_skip_verify)
             .field("password_file", &self.password_file)
+            .field("cluster", &self.cluster)
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -93,6 +127,8 @@ impl Default for RedisConfig {
             tls_key_file: None,
             tls_insecure_skip_verify: false,
             password_file: None,
+            cluster: false,
+            nodes: Vec::new(),
         }
     }
 }

@@ -5,7 +5,10 @@
 //! a [`PostgresTarget`] ([`postgres_config`]: the URL with libpq's TLS keys, see
 //! [`crate::pg_tls`]) and uses its rustls connector. Redis: [`redis_client`] (`rediss://` with
 //! `[redis] tls_*`), [`redis_pool`] over it, and [`redis_read_target`] for the hot loops' own
-//! read connections, all from the one rustls setup of [`crate::tls`].
+//! read connections, all from the one rustls setup of [`crate::tls`]. With `[redis] cluster =
+//! true`, [`RedisPool`] holds Redis Cluster connections ([`redis_cluster_client`]) and the read
+//! target follows `MOVED`/`ASK`; every key of a table carries its hash tag, so each script and
+//! multi-key command stays in one slot.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +34,9 @@ pub enum PoolError {
     RedisTls(#[source] TlsConfigError),
     #[error("cannot build the Redis pool")]
     Redis(#[source] deadpool_redis::BuildError),
+    /// `[redis] cluster = true` with seeds the crate refuses (none, or different users).
+    #[error("invalid [redis] nodes for the cluster")]
+    RedisCluster(#[source] redis::RedisError),
 }
 
 /// Why [`connect_postgres`] returned no connection.
@@ -318,7 +324,7 @@ pub fn redis_response_timeout(config: &impl RuntimeConfig) -> Duration {
 /// socket): `tls_ca_file` (else the OS store), `tls_cert_file` + `tls_key_file`, and no
 /// verification only with `tls_insecure_skip_verify` (warned about once per process).
 pub fn redis_tls(redis: &RedisConfig) -> Result<Option<Arc<rustls::ClientConfig>>, PoolError> {
-    let info = redis::IntoConnectionInfo::into_connection_info(redis.url.as_str())
+    let info = redis::IntoConnectionInfo::into_connection_info(redis.primary_url())
         .map_err(PoolError::RedisUrl)?;
     if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
         let tls_keys = redis.tls_ca_file.is_some()
@@ -373,6 +379,12 @@ pub fn redis_client(redis: &RedisConfig) -> Result<redis::Client, PoolError> {
     if redis.tls_insecure_skip_verify && !url.contains('#') {
         url.push_str("#insecure");
     }
+    redis::Client::build_with_tls(url.as_str(), redis_certificates(redis)?)
+        .map_err(PoolError::RedisUrl)
+}
+
+/// The CA and client certificate files of `[redis]`, read for the `redis` crate.
+fn redis_certificates(redis: &RedisConfig) -> Result<redis::TlsCertificates, PoolError> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|source| {
             PoolError::RedisTls(TlsConfigError::Read {
@@ -389,33 +401,72 @@ pub fn redis_client(redis: &RedisConfig) -> Result<redis::Client, PoolError> {
         }),
         _ => None,
     };
-    redis::Client::build_with_tls(
-        url.as_str(),
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(PoolError::RedisUrl)
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    })
+}
+
+/// The `redis` crate's cluster client for `[redis] cluster = true`: the seeds of
+/// [`RedisConfig::seeds`] (user and password from the first), `rediss://` with the `tls_*`
+/// files as [`redis_client`] does, and the pool's timeouts.
+pub fn redis_cluster_client(
+    redis: &RedisConfig,
+    response_timeout: Duration,
+) -> Result<redis::cluster::ClusterClient, PoolError> {
+    let tls = redis_tls(redis)?;
+    let seeds: Vec<String> = redis
+        .seeds()
+        .into_iter()
+        .map(|mut url| {
+            if tls.is_some() && redis.tls_insecure_skip_verify && !url.contains('#') {
+                url.push_str("#insecure");
+            }
+            url
+        })
+        .collect();
+    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+        .connection_timeout(Duration::from_secs(5))
+        .response_timeout(response_timeout);
+    if tls.is_some() {
+        builder = builder.certs(redis_certificates(redis)?);
+    }
+    builder.build().map_err(PoolError::RedisCluster)
 }
 
 /// Where the hot loops' own read connections go: the URL and its TLS config.
+/// With `cluster`, the first seed and the others, following redirects.
 pub fn redis_read_target(config: &impl RuntimeConfig) -> Result<ReadTarget, PoolError> {
+    let redis = config.redis();
+    let tls = redis_tls(redis)?;
+    if !redis.cluster {
+        return Ok(ReadTarget {
+            url: redis.url.clone(),
+            tls,
+            cluster: false,
+            seeds: Vec::new(),
+        });
+    }
+    let mut seeds = redis.seeds();
+    let url = seeds.remove(0);
     Ok(ReadTarget {
-        url: config.redis().url.clone(),
-        tls: redis_tls(config.redis())?,
+        url,
+        tls,
+        cluster: true,
+        seeds,
     })
 }
 
 /// Whether `[redis] url` is `rediss://`.
 pub fn redis_uses_tls(redis: &RedisConfig) -> bool {
-    redis::IntoConnectionInfo::into_connection_info(redis.url.as_str())
+    redis::IntoConnectionInfo::into_connection_info(redis.primary_url())
         .is_ok_and(|i| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. }))
 }
 
 /// `host:port` of the configured Redis (the URL's, or its socket path), to name it in errors.
+/// With `cluster`, the first seed's.
 pub fn redis_server(redis: &RedisConfig) -> String {
-    match redis::IntoConnectionInfo::into_connection_info(redis.url.as_str()) {
+    match redis::IntoConnectionInfo::into_connection_info(redis.primary_url()) {
         Ok(info) => match info.addr() {
             redis::ConnectionAddr::Tcp(h, p)
             | redis::ConnectionAddr::TcpTls {
@@ -429,20 +480,129 @@ pub fn redis_server(redis: &RedisConfig) -> String {
     }
 }
 
-/// A Redis pool of at most `[redis] pool_size` connections.
-pub fn redis_pool(config: &impl RuntimeConfig) -> Result<deadpool_redis::Pool, PoolError> {
+/// A Redis pool of at most `[redis] pool_size` connections: to one server, or with
+/// `[redis] cluster = true` cluster connections (each routes a command by its key's slot to the
+/// node serving it, follows `MOVED`/`ASK` and refreshes the slot map).
+pub fn redis_pool(config: &impl RuntimeConfig) -> Result<RedisPool, PoolError> {
+    let redis = config.redis();
+    if redis.cluster {
+        let client = redis_cluster_client(redis, redis_response_timeout(config))?;
+        let pool = deadpool::managed::Pool::builder(ClusterManager { client })
+            .max_size(redis.pool_size)
+            .runtime(deadpool::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(PoolError::Redis)?;
+        return Ok(RedisPool::Cluster(pool));
+    }
     let conn = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(redis_response_timeout(config)));
-    let client = redis_client(config.redis())?;
+    let client = redis_client(redis)?;
     let manager =
         deadpool_redis::Manager::new_with_config(client.get_connection_info().clone(), conn)
             .map_err(PoolError::RedisUrl)?;
     deadpool_redis::Pool::builder(manager)
-        .max_size(config.redis().pool_size)
+        .max_size(redis.pool_size)
         .runtime(deadpool_redis::Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(10)))
         .create_timeout(Some(Duration::from_secs(5)))
         .build()
+        .map(RedisPool::Single)
         .map_err(PoolError::Redis)
+}
+
+/// strata's Redis pool: one standalone server, or a Redis Cluster. Cheap to clone (a handle).
+#[derive(Clone)]
+pub enum RedisPool {
+    /// `[redis] cluster = false`: connections to `[redis] url`.
+    Single(deadpool_redis::Pool),
+    /// `[redis] cluster = true`: cluster connections.
+    Cluster(deadpool::managed::Pool<ClusterManager>),
+}
+
+impl From<deadpool_redis::Pool> for RedisPool {
+    fn from(pool: deadpool_redis::Pool) -> Self {
+        RedisPool::Single(pool)
+    }
+}
+
+impl RedisPool {
+    /// A connection, waiting for a free one (within the pool's timeouts).
+    pub async fn get(&self) -> Result<RedisConnection, deadpool_redis::PoolError> {
+        match self {
+            RedisPool::Single(p) => p.get().await.map(RedisConnection::Single),
+            RedisPool::Cluster(p) => p.get().await.map(RedisConnection::Cluster),
+        }
+    }
+
+    /// Whether this is a cluster pool.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisPool::Cluster(_))
+    }
+}
+
+/// A connection of a [`RedisPool`]; commands go through it as `&mut conn`
+/// ([`redis::aio::ConnectionLike`]). Back to the pool on drop.
+pub enum RedisConnection {
+    /// To the one server.
+    Single(deadpool_redis::Connection),
+    /// To the cluster (one connection per node inside, by slot).
+    Cluster(deadpool::managed::Object<ClusterManager>),
+}
+
+impl redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_command(cmd),
+            RedisConnection::Cluster(c) => (**c).req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConnection::Cluster(c) => (**c).req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(c) => c.get_db(),
+            RedisConnection::Cluster(c) => (**c).get_db(),
+        }
+    }
+}
+
+/// Makes and checks the cluster pool's connections.
+pub struct ClusterManager {
+    /// The client built from `[redis]` ([`redis_cluster_client`]).
+    client: redis::cluster::ClusterClient,
+}
+
+impl deadpool::managed::Manager for ClusterManager {
+    type Type = redis::cluster_async::ClusterConnection;
+    type Error = redis::RedisError;
+
+    async fn create(&self) -> Result<Self::Type, redis::RedisError> {
+        self.client.get_async_connection().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut Self::Type,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<redis::RedisError> {
+        redis::cmd("PING").query_async::<()>(conn).await?;
+        Ok(())
+    }
 }

@@ -174,6 +174,9 @@ impl Config {
         if let Some(file) = &self.redis.password_file {
             let password = secrets::read_secret_file(file, "[redis] password_file")?;
             self.redis.url = secrets::with_password(&self.redis.url, &password);
+            for node in &mut self.redis.nodes {
+                *node = secrets::with_password(node, &password);
+            }
         }
         if let Some(file) = &self.postgres.password_file {
             let password = secrets::read_secret_file(file, "[postgres] password_file")?;
@@ -238,6 +241,29 @@ mod tests {
         assert_eq!(c.postgres.url, PostgresConfig::default().url);
         let err = toml::from_str::<Config>("[batch_writer]\nlinger = 5\n").unwrap_err();
         assert!(err.to_string().contains("linger"), "{err}");
+    }
+
+    #[test]
+    fn cluster_keys_default_off_and_the_password_file_reaches_every_seed() {
+        let c: Config = toml::from_str("").unwrap();
+        assert!(!c.redis.cluster);
+        assert_eq!(c.redis.seeds(), vec![c.redis.url.clone()]);
+        let dir = std::env::temp_dir().join(format!("strata-config-cl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "s3cret\n").unwrap();
+        let mut c: Config = toml::from_str(&format!(
+            "[redis]\ncluster = true\nnodes = [\"redis://u@a:7000\", \"redis://u@b:7001\"]\npassword_file = \"{}\"\n",
+            dir.join("pw").display()
+        ))
+        .unwrap();
+        c.apply_env(|_| None).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            c.redis.seeds(),
+            vec!["redis://u:s3cret@a:7000", "redis://u:s3cret@b:7001"]
+        );
+        assert_eq!(c.redis.primary_url(), "redis://u:s3cret@a:7000");
+        assert!(!format!("{:?}", c.redis).contains("s3cret"));
     }
 
     #[test]

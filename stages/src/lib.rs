@@ -136,7 +136,7 @@ impl Running {
 /// retry with backoff, and `/readyz` reports the same cause until the server answers.
 async fn check_servers(
     config: &Config,
-    redis: &deadpool_redis::Pool,
+    redis: &strata_pipeline::db::RedisPool,
     pg: Option<&deadpool_postgres::Pool>,
 ) {
     use strata_pipeline::admin;

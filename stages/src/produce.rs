@@ -73,7 +73,7 @@ pub fn synthesize(schema: &Schema, seq: u64, rng: &mut impl Rng) -> Vec<(String,
 
 /// XADDs `count` synthetic events to `telemetry:{T}`.
 pub async fn produce(
-    redis: &deadpool_redis::Pool,
+    redis: &strata_pipeline::db::RedisPool,
     schema: &Schema,
     opts: &ProduceOptions,
 ) -> Result<ProduceReport, ProduceError> {
@@ -120,7 +120,7 @@ pub async fn produce(
                 }
                 if let Some(limit) = max_len {
                     // Entries leave the stream once every group acknowledged them (ingest trims).
-                    while strata_pipeline::streams::len(&mut *conn, &stream).await? > limit {
+                    while strata_pipeline::streams::len(&mut conn, &stream).await? > limit {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
@@ -132,7 +132,7 @@ pub async fn produce(
                     }
                     cmd.ignore();
                 }
-                let () = pipe.query_async(&mut *conn).await?;
+                let () = pipe.query_async(&mut conn).await?;
                 bar.inc(to - from);
             }
         }));

@@ -34,7 +34,7 @@ pub struct StartContext<'a> {
     /// The whole configuration: the stage reads its own section.
     pub config: &'a Config,
     /// The process's Redis pool, sized by [`StageSpec::redis_connections`].
-    pub redis: &'a deadpool_redis::Pool,
+    pub redis: &'a strata_pipeline::db::RedisPool,
     /// Where the hot loops open their own read connections (URL and TLS config, built once).
     pub redis_read: &'a strata_pipeline::streams::ReadTarget,
     /// The process's PostgreSQL pool, sized by [`StageSpec::postgres_connections`] (a stage

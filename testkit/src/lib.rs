@@ -7,8 +7,13 @@
 //! - [`OwnPostgres`]: a cluster of its own, trust auth, user `postgres`; crash-stop and start.
 //! - [`free_port`], [`rss_kb`]: a free loopback port; a process's resident memory.
 //! - [`tls`]: test certificates (rcgen), a TLS-only `redis-server`, a PostgreSQL with `ssl = on`.
+//! - [`cluster`]: [`OwnCluster`], a Redis Cluster of 3 masters and 3 replicas; slot migration
+//!   and failover by hand.
 
+pub mod cluster;
 pub mod tls;
+
+pub use cluster::OwnCluster;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -19,7 +19,7 @@ use super::{LoopSpec, Stage, Tick};
 pub(super) async fn housekeeping<S: Stage>(
     stage: Arc<S>,
     spec: Arc<LoopSpec>,
-    redis: deadpool_redis::Pool,
+    redis: crate::db::RedisPool,
     stop: CancellationToken,
     in_flight: InFlight,
 ) {

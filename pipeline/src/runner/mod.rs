@@ -101,7 +101,7 @@ pub trait Stage: Send + Sync + 'static {
 /// What a [`Stage::tick`] is given: a Redis connection and the loop's consumer group.
 pub struct Tick<'a> {
     /// A pooled connection for the tick's own calls.
-    pub redis: &'a mut deadpool_redis::Connection,
+    pub redis: &'a mut crate::db::RedisConnection,
     /// The loop's consumer group on its input stream.
     pub group: ConsumerGroup<'a>,
 }
@@ -177,7 +177,7 @@ impl LoopSpec {
 pub async fn run_loop<S: Stage>(
     stage: Arc<S>,
     spec: LoopSpec,
-    redis: deadpool_redis::Pool,
+    redis: crate::db::RedisPool,
     shutdown: CancellationToken,
     stats: Arc<LoopStats>,
 ) -> Result<(), StageError> {
@@ -293,10 +293,10 @@ pub async fn run_loop<S: Stage>(
 }
 
 async fn retry_redis(
-    redis: &deadpool_redis::Pool,
+    redis: &crate::db::RedisPool,
     shutdown: &CancellationToken,
     spec: &LoopSpec,
-) -> Result<deadpool_redis::Connection, StageError> {
+) -> Result<crate::db::RedisConnection, StageError> {
     let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
     loop {
         match redis.get().await {
@@ -333,11 +333,12 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use tokio::time::Instant;
 
-    fn redis_pool() -> deadpool_redis::Pool {
+    fn redis_pool() -> crate::db::RedisPool {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         deadpool_redis::Config::from_url(url)
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .unwrap()
+            .into()
     }
 
     /// Forwards one entry per input entry; refuses (as poison) any batch holding a `bad` field,

@@ -72,7 +72,7 @@ impl ReadFailure {
 /// loop stops instead of retrying for ever.
 pub(super) async fn read_loop(
     spec: Arc<LoopSpec>,
-    redis: deadpool_redis::Pool,
+    redis: crate::db::RedisPool,
     stop: CancellationToken,
     tx: mpsc::Sender<Vec<Entry>>,
     stats: Arc<LoopStats>,
@@ -84,7 +84,7 @@ pub(super) async fn read_loop(
     let claim_every = Duration::from_millis(spec.streams.claim_interval_ms.max(1));
     let mut next_claim = Instant::now();
     let mut cursor = StreamId::ZERO;
-    let mut conn: Option<deadpool_redis::Connection> = None;
+    let mut conn: Option<crate::db::RedisConnection> = None;
     let mut reader: Option<ReadConnection> = None;
     while !stop.is_cancelled() {
         let c = match conn.as_mut() {
@@ -198,7 +198,7 @@ pub(super) async fn read_loop(
 /// after a failure), else over the pooled one.
 pub(super) async fn read_new(
     spec: &LoopSpec,
-    pooled: &mut deadpool_redis::Connection,
+    pooled: &mut crate::db::RedisConnection,
     own: &mut Option<ReadConnection>,
     block_ms: u64,
 ) -> Result<Vec<Entry>, ReadFailure> {
@@ -238,7 +238,7 @@ pub(super) struct BackPressure {
 impl BackPressure {
     async fn wait_below(
         &mut self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut crate::db::RedisConnection,
         output: &str,
         limit: u64,
         stop: &CancellationToken,

@@ -20,7 +20,7 @@ pub(super) struct Worker<S> {
     /// Streams, group, consumer, limits.
     pub(super) spec: Arc<LoopSpec>,
     /// Connections for the commit step.
-    pub(super) redis: deadpool_redis::Pool,
+    pub(super) redis: crate::db::RedisPool,
     /// Stops retries at shutdown (or after a fatal error elsewhere).
     pub(super) stop: CancellationToken,
     /// Counters for summaries.

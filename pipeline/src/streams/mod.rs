@@ -46,7 +46,9 @@ pub use keys::{
     StreamKind, StreamName,
 };
 pub use read::{ReadConnection, ReadError, ReadTarget};
-pub use reply::{parse_entries, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary};
+pub use reply::{
+    parse_entries, ConsumerInfo, GroupInfo, PendingEntry, PendingSummary, Redirect, ReplyError,
+};
 pub use scripts::{
     script, script_source, ScriptFailure, ERR_LIMIT, ERR_PARTIAL, ERR_ROLLBACK, ERR_WRONGTYPE,
     MAX_SCRIPT_CALL_ARGS, MAX_SCRIPT_FIELDS,

@@ -5,6 +5,10 @@
 //! is read into one buffer, and each [`super::RawFields`] is a slice of it, so a thousand entries cost
 //! one allocation, not twenty-five thousand. Only `XREADGROUP` goes through [`ReadConnection`];
 //! every other call uses the pooled `redis` client.
+//!
+//! On a Redis Cluster ([`ReadTarget::cluster`]) the connection goes to a seed node first and
+//! follows the `MOVED`/`ASK` replies ([`super::Redirect`]) to the node that serves the stream's
+//! slot: a redirected XREADGROUP ran nowhere and delivered nothing, so it is sent again there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +64,20 @@ pub enum ReadError {
     Timeout(Duration),
     #[error("redis closed the connection")]
     Closed,
+    /// A cluster node named in a `MOVED`/`ASK` reply is not `host:port`, or the seed is a
+    /// Unix socket.
+    #[error("cannot follow the cluster redirect to `{0}`")]
+    BadRedirect(String),
+    /// Redirected more than [`MAX_REDIRECTS`] times in a row (the cluster is resharding).
+    #[error("redirected {} times in a row; last: {last}", MAX_REDIRECTS)]
+    TooManyRedirects {
+        /// The last redirect.
+        last: super::Redirect,
+    },
 }
+
+/// `MOVED`/`ASK` replies followed for one read before giving up (the runner retries later).
+pub const MAX_REDIRECTS: usize = 5;
 
 /// Where a [`ReadConnection`] goes: the `[redis] url` and, for `rediss://`, the rustls config
 /// of [`crate::tls`] (see [`crate::db::redis_read_target`]).
@@ -70,6 +87,11 @@ pub struct ReadTarget {
     pub url: String,
     /// The TLS client config, for `rediss://`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// A Redis Cluster (`[redis] cluster = true`): follow `MOVED`/`ASK`.
+    pub cluster: bool,
+    /// Cluster only: more seed nodes, tried in turn after [`Self::url`] (same user, password
+    /// and TLS as it).
+    pub seeds: Vec<String>,
 }
 
 impl ReadTarget {
@@ -78,6 +100,8 @@ impl ReadTarget {
         Self {
             url: url.into(),
             tls: None,
+            cluster: false,
+            seeds: Vec::new(),
         }
     }
 }
@@ -96,6 +120,20 @@ pub struct ReadConnection {
     scanner: Scanner,
     /// The command being sent, reused between calls.
     out: BytesMut,
+    /// Cluster mode: how to reach the node a redirect names.
+    cluster: Option<ClusterNode>,
+}
+
+/// A cluster read connection's way to other nodes.
+struct ClusterNode {
+    /// The node this connection is to (user, password, database and TLS as the seed's): a
+    /// redirect changes only the host and port.
+    info: redis::ConnectionInfo,
+    /// The TLS client config, for `rediss://`.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Send `ASKING` before each read: this node is importing the slot and an `ASK` sent us
+    /// here. Cleared by the next `MOVED`.
+    asking: bool,
 }
 
 /// Whether the server hung up (closed or reset) rather than answered.
@@ -116,9 +154,89 @@ const REPLY_GRACE: Duration = Duration::from_secs(10);
 impl ReadConnection {
     /// Connects as `target` says (host and port, TLS, or a Unix socket; user, password,
     /// database), then checks the connection with PING.
+    /// On a cluster, tries the seeds in turn; the first read follows the redirect to the
+    /// stream's node.
     pub async fn connect(target: &ReadTarget) -> Result<Self, ReadError> {
-        let info = redis::IntoConnectionInfo::into_connection_info(target.url.as_str())
-            .map_err(ReadError::Url)?;
+        let parse = |url: &str| {
+            redis::IntoConnectionInfo::into_connection_info(url).map_err(ReadError::Url)
+        };
+        if !target.cluster {
+            return Self::open(&parse(&target.url)?, target.tls.clone()).await;
+        }
+        let mut failed = None;
+        for url in std::iter::once(&target.url).chain(&target.seeds) {
+            let info = parse(url)?;
+            match Self::open(&info, target.tls.clone()).await {
+                Ok(mut conn) => {
+                    conn.cluster = Some(ClusterNode {
+                        info,
+                        tls: target.tls.clone(),
+                        asking: false,
+                    });
+                    return Ok(conn);
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        Err(failed.unwrap_or(ReadError::Closed))
+    }
+
+    /// `host:port` of the node a cluster connection is to (`None` for a standalone server).
+    pub fn cluster_node(&self) -> Option<String> {
+        self.cluster.as_ref().map(|c| match c.info.addr() {
+            redis::ConnectionAddr::Tcp(h, p)
+            | redis::ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => format!("{h}:{p}"),
+            other => other.to_string(),
+        })
+    }
+
+    /// Connects to the node a redirect names, as this connection's seed (same credentials and
+    /// TLS); `ASK` makes the next reads send `ASKING` first.
+    async fn follow(&mut self, to: &super::Redirect) -> Result<(), ReadError> {
+        let Some(node) = self.cluster.as_ref() else {
+            return Err(ReplyError::Redirect(to.clone()).into());
+        };
+        let bad = || ReadError::BadRedirect(to.node.clone());
+        let (host, port) = to.node.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let addr = match node.info.addr() {
+            // `MOVED 3999 :6381`: the same host (the node knows no endpoint of its own).
+            redis::ConnectionAddr::Tcp(current, _) => redis::ConnectionAddr::Tcp(
+                if host.is_empty() { current } else { host }.to_owned(),
+                port,
+            ),
+            redis::ConnectionAddr::TcpTls {
+                host: current,
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host: if host.is_empty() { current } else { host }.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => return Err(bad()),
+        };
+        let info = node.info.clone().set_addr(addr);
+        let tls = node.tls.clone();
+        let mut next = Self::open(&info, tls.clone()).await?;
+        next.cluster = Some(ClusterNode {
+            info,
+            tls,
+            asking: to.ask,
+        });
+        *self = next;
+        Ok(())
+    }
+
+    /// Connects to the one server `info` names.
+    async fn open(
+        info: &redis::ConnectionInfo,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ReadError> {
         let mut plain_server = None;
         let io: Box<dyn Io> = match info.addr() {
             redis::ConnectionAddr::Tcp(host, port) => {
@@ -128,7 +246,7 @@ impl ReadConnection {
                 Box::new(s)
             }
             redis::ConnectionAddr::TcpTls { host, port, .. } => {
-                let config = target.tls.clone().ok_or(ReadError::NoTlsConfig)?;
+                let config = tls.ok_or(ReadError::NoTlsConfig)?;
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
                 let server = format!("{host}:{port}");
@@ -153,6 +271,7 @@ impl ReadConnection {
             buf: BytesMut::with_capacity(READ_CHUNK),
             scanner: Scanner::default(),
             out: BytesMut::new(),
+            cluster: None,
         };
         let settings = info.redis_settings();
         let timeout = Duration::from_secs(10);
@@ -185,10 +304,9 @@ impl ReadConnection {
     async fn simple(&mut self, args: &[&[u8]], timeout: Duration) -> Result<(), ReadError> {
         let reply = self.call(args, timeout).await?;
         match reply.first() {
-            Some(b'-') => Err(ReplyError::Server(
-                String::from_utf8_lossy(&reply[1..reply.len().saturating_sub(2)]).into_owned(),
-            )
-            .into()),
+            Some(b'-') => {
+                Err(ReplyError::from_reply(&reply[1..reply.len().saturating_sub(2)]).into())
+            }
             _ => Ok(()),
         }
     }
@@ -221,13 +339,40 @@ impl ReadConnection {
     }
 
     /// `XREADGROUP GROUP group consumer COUNT count BLOCK block_ms STREAMS stream >`: new
-    /// entries for `consumer` (none when the block time passed).
+    /// entries for `consumer` (none when the block time passed). On a cluster, a `MOVED` or
+    /// `ASK` reply (nothing was read) moves the connection to the node named and reads there.
     pub async fn read_new(
         &mut self,
         consumer: &Consumer<'_>,
         count: usize,
         block_ms: u64,
     ) -> Result<Vec<Entry>, ReadError> {
+        let mut redirects = 0;
+        loop {
+            match self.read_here(consumer, count, block_ms).await {
+                Err(ReadError::Reply(ReplyError::Redirect(to))) if self.cluster.is_some() => {
+                    if redirects == MAX_REDIRECTS {
+                        return Err(ReadError::TooManyRedirects { last: to });
+                    }
+                    redirects += 1;
+                    tracing::debug!(stream = consumer.group.stream, redirect = %to, "following a cluster redirect");
+                    self.follow(&to).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One XREADGROUP on this connection's server.
+    async fn read_here(
+        &mut self,
+        consumer: &Consumer<'_>,
+        count: usize,
+        block_ms: u64,
+    ) -> Result<Vec<Entry>, ReadError> {
+        if self.cluster.as_ref().is_some_and(|c| c.asking) {
+            self.simple(&[b"ASKING"], REPLY_GRACE).await?;
+        }
         let (mut count_buf, mut block_buf) = (itoa::Buffer::new(), itoa::Buffer::new());
         let args: [&[u8]; 11] = [
             b"XREADGROUP",

@@ -11,13 +11,37 @@ use super::entry::{Entry, Held, RawFields};
 use super::id::StreamId;
 
 /// A reply that is an error or not what the command returns.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReplyError {
     /// An error reply, e.g. `NOGROUP …`.
     #[error("redis replied: {0}")]
     Server(String),
     #[error("redis reply is malformed: {0}")]
     Protocol(&'static str),
+    /// A Redis Cluster node does not serve the key's slot: `MOVED` (the slot lives elsewhere
+    /// now) or `ASK` (it is being migrated; ask the other node this once, after `ASKING`). The
+    /// command was not run.
+    #[error("redis cluster redirect: {0}")]
+    Redirect(Redirect),
+}
+
+/// Where a Redis Cluster node sent a command (`-MOVED 3999 127.0.0.1:6381`,
+/// `-ASK 3999 127.0.0.1:6381`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// `MOVED` (`false`) or `ASK` (`true`).
+    pub ask: bool,
+    /// The key's hash slot.
+    pub slot: u16,
+    /// `host:port` of the node to go to.
+    pub node: String,
+}
+
+impl std::fmt::Display for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let code = if self.ask { "ASK" } else { "MOVED" };
+        write!(f, "{code} {} {}", self.slot, self.node)
+    }
 }
 
 impl ReplyError {
@@ -26,6 +50,27 @@ impl ReplyError {
         match self {
             ReplyError::Server(message) => message.split(' ').next().filter(|c| !c.is_empty()),
             ReplyError::Protocol(_) => None,
+            ReplyError::Redirect(r) => Some(if r.ask { "ASK" } else { "MOVED" }),
+        }
+    }
+
+    /// The error reply `message` (without its `-`): a [`Redirect`] for `MOVED`/`ASK`, else
+    /// [`ReplyError::Server`].
+    pub(crate) fn from_reply(message: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(message).into_owned();
+        let mut words = text.split(' ');
+        let ask = match words.next() {
+            Some("MOVED") => false,
+            Some("ASK") => true,
+            _ => return ReplyError::Server(text),
+        };
+        match (words.next().and_then(|s| s.parse().ok()), words.next()) {
+            (Some(slot), Some(node)) if !node.is_empty() => ReplyError::Redirect(Redirect {
+                ask,
+                slot,
+                node: node.to_owned(),
+            }),
+            _ => ReplyError::Server(text),
         }
     }
 }
@@ -101,9 +146,7 @@ impl Reader {
             return Ok(usize::try_from(n).ok());
         }
         match line(rest) {
-            Some((msg, _)) if msg.first() == Some(&b'-') => Err(ReplyError::Server(
-                String::from_utf8_lossy(&msg[1..]).into_owned(),
-            )),
+            Some((msg, _)) if msg.first() == Some(&b'-') => Err(ReplyError::from_reply(&msg[1..])),
             _ => Err(ReplyError::Protocol("expected an array")),
         }
     }
@@ -533,6 +576,34 @@ mod tests {
             "{e:?}"
         );
         assert!(Scanner::default().scan(b"?what\r\n").is_err());
+    }
+
+    #[test]
+    fn cluster_redirects_are_typed() {
+        let read = |reply: &'static [u8]| {
+            Reader {
+                buf: Bytes::from_static(reply),
+                pos: 0,
+            }
+            .array()
+            .unwrap_err()
+        };
+        let moved = read(b"-MOVED 3999 127.0.0.1:6381\r\n");
+        assert_eq!(
+            moved,
+            ReplyError::Redirect(Redirect {
+                ask: false,
+                slot: 3999,
+                node: "127.0.0.1:6381".into()
+            })
+        );
+        assert_eq!(moved.code(), Some("MOVED"));
+        let ask = read(b"-ASK 12 ::1:7000\r\n");
+        assert!(
+            matches!(&ask, ReplyError::Redirect(r) if r.ask && r.slot == 12 && r.node == "::1:7000")
+        );
+        // Not a redirect without a slot and a node.
+        assert!(matches!(read(b"-MOVED\r\n"), ReplyError::Server(_)));
     }
 
     /// Scans `buf` as one read would (in `cuts` pieces), then parses what the scanner says is

@@ -80,7 +80,7 @@ pub struct Watcher {
     /// PostgreSQL (one connection per scan).
     pub pg: deadpool_postgres::Pool,
     /// Where archival events go.
-    pub redis: deadpool_redis::Pool,
+    pub redis: strata_pipeline::db::RedisPool,
     /// Scan interval, partitions ahead, re-emission delay, quiet period.
     pub config: ChunkWatcherConfig,
     /// The write counters this watcher has seen, to tell a quiet chunk from one still written.
@@ -105,7 +105,7 @@ impl Watcher {
     pub fn new(
         schema: SchemaRef,
         pg: deadpool_postgres::Pool,
-        redis: deadpool_redis::Pool,
+        redis: strata_pipeline::db::RedisPool,
         config: ChunkWatcherConfig,
     ) -> Self {
         Self {
@@ -235,7 +235,7 @@ impl Watcher {
             pipe.add_command(cmd).ignore();
         }
         // If this fails, the rows are recorded and emitted again after reemit_after_ms.
-        let () = pipe.query_async(&mut *conn).await.map_err(|e| {
+        let () = pipe.query_async(&mut conn).await.map_err(|e| {
             StageError::backoff(format!(
                 "emitting {} archival events to {stream}: {e} (they are emitted again after [chunk_watcher] reemit_after_ms)",
                 new_rows.len() + stale.len()

@@ -6,12 +6,53 @@ use std::time::Duration;
 
 use crate::config::Config;
 use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
 
 use super::{redact_url, OpsError};
 
 /// One connection to the configured Redis, checked with PING; a failure names the server.
-pub async fn connect(config: &Config) -> Result<MultiplexedConnection, OpsError> {
-    let url = redact_url(&config.redis.url);
+/// The operator commands' own Redis connection: to the one server, or with `[redis] cluster =
+/// true` a cluster connection (commands routed by their key's slot).
+pub enum OpsConnection {
+    /// `[redis] url`.
+    Single(MultiplexedConnection),
+    /// The cluster of `[redis] nodes`.
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for OpsConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            OpsConnection::Single(c) => c.req_packed_command(cmd),
+            OpsConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            OpsConnection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            OpsConnection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            OpsConnection::Single(c) => c.get_db(),
+            OpsConnection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub async fn connect(config: &Config) -> Result<OpsConnection, OpsError> {
+    let url = redact_url(config.redis.primary_url());
     let server = strata_pipeline::db::redis_server(&config.redis);
     let fail = |e: redis::RedisError| OpsError::RedisConnect {
         url: url.clone(),
@@ -21,11 +62,22 @@ pub async fn connect(config: &Config) -> Result<MultiplexedConnection, OpsError>
             &e,
         ),
     };
-    let client =
-        strata_pipeline::db::redis_client(&config.redis).map_err(|e| OpsError::RedisConnect {
-            url: url.clone(),
-            reason: strata_pipeline::error_chain(&e),
-        })?;
+    let config_error = |e: strata_pipeline::db::PoolError| OpsError::RedisConnect {
+        url: url.clone(),
+        reason: strata_pipeline::error_chain(&e),
+    };
+    if config.redis.cluster {
+        let client =
+            strata_pipeline::db::redis_cluster_client(&config.redis, Duration::from_secs(10))
+                .map_err(config_error)?;
+        let mut conn = OpsConnection::Cluster(client.get_async_connection().await.map_err(fail)?);
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(fail)?;
+        return Ok(conn);
+    }
+    let client = strata_pipeline::db::redis_client(&config.redis).map_err(config_error)?;
     let cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(3)))
         .set_response_timeout(Some(Duration::from_secs(10)));
@@ -37,7 +89,7 @@ pub async fn connect(config: &Config) -> Result<MultiplexedConnection, OpsError>
         .query_async(&mut conn)
         .await
         .map_err(fail)?;
-    Ok(conn)
+    Ok(OpsConnection::Single(conn))
 }
 
 /// What `TYPE key` says: `stream`, `none` (absent), `string`, …

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use redis::aio::MultiplexedConnection;
 use strata_pipeline::error_chain;
 use strata_pipeline::schema::{Schema, SchemaRef};
 use strata_pipeline::streams::{self, ConsumerGroup};
@@ -20,7 +19,7 @@ use crate::ops::{redact_url, redis_info, OpsError};
 pub async fn collect(
     config: &Config,
     schemas: &[SchemaRef],
-    conn: &mut MultiplexedConnection,
+    conn: &mut crate::ops::redis_info::OpsConnection,
 ) -> Result<Status, OpsError> {
     let now_ms = redis_info::server_time_ms(conn).await?;
     let mut tables = Vec::with_capacity(schemas.len());
@@ -69,7 +68,7 @@ pub async fn collect(
     Ok(Status {
         time,
         redis: RedisStatus {
-            url: redact_url(&config.redis.url),
+            url: redact_url(config.redis.primary_url()),
         },
         postgres,
         tables,
@@ -78,7 +77,7 @@ pub async fn collect(
 
 /// Length, dead letters and groups of one stream; `stage_group` is listed even when absent.
 pub async fn stream_status(
-    conn: &mut MultiplexedConnection,
+    conn: &mut crate::ops::redis_info::OpsConnection,
     stream: &str,
     stage_group: &str,
     now_ms: u64,
@@ -153,7 +152,7 @@ pub async fn stream_status(
 
 /// XPENDING summary → smallest ID → that entry's idle time and deliveries.
 async fn oldest_pending(
-    conn: &mut MultiplexedConnection,
+    conn: &mut crate::ops::redis_info::OpsConnection,
     stream: &str,
     group: &str,
     now_ms: u64,

@@ -30,7 +30,6 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use crate::config::Config;
-use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use strata_pipeline::error_chain;
 use strata_pipeline::schema::SchemaRef;
@@ -207,7 +206,7 @@ pub async fn status(
     }
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<crate::ops::redis_info::OpsConnection> = None;
     loop {
         let snapshot = async {
             let c = match conn.as_mut() {

@@ -1,0 +1,523 @@
+//! `[redis] cluster = true` against a Redis Cluster of its own (3 masters + 3 replicas,
+//! [`OwnCluster`]): the hot path end to end for tables whose slots live on different masters,
+//! a busy table's slot migrated mid-stream and a master failed over mid-stream, each with
+//! every event landing exactly once; the operator commands on the cluster.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{terminate, TestEnv};
+use strata_pipeline::streams;
+use strata_stages::{ingest, writer};
+use strata_testkit::OwnCluster;
+
+const BASE_MS: u64 = 1_793_491_200_000;
+const CONFIG: &str = "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\nmax_backoff_ms = 1000\n[ingest]\nmax_batch_rows = 500\n[batch_writer]\nmax_batch_rows = 2000\nlinger_ms = 50\n";
+
+/// A test environment on `cluster` with `n` tables (the first is the environment's own); with
+/// `spread`, each table's slot is on a different master. The config says `cluster = true` and
+/// lists every node as a seed.
+async fn cluster_env(cluster: &OwnCluster, n: usize, spread: bool) -> (TestEnv, Vec<String>) {
+    let seeds = cluster.urls();
+    let env = TestEnv::on_servers("metrics", CONFIG, &seeds[0], &common::admin_url()).await;
+    let slot = |t: &str| cluster.keyslot(&streams::telemetry_stream(t));
+    let mut tables = vec![env.table.clone()];
+    let mut masters = vec![cluster.master_of(slot(&env.table))];
+    while tables.len() < n {
+        let t = format!("metrics_{}", common::rand_suffix());
+        let m = cluster.master_of(slot(&t));
+        if spread && masters.contains(&m) {
+            continue;
+        }
+        tables.push(t);
+        masters.push(m);
+    }
+    let schemas = env.dir.path().join("schemas");
+    let text = std::fs::read_to_string(schemas.join(format!("{}.toml", env.table))).unwrap();
+    for t in &tables[1..] {
+        let other = text.replace(
+            &format!("table = \"{}\"", env.table),
+            &format!("table = \"{t}\""),
+        );
+        std::fs::write(schemas.join(format!("{t}.toml")), other).unwrap();
+    }
+    let config = std::fs::read_to_string(env.config_path()).unwrap();
+    let redis_line = format!("[redis]\nurl = \"{}\"\n", seeds[0]);
+    assert!(config.contains(&redis_line), "{config}");
+    let nodes: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    let config = config.replace(
+        &redis_line,
+        &format!(
+            "{redis_line}cluster = true\nnodes = [{}]\n",
+            nodes.join(", ")
+        ),
+    );
+    std::fs::write(env.config_path(), config).unwrap();
+    let migrated = env.spawn(&["migrate"], "migrate.log").wait().unwrap();
+    assert!(migrated.success(), "{}", env.log("migrate.log"));
+    (env, tables)
+}
+
+/// `strata run`, logging the read connections' redirects (debug) to `run.log`.
+fn run(env: &TestEnv) -> common::Spawned {
+    let log = std::fs::File::create(env.dir.path().join("run.log")).unwrap();
+    let child = env
+        .command()
+        .arg("run")
+        .env("RUST_LOG", "info,strata_pipeline::streams::read=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    common::Spawned(child)
+}
+
+/// How many redirects the read connections followed (by the log of [`run`]).
+fn redirects(env: &TestEnv) -> usize {
+    env.log("run.log")
+        .lines()
+        .filter(|l| l.contains("following a cluster redirect"))
+        .count()
+}
+
+async fn cluster_conn(cluster: &OwnCluster) -> redis::cluster_async::ClusterConnection {
+    redis::cluster::ClusterClient::new(cluster.urls())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap()
+}
+
+/// XADDs events `from..to` of [`common::Producer::produce_known`]'s kind to `stream` at `rate`
+/// per second through a cluster client, with explicit IDs: after a failed batch it resumes
+/// right after the last entry the stream holds, so nothing is sent twice or skipped.
+async fn produce(cluster_urls: Vec<String>, stream: String, from: u64, to: u64, rate: u64) {
+    let client = redis::cluster::ClusterClient::new(cluster_urls).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    let start = Instant::now();
+    let mut seq = from;
+    while seq < to {
+        let end = (seq + 100).min(to);
+        let mut pipe = redis::pipe();
+        for i in seq..end {
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg(format!("{}-0", BASE_MS + i))
+                .arg("time")
+                .arg(BASE_MS + i)
+                .arg("source")
+                .arg(format!("s{}", i % 10))
+                .arg("metric")
+                .arg("m")
+                .arg("value")
+                .arg(i as f64 * 0.5)
+                .arg("tags")
+                .arg(format!("{{\"seq\":{i}}}"))
+                .ignore();
+        }
+        match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => seq = end,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let last: redis::RedisResult<Vec<(String, redis::Value)>> = redis::cmd("XREVRANGE")
+                    .arg(&stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await;
+                if let Ok(Some((id, _))) = last.map(|v| v.into_iter().next()) {
+                    let ms: u64 = id.split('-').next().unwrap().parse().unwrap();
+                    seq = (ms + 1 - BASE_MS).max(from);
+                }
+            }
+        }
+        let due = start + Duration::from_secs_f64((seq - from) as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+    }
+}
+
+/// Whether `group` has read every entry of `stream` and acknowledged all it read. Not by
+/// `XINFO GROUPS`' lag: after a failover, Redis 7.0's promoted replica reports a lag that
+/// never returns to 0 (its `entries-read` was not replicated), so the last delivered ID is
+/// compared with the stream's last one instead.
+async fn drained(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    stream: &str,
+    group: &str,
+) -> bool {
+    let Ok(Some(info)) = streams::ConsumerGroup::new(stream, group).info(conn).await else {
+        return false;
+    };
+    let last: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    let Ok(redis::Value::Array(flat)) = last else {
+        return false;
+    };
+    let last_id = flat.chunks(2).find_map(|kv| match kv {
+        [redis::Value::BulkString(k), redis::Value::BulkString(v)] if k == b"last-generated-id" => {
+            String::from_utf8_lossy(v).parse::<streams::StreamId>().ok()
+        }
+        _ => None,
+    });
+    info.pending == 0 && last_id.is_some_and(|id| info.last_delivered_id >= id)
+}
+
+/// Waits until every table holds `rows` rows and both groups of each have read and
+/// acknowledged everything.
+async fn wait_landed(
+    env: &TestEnv,
+    conn: &mut redis::cluster_async::ClusterConnection,
+    tables: &[String],
+    rows: i64,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    let pg = env.pg().await;
+    for t in tables {
+        loop {
+            let drained = drained(conn, &streams::telemetry_stream(t), ingest::STAGE.name).await
+                && drained(conn, &streams::rows_stream(t), writer::STAGE.name).await;
+            let count: i64 = pg
+                .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            if drained && count >= rows {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let mut groups = Vec::new();
+                for stream in [streams::telemetry_stream(t), streams::rows_stream(t)] {
+                    groups.push(
+                        streams::groups(conn, &stream)
+                            .await
+                            .map(|g| format!("{stream}: {g:?}")),
+                    );
+                }
+                panic!(
+                    "{t}: timed out: {count} of {rows} rows landed, drained = {drained}\n{groups:?}\n{}",
+                    env.log("run.log")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Every one of events `0..n` is in `table` exactly once, with its own contents.
+async fn assert_exactly_once(env: &TestEnv, table: &str, n: u64) {
+    let row = env
+        .pg()
+        .await
+        .query_one(
+            &format!(
+                "SELECT count(*), count(DISTINCT (tags->>'seq')::bigint), \
+                 count(*) FILTER (WHERE value <> (tags->>'seq')::bigint * 0.5 \
+                   OR time <> to_timestamp(({BASE_MS} + (tags->>'seq')::bigint) / 1000.0)) \
+                 FROM {table}"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (rows, distinct, wrong): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(distinct, n as i64, "{table}: events lost");
+    assert_eq!(rows, n as i64, "{table}: events duplicated");
+    assert_eq!(wrong, 0, "{table}: a row with another event's contents");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hot_path_on_a_cluster_lands_every_event_once_for_tables_on_every_master() {
+    const N: u64 = 6_000;
+    let cluster = OwnCluster::start();
+    let (env, tables) = cluster_env(&cluster, 3, true).await;
+    let masters: std::collections::HashSet<u16> = tables
+        .iter()
+        .map(|t| cluster.master_of(cluster.keyslot(&streams::telemetry_stream(t))))
+        .collect();
+    assert_eq!(masters.len(), 3, "one table per master");
+    let mut run = run(&env);
+    let producers: Vec<_> = tables
+        .iter()
+        .map(|t| {
+            tokio::spawn(produce(
+                cluster.urls(),
+                streams::telemetry_stream(t),
+                0,
+                N,
+                3_000,
+            ))
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    // One event naming no column: a dead letter, for `strata dlq` to find.
+    let mut conn = cluster_conn(&cluster).await;
+    let () = redis::cmd("XADD")
+        .arg(streams::telemetry_stream(&tables[1]))
+        .arg("*")
+        .arg("nonsense")
+        .arg("1")
+        .query_async::<String>(&mut conn)
+        .await
+        .map(|_| ())
+        .unwrap();
+    wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(90)).await;
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "strata run exited: {}",
+        env.log("run.log")
+    );
+    for t in &tables {
+        assert_exactly_once(&env, t, N).await;
+    }
+    // The read connections start at the first seed: the tables on the other masters are read
+    // after a MOVED.
+    assert!(redirects(&env) >= 2, "{}", env.log("run.log"));
+
+    // The operator commands read through the cluster too.
+    let out = env.command().args(["status", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = status.to_string();
+    for t in &tables {
+        assert!(text.contains(t.as_str()), "status lists {t}: {text}");
+    }
+    let dlq = env
+        .command()
+        .args([
+            "dlq",
+            "list",
+            "--stream",
+            &streams::telemetry_stream(&tables[1]),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dlq.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dlq.stderr)
+    );
+    let letters = String::from_utf8_lossy(&dlq.stdout);
+    assert_eq!(letters.lines().count(), 1, "{letters}");
+    assert!(letters.contains("nonsense"), "{letters}");
+    let inspect = env
+        .command()
+        .args(["inspect", &streams::rows_stream(&tables[2]), "--count", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+
+    assert!(terminate(&mut run).success(), "{}", env.log("run.log"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_tables_slot_migrated_mid_stream_loses_and_duplicates_nothing() {
+    const N: u64 = 24_000;
+    let cluster = OwnCluster::start();
+    let (env, tables) = cluster_env(&cluster, 2, true).await;
+    let busy = &tables[0];
+    let slot = cluster.keyslot(&streams::telemetry_stream(busy));
+    let from = cluster.master_of(slot);
+    let to = *cluster.masters().iter().find(|m| **m != from).unwrap();
+    let mut run = run(&env);
+    let producers: Vec<_> = tables
+        .iter()
+        .map(|t| {
+            tokio::spawn(produce(
+                cluster.urls(),
+                streams::telemetry_stream(t),
+                0,
+                N,
+                2_000,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // IMPORTING/MIGRATING, MIGRATE of every key (the stream, its group and pending entries, the
+    // rows stream…), SETSLOT NODE: a second in each state while events keep coming.
+    let before = redirects(&env);
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.migrate_slot(slot, to, Duration::from_secs(1));
+        cluster
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster.master_of(slot), to);
+    for p in producers {
+        p.await.unwrap();
+    }
+    let mut conn = cluster_conn(&cluster).await;
+    wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(120)).await;
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "strata run exited: {}",
+        env.log("run.log")
+    );
+    for t in &tables {
+        assert_exactly_once(&env, t, N).await;
+    }
+    // The busy table's read connections followed the slot (ASK while it moved, or MOVED).
+    assert!(redirects(&env) > before, "{}", env.log("run.log"));
+    for t in &tables {
+        for s in [streams::telemetry_stream(t), streams::rows_stream(t)] {
+            assert!(
+                env_dead_letters(&mut conn, &s).await == 0,
+                "no dead letters on {s}"
+            );
+        }
+    }
+    assert!(terminate(&mut run).success(), "{}", env.log("run.log"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_failed_over_mid_stream_loses_and_duplicates_nothing() {
+    const N: u64 = 16_000;
+    let cluster = OwnCluster::start();
+    let (env, tables) = cluster_env(&cluster, 1, false).await;
+    let slot = cluster.keyslot(&streams::telemetry_stream(&tables[0]));
+    let master = cluster.master_of(slot);
+    let replica = cluster.replica_of(master);
+    let mut run = run(&env);
+    let producer = tokio::spawn(produce(
+        cluster.urls(),
+        streams::telemetry_stream(&tables[0]),
+        0,
+        N,
+        2_000,
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.failover(replica);
+        cluster
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        cluster.master_of(slot),
+        replica,
+        "the replica serves the slot now"
+    );
+    producer.await.unwrap();
+    let mut conn = cluster_conn(&cluster).await;
+    wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(120)).await;
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "strata run exited: {}",
+        env.log("run.log")
+    );
+    assert_exactly_once(&env, &tables[0], N).await;
+    assert!(terminate(&mut run).success(), "{}", env.log("run.log"));
+}
+
+/// The read connection itself: a read at a node that does not serve the slot follows MOVED;
+/// while the slot migrates (keys already moved) it follows ASK to the importing node and
+/// sends ASKING; after the move it reads there; nothing is delivered twice or skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_connection_follows_moved_and_ask() {
+    let cluster = OwnCluster::start();
+    let stream = format!("telemetry:{{t_{}}}", common::rand_suffix());
+    let slot = cluster.keyslot(&stream);
+    let home = cluster.master_of(slot);
+    let other = *cluster.masters().iter().find(|m| **m != home).unwrap();
+    let mut conn = cluster_conn(&cluster).await;
+    let group = streams::ConsumerGroup::new(&stream, "g");
+    group.ensure(&mut conn).await.unwrap();
+    // One command at a time: the crate's cluster pipelines do not follow ASK.
+    async fn add(conn: &mut redis::cluster_async::ClusterConnection, stream: &str, n: u64) {
+        for i in 0..n {
+            let _: String = redis::cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("i")
+                .arg(i)
+                .query_async(conn)
+                .await
+                .unwrap();
+        }
+    }
+    add(&mut conn, &stream, 3).await;
+    // Seeded at a master that does not serve the slot.
+    let target = streams::ReadTarget {
+        url: format!("redis://127.0.0.1:{other}"),
+        tls: None,
+        cluster: true,
+        seeds: cluster.urls(),
+    };
+    let mut reader = streams::ReadConnection::connect(&target).await.unwrap();
+    let consumer = group.consumer("c");
+    let read = reader.read_new(&consumer, 100, 100).await.unwrap();
+    assert_eq!(read.len(), 3, "read after MOVED");
+    assert_eq!(
+        reader.cluster_node(),
+        Some(format!("127.0.0.1:{home}")),
+        "moved to the slot's master"
+    );
+
+    // Keys moved, slot still MIGRATING: the source answers ASK.
+    let (cluster, m) = tokio::task::spawn_blocking(move || {
+        let m = cluster.begin_migration(slot, other);
+        cluster.move_keys(&m);
+        (cluster, m)
+    })
+    .await
+    .unwrap();
+    add(&mut conn, &stream, 2).await;
+    let read = reader.read_new(&consumer, 100, 100).await.unwrap();
+    assert_eq!(read.len(), 2, "read after ASK");
+    assert_eq!(reader.cluster_node(), Some(format!("127.0.0.1:{other}")));
+    // Still importing: the next read asks again (ASKING) and gets what is new.
+    add(&mut conn, &stream, 1).await;
+    let read = reader.read_new(&consumer, 100, 100).await.unwrap();
+    assert_eq!(read.len(), 1, "second read while importing");
+
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.end_migration(&m);
+        cluster
+    })
+    .await
+    .unwrap();
+    add(&mut conn, &stream, 4).await;
+    let read = reader.read_new(&consumer, 100, 100).await.unwrap();
+    assert_eq!(read.len(), 4, "read after the move");
+    let read = reader.read_new(&consumer, 100, 50).await.unwrap();
+    assert!(read.is_empty(), "nothing twice");
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(summary) = pending else {
+        panic!("{pending:?}")
+    };
+    assert_eq!(
+        summary[0],
+        redis::Value::Int(10),
+        "each entry delivered once"
+    );
+    drop(cluster);
+}
+
+async fn env_dead_letters(conn: &mut redis::cluster_async::ClusterConnection, stream: &str) -> u64 {
+    redis::cmd("XLEN")
+        .arg(streams::dlq_stream(stream))
+        .query_async(conn)
+        .await
+        .unwrap()
+}
