@@ -18,8 +18,13 @@ const CONFIG: &str = "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\n
 /// A test environment on `cluster` with `n` tables (the first is the environment's own); with
 /// `spread`, each table's slot is on a different master. The config says `cluster = true` and
 /// lists every node as a seed.
-async fn cluster_env(cluster: &OwnCluster, n: usize, spread: bool) -> (TestEnv, Vec<String>) {
-    let seeds = cluster.urls();
+async fn cluster_env(
+    cluster: &OwnCluster,
+    how: &Seeds,
+    n: usize,
+    spread: bool,
+) -> (TestEnv, Vec<String>) {
+    let seeds = how.urls.clone();
     let env = TestEnv::on_servers("metrics", CONFIG, &seeds[0], &common::admin_url()).await;
     let slot = |t: &str| cluster.keyslot(&streams::telemetry_stream(t));
     let mut tables = vec![env.table.clone()];
@@ -49,8 +54,12 @@ async fn cluster_env(cluster: &OwnCluster, n: usize, spread: bool) -> (TestEnv, 
     let config = config.replace(
         &redis_line,
         &format!(
-            "{redis_line}cluster = true\nnodes = [{}]\n",
-            nodes.join(", ")
+            "{redis_line}cluster = true\nnodes = [{}]\n{}",
+            nodes.join(", "),
+            how.ca
+                .as_ref()
+                .map(|ca| format!("tls_ca_file = \"{}\"\n", ca.display()))
+                .unwrap_or_default()
         ),
     );
     std::fs::write(env.config_path(), config).unwrap();
@@ -81,19 +90,44 @@ fn redirects(env: &TestEnv) -> usize {
         .count()
 }
 
-async fn cluster_conn(cluster: &OwnCluster) -> redis::cluster_async::ClusterConnection {
-    redis::cluster::ClusterClient::new(cluster.urls())
-        .unwrap()
-        .get_async_connection()
-        .await
-        .unwrap()
+/// How the test itself reaches the cluster: the seeds and, for TLS, the CA.
+#[derive(Clone)]
+struct Seeds {
+    /// Seed URLs.
+    urls: Vec<String>,
+    /// TLS: the CA of the nodes' certificates.
+    ca: Option<std::path::PathBuf>,
+}
+
+impl Seeds {
+    fn plain(cluster: &OwnCluster) -> Self {
+        Seeds {
+            urls: cluster.urls(),
+            ca: None,
+        }
+    }
+
+    fn client(&self) -> redis::cluster::ClusterClient {
+        let mut b = redis::cluster::ClusterClientBuilder::new(self.urls.clone());
+        if let Some(ca) = &self.ca {
+            b = b.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(ca).unwrap()),
+            });
+        }
+        b.build().unwrap()
+    }
+}
+
+async fn cluster_conn(seeds: &Seeds) -> redis::cluster_async::ClusterConnection {
+    seeds.client().get_async_connection().await.unwrap()
 }
 
 /// XADDs events `from..to` of [`common::Producer::produce_known`]'s kind to `stream` at `rate`
 /// per second through a cluster client, with explicit IDs: after a failed batch it resumes
 /// right after the last entry the stream holds, so nothing is sent twice or skipped.
-async fn produce(cluster_urls: Vec<String>, stream: String, from: u64, to: u64, rate: u64) {
-    let client = redis::cluster::ClusterClient::new(cluster_urls).unwrap();
+async fn produce(seeds: Seeds, stream: String, from: u64, to: u64, rate: u64) {
+    let client = seeds.client();
     let mut conn = client.get_async_connection().await.unwrap();
     let start = Instant::now();
     let mut seq = from;
@@ -236,7 +270,7 @@ async fn assert_exactly_once(env: &TestEnv, table: &str, n: u64) {
 async fn the_hot_path_on_a_cluster_lands_every_event_once_for_tables_on_every_master() {
     const N: u64 = 6_000;
     let cluster = OwnCluster::start();
-    let (env, tables) = cluster_env(&cluster, 3, true).await;
+    let (env, tables) = cluster_env(&cluster, &Seeds::plain(&cluster), 3, true).await;
     let masters: std::collections::HashSet<u16> = tables
         .iter()
         .map(|t| cluster.master_of(cluster.keyslot(&streams::telemetry_stream(t))))
@@ -247,7 +281,7 @@ async fn the_hot_path_on_a_cluster_lands_every_event_once_for_tables_on_every_ma
         .iter()
         .map(|t| {
             tokio::spawn(produce(
-                cluster.urls(),
+                Seeds::plain(&cluster),
                 streams::telemetry_stream(t),
                 0,
                 N,
@@ -259,7 +293,7 @@ async fn the_hot_path_on_a_cluster_lands_every_event_once_for_tables_on_every_ma
         p.await.unwrap();
     }
     // One event naming no column: a dead letter, for `strata dlq` to find.
-    let mut conn = cluster_conn(&cluster).await;
+    let mut conn = cluster_conn(&Seeds::plain(&cluster)).await;
     let () = redis::cmd("XADD")
         .arg(streams::telemetry_stream(&tables[1]))
         .arg("*")
@@ -330,7 +364,7 @@ async fn the_hot_path_on_a_cluster_lands_every_event_once_for_tables_on_every_ma
 async fn a_busy_tables_slot_migrated_mid_stream_loses_and_duplicates_nothing() {
     const N: u64 = 24_000;
     let cluster = OwnCluster::start();
-    let (env, tables) = cluster_env(&cluster, 2, true).await;
+    let (env, tables) = cluster_env(&cluster, &Seeds::plain(&cluster), 2, true).await;
     let busy = &tables[0];
     let slot = cluster.keyslot(&streams::telemetry_stream(busy));
     let from = cluster.master_of(slot);
@@ -340,7 +374,7 @@ async fn a_busy_tables_slot_migrated_mid_stream_loses_and_duplicates_nothing() {
         .iter()
         .map(|t| {
             tokio::spawn(produce(
-                cluster.urls(),
+                Seeds::plain(&cluster),
                 streams::telemetry_stream(t),
                 0,
                 N,
@@ -362,7 +396,7 @@ async fn a_busy_tables_slot_migrated_mid_stream_loses_and_duplicates_nothing() {
     for p in producers {
         p.await.unwrap();
     }
-    let mut conn = cluster_conn(&cluster).await;
+    let mut conn = cluster_conn(&Seeds::plain(&cluster)).await;
     wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(120)).await;
     assert!(
         run.try_wait().unwrap().is_none(),
@@ -389,13 +423,13 @@ async fn a_busy_tables_slot_migrated_mid_stream_loses_and_duplicates_nothing() {
 async fn a_master_failed_over_mid_stream_loses_and_duplicates_nothing() {
     const N: u64 = 16_000;
     let cluster = OwnCluster::start();
-    let (env, tables) = cluster_env(&cluster, 1, false).await;
+    let (env, tables) = cluster_env(&cluster, &Seeds::plain(&cluster), 1, false).await;
     let slot = cluster.keyslot(&streams::telemetry_stream(&tables[0]));
     let master = cluster.master_of(slot);
     let replica = cluster.replica_of(master);
     let mut run = run(&env);
     let producer = tokio::spawn(produce(
-        cluster.urls(),
+        Seeds::plain(&cluster),
         streams::telemetry_stream(&tables[0]),
         0,
         N,
@@ -414,7 +448,7 @@ async fn a_master_failed_over_mid_stream_loses_and_duplicates_nothing() {
         "the replica serves the slot now"
     );
     producer.await.unwrap();
-    let mut conn = cluster_conn(&cluster).await;
+    let mut conn = cluster_conn(&Seeds::plain(&cluster)).await;
     wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(120)).await;
     assert!(
         run.try_wait().unwrap().is_none(),
@@ -422,6 +456,56 @@ async fn a_master_failed_over_mid_stream_loses_and_duplicates_nothing() {
         env.log("run.log")
     );
     assert_exactly_once(&env, &tables[0], N).await;
+    assert!(terminate(&mut run).success(), "{}", env.log("run.log"));
+}
+
+/// `rediss://` seeds with `tls_ca_file`: the pool, the read connections (after their MOVED,
+/// to the host name the nodes announce) and the operator commands all verify each node's
+/// certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hot_path_on_a_tls_cluster_verifies_every_node() {
+    const N: u64 = 3_000;
+    strata_pipeline::tls::install_crypto_provider();
+    let certs = strata_testkit::tls::TestCerts::generate();
+    let cluster = OwnCluster::start_tls(&certs);
+    let seeds = Seeds {
+        urls: cluster.tls_urls(),
+        ca: Some(certs.ca.clone()),
+    };
+    let (env, tables) = cluster_env(&cluster, &seeds, 2, true).await;
+    let mut run = run(&env);
+    let producers: Vec<_> = tables
+        .iter()
+        .map(|t| {
+            tokio::spawn(produce(
+                seeds.clone(),
+                streams::telemetry_stream(t),
+                0,
+                N,
+                3_000,
+            ))
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let mut conn = cluster_conn(&seeds).await;
+    wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(90)).await;
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "strata run exited: {}",
+        env.log("run.log")
+    );
+    for t in &tables {
+        assert_exactly_once(&env, t, N).await;
+    }
+    assert!(redirects(&env) >= 1, "{}", env.log("run.log"));
+    let out = env.command().args(["status", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(terminate(&mut run).success(), "{}", env.log("run.log"));
 }
 
@@ -435,7 +519,7 @@ async fn the_read_connection_follows_moved_and_ask() {
     let slot = cluster.keyslot(&stream);
     let home = cluster.master_of(slot);
     let other = *cluster.masters().iter().find(|m| **m != home).unwrap();
-    let mut conn = cluster_conn(&cluster).await;
+    let mut conn = cluster_conn(&Seeds::plain(&cluster)).await;
     let group = streams::ConsumerGroup::new(&stream, "g");
     group.ensure(&mut conn).await.unwrap();
     // One command at a time: the crate's cluster pipelines do not follow ASK.

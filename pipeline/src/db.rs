@@ -415,20 +415,14 @@ pub fn redis_cluster_client(
     response_timeout: Duration,
 ) -> Result<redis::cluster::ClusterClient, PoolError> {
     let tls = redis_tls(redis)?;
-    let seeds: Vec<String> = redis
-        .seeds()
-        .into_iter()
-        .map(|mut url| {
-            if tls.is_some() && redis.tls_insecure_skip_verify && !url.contains('#') {
-                url.push_str("#insecure");
-            }
-            url
-        })
-        .collect();
-    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+    let mut builder = redis::cluster::ClusterClientBuilder::new(redis.seeds())
         .connection_timeout(Duration::from_secs(5))
         .response_timeout(response_timeout);
     if tls.is_some() {
+        // Set before the certificates, which would otherwise make it `Secure`.
+        if redis.tls_insecure_skip_verify {
+            builder = builder.tls(redis::TlsMode::Insecure);
+        }
         builder = builder.certs(redis_certificates(redis)?);
     }
     builder.build().map_err(PoolError::RedisCluster)

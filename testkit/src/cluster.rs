@@ -4,9 +4,11 @@
 //! test needs to move a slot by hand (so a client sees `ASK` and then `MOVED`) and to fail a
 //! master over to its replica.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::tls::TestCerts;
 use crate::{free_port, wait_for_port};
 
 /// One `redis-server` of the cluster.
@@ -23,15 +25,46 @@ struct Node {
 pub struct OwnCluster {
     /// The six servers, in `--cluster create` order (the first three become masters).
     nodes: Vec<Node>,
+    /// TLS only ([`OwnCluster::start_tls`]): the CA file `redis-cli` trusts.
+    tls_ca: Option<PathBuf>,
+}
+
+/// TLS settings of the nodes of [`OwnCluster::start_tls`].
+struct NodeTls<'a> {
+    /// Server certificate (it names `localhost`).
+    cert: &'a Path,
+    /// Its key.
+    key: &'a Path,
+    /// The CA.
+    ca: &'a Path,
 }
 
 impl OwnCluster {
     /// Starts six nodes, creates the cluster (`--cluster-replicas 1`) and waits until every
     /// node says `cluster_state:ok` and knows all six.
     pub fn start() -> Self {
-        let nodes: Vec<Node> = (0..6).map(|_| Node::launch()).collect();
-        let cluster = OwnCluster { nodes };
-        let mut create = Command::new("redis-cli");
+        Self::create(None)
+    }
+
+    /// Like [`OwnCluster::start`], TLS only (`--tls-cluster yes`, `--tls-replication yes`, no
+    /// client certificates required) with `certs`' server certificate, and the nodes announce
+    /// the host name `localhost` (`cluster-preferred-endpoint-type hostname`), the name the
+    /// certificate holds, so redirects can be verified. Seeds: [`OwnCluster::tls_urls`].
+    pub fn start_tls(certs: &TestCerts) -> Self {
+        Self::create(Some(NodeTls {
+            cert: &certs.server_cert,
+            key: &certs.server_key,
+            ca: &certs.ca,
+        }))
+    }
+
+    fn create(tls: Option<NodeTls<'_>>) -> Self {
+        let nodes: Vec<Node> = (0..6).map(|_| Node::launch(tls.as_ref())).collect();
+        let cluster = OwnCluster {
+            nodes,
+            tls_ca: tls.map(|t| t.ca.to_path_buf()),
+        };
+        let mut create = cluster.cli_command(cluster.nodes[0].port);
         create.arg("--cluster").arg("create");
         for n in &cluster.nodes {
             create.arg(format!("127.0.0.1:{}", n.port));
@@ -63,9 +96,32 @@ impl OwnCluster {
             .collect()
     }
 
+    /// `rediss://localhost:<port>` of every node of a TLS cluster.
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.ports()
+            .into_iter()
+            .map(|p| format!("rediss://localhost:{p}"))
+            .collect()
+    }
+
     /// Runs `redis-cli -p port <args>` and returns its output (trimmed).
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        cli(port, args)
+        let out = self
+            .cli_command(port)
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `redis-cli -h 127.0.0.1 -p port` (with `--tls --cacert` for a TLS cluster).
+    fn cli_command(&self, port: u16) -> Command {
+        let mut c = Command::new("redis-cli");
+        c.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(ca) = &self.tls_ca {
+            c.arg("--tls").arg("--cacert").arg(ca);
+        }
+        c
     }
 
     /// The hash slot of `key` (`CLUSTER KEYSLOT`).
@@ -200,7 +256,7 @@ impl OwnCluster {
         let deadline = Instant::now() + timeout;
         loop {
             let ok = self.nodes.iter().all(|n| {
-                cli(n.port, &["CLUSTER", "INFO"])
+                self.cli(n.port, &["CLUSTER", "INFO"])
                     .lines()
                     .any(|l| l.trim() == "cluster_state:ok")
             });
@@ -208,7 +264,7 @@ impl OwnCluster {
                 .nodes
                 .iter()
                 .map(|n| {
-                    let mut m: Vec<_> = parse_nodes(&cli(n.port, &["CLUSTER", "NODES"]))
+                    let mut m: Vec<_> = parse_nodes(&self.cli(n.port, &["CLUSTER", "NODES"]))
                         .into_iter()
                         .filter(|x| x.master && !x.slots.is_empty())
                         .map(|x| (x.port, x.slots))
@@ -218,7 +274,7 @@ impl OwnCluster {
                 })
                 .collect();
             let replicas = self.nodes.iter().all(|n| {
-                parse_nodes(&cli(n.port, &["CLUSTER", "NODES"]))
+                parse_nodes(&self.cli(n.port, &["CLUSTER", "NODES"]))
                     .iter()
                     .filter(|x| !x.master && x.master_id.is_some())
                     .count()
@@ -298,15 +354,6 @@ fn parse_nodes(text: &str) -> Vec<NodeLine> {
         .collect()
 }
 
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// A free port whose cluster bus port (`+10000`, what `--cluster create` expects unless told)
 /// is free too.
 fn free_node_port() -> u16 {
@@ -319,19 +366,32 @@ fn free_node_port() -> u16 {
 }
 
 impl Node {
-    fn launch() -> Self {
+    fn launch(tls: Option<&NodeTls<'_>>) -> Self {
         let port = free_node_port();
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-            ])
+        let mut server = Command::new("redis-server");
+        server.args(["--bind", "127.0.0.1"]);
+        match tls {
+            None => {
+                server.args(["--port", &port.to_string()]);
+            }
+            Some(t) => {
+                server
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(t.cert)
+                    .arg("--tls-key-file")
+                    .arg(t.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(t.ca)
+                    .args(["--tls-auth-clients", "no", "--tls-cluster", "yes"])
+                    .args(["--tls-replication", "yes"])
+                    .args(["--cluster-announce-hostname", "localhost"])
+                    .args(["--cluster-preferred-endpoint-type", "hostname"]);
+            }
+        }
+        let child = server
+            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
             .arg(dir.path().join("nodes.conf"))
             .args([
                 "--cluster-node-timeout",
