@@ -476,19 +476,24 @@ async fn demo(
     );
     let input = streams::telemetry_stream(table);
     let rows = streams::rows_stream(table);
-    loop {
+    'drain: loop {
         if shutdown.is_cancelled() || waiter.is_finished() {
             break;
         }
         let mut conn = redis.get().await?;
-        if streams::ConsumerGroup::new(&input, ingest::STAGE.group())
-            .drained(&mut conn)
-            .await?
-            && streams::ConsumerGroup::new(&rows, writer::STAGE.group())
-                .drained(&mut conn)
-                .await?
-        {
-            break;
+        let mut drained = true;
+        for p in 0..schema.partitions {
+            for stage in [&ingest::STAGE, &writer::STAGE] {
+                let stream = stage
+                    .input_key(table, p)
+                    .expect("a hot-path stage reads a stream");
+                drained &= streams::ConsumerGroup::new(&stream, stage.group())
+                    .drained(&mut conn)
+                    .await?;
+            }
+        }
+        if drained {
+            break 'drain;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -143,6 +143,11 @@ async fn prometheus_scrapes_counters_that_match_what_was_sent() {
             &format!("strata_entries_acked_total{{stage=\"ingest\",stream=\"{input}\"}}"),
             1005.0,
         );
+        // Stream series carry their table and partition, for sums per table.
+        prometheus.wait_for(
+            &format!("sum by (table) (strata_entries_read_total{{stage=\"ingest\",table=\"{t}\",partition=\"0\"}})"),
+            1005.0,
+        );
         prometheus.wait_for(
             &format!("strata_dead_letters_total{{stream=\"{input}\",reason=\"invalid_input\"}}"),
             5.0,

@@ -263,6 +263,9 @@ pub struct StreamsConfig {
     pub trim_interval_ms: u64,
     /// Consumers that own nothing and have been idle this long (dead processes) are removed.
     pub forget_consumer_after_ms: u64,
+    /// How often a running process reads each partitioned table's recorded partition count
+    /// (`partitions:{T}`), to start reading partitions another process added.
+    pub partition_poll_ms: u64,
 }
 
 impl Default for StreamsConfig {
@@ -276,6 +279,7 @@ impl Default for StreamsConfig {
             max_backoff_ms: 10_000,
             trim_interval_ms: 1_000,
             forget_consumer_after_ms: 600_000,
+            partition_poll_ms: 5_000,
         }
     }
 }

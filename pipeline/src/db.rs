@@ -531,6 +531,14 @@ impl RedisPool {
         }
     }
 
+    /// Changes the most connections it holds (a process that starts more loops).
+    pub fn resize(&self, max_size: usize) {
+        match self {
+            RedisPool::Single(p) => p.resize(max_size),
+            RedisPool::Cluster(p) => p.resize(max_size),
+        }
+    }
+
     /// Whether this is a cluster pool.
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisPool::Cluster(_))

@@ -145,9 +145,21 @@ pub struct LoopMetrics {
     stream: String,
 }
 
+/// The labels naming a stream: `stream` (the key), and for strata's keys its `table` and
+/// `partition`, so a partitioned table's series sum with `sum by (table)`.
+fn stream_labels(stream: &str) -> Vec<(&'static str, String)> {
+    let mut labels = vec![("stream", stream.to_string())];
+    if let Some(name) = crate::streams::StreamName::parse(stream) {
+        labels.push(("table", name.table));
+        labels.push(("partition", name.partition.to_string()));
+    }
+    labels
+}
+
 impl LoopMetrics {
     pub fn new(stage: &'static str, stream: &str) -> Self {
-        let labels = [("stage", stage.to_string()), ("stream", stream.to_string())];
+        let mut labels = stream_labels(stream);
+        labels.push(("stage", stage.to_string()));
         Self {
             read: counter!(ENTRIES_READ, &labels),
             acked: counter!(ENTRIES_ACKED, &labels),
@@ -169,13 +181,14 @@ impl LoopMetrics {
 
 /// Gauges of one stream and group, refreshed by housekeeping.
 pub fn group_gauges(stream: &str, group: &str) -> (Gauge, Gauge) {
-    let labels = [("stream", stream.to_string()), ("group", group.to_string())];
+    let mut labels = stream_labels(stream);
+    labels.push(("group", group.to_string()));
     (gauge!(GROUP_LAG, &labels), gauge!(GROUP_PENDING, &labels))
 }
 
 /// The XLEN gauge of a stream.
 pub fn stream_length(stream: &str) -> Gauge {
-    gauge!(STREAM_LENGTH, "stream" => stream.to_string())
+    gauge!(STREAM_LENGTH, &stream_labels(stream))
 }
 
 /// Handles of one table's writer metrics.

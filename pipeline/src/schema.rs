@@ -15,6 +15,10 @@
 //! [[indexes]]
 //! columns = ["source", "time"]
 //! ```
+//!
+//! `partitions = N` (default 1) spreads a table's streams over N Redis Cluster slots (see
+//! [`crate::streams::keys`]); `partition_key = "source"` names the column whose value
+//! producers hash to pick a partition ([`crate::streams::partition::of_key`]).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -163,6 +167,16 @@ struct SchemaFile {
     /// TimescaleDB only: compress chunks older than this.
     #[serde(default)]
     compress_after: Option<String>,
+    /// Streams per table (Redis Cluster slots its traffic spreads over).
+    #[serde(default = "default_partitions")]
+    partitions: u32,
+    /// The column whose value picks an event's partition.
+    #[serde(default)]
+    partition_key: Option<String>,
+}
+
+fn default_partitions() -> u32 {
+    1
 }
 
 fn default_chunk_interval() -> String {
@@ -193,6 +207,15 @@ pub struct Schema {
     pub index_columns: Vec<Vec<usize>>,
     /// What happens to chunks as they age.
     pub policy: LifecyclePolicy,
+    /// How many partitions the table's producer-facing streams have (1 ..= 1024): partition
+    /// `p` of `telemetry` and `rows` lives under the hash tag `{T:p}` (`{T}` for 0), so a
+    /// table's traffic spreads over that many Redis Cluster slots. What a process starts with;
+    /// running processes follow the count recorded in Redis
+    /// ([`crate::streams::partition`]).
+    pub partitions: u32,
+    /// Index into `columns` of the column producers hash to pick a partition (events with the
+    /// same value stay in order); None: producers spread events as they like.
+    pub partition_key: Option<usize>,
 }
 
 /// A table's chunk lifecycle: archive to the lake, verify, then maybe drop.
@@ -328,6 +351,22 @@ impl Schema {
                     .collect()
             })
             .collect();
+        if file.partitions == 0 || file.partitions > crate::streams::keys::MAX_PARTITIONS {
+            return Err(invalid(format!(
+                "partitions = {}: expected 1 to {}",
+                file.partitions,
+                crate::streams::keys::MAX_PARTITIONS
+            )));
+        }
+        let partition_key = match &file.partition_key {
+            None => None,
+            Some(name) => Some(
+                file.columns
+                    .iter()
+                    .position(|c| &c.name == name)
+                    .ok_or_else(|| invalid(format!("partition_key `{name}` is not a column")))?,
+            ),
+        };
         let mut columns = file.columns;
         // The time column is never NULL: a missing time takes the entry ID's milliseconds.
         columns[time_index].required = true;
@@ -342,6 +381,8 @@ impl Schema {
             indexes: file.indexes,
             index_columns,
             policy,
+            partitions: file.partitions,
+            partition_key,
         })
     }
 

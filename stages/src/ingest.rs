@@ -89,6 +89,7 @@ fn validate_config(config: &Config) -> Result<(), String> {
 fn start<'a>(
     ctx: &'a StartContext<'a>,
     schema: &'a SchemaRef,
+    partition: u32,
     tasks: &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>> {
     Box::pin(async move {
@@ -100,7 +101,13 @@ fn start<'a>(
             max_event_spans: ctx.config.tracing.max_event_spans_per_batch,
         });
         for _ in 0..config.consumers {
-            let mut spec = STAGE.loop_spec(&schema.table, config.batch, config.workers, ctx.config);
+            let mut spec = STAGE.loop_spec(
+                &schema.table,
+                partition,
+                config.batch,
+                config.workers,
+                ctx.config,
+            );
             spec.output_high_watermark = Some(config.max_rows_backlog);
             spec.read_from = Some(ctx.redis_read.clone());
             tasks.spawn(run_loop(

@@ -168,7 +168,10 @@ async fn check_servers(
     }
 }
 
-/// Starts `stages` for every table in `schemas`, in this process, until `shutdown`.
+/// Starts `stages` for every table in `schemas` (every partition of a partitioned table, see
+/// [`strata_pipeline::streams::partition`]), in this process, until `shutdown`. A process
+/// running partitioned stages records its schemas' partition counts (refusing a shrink that
+/// would leave entries unread) and follows the counts other processes record.
 pub async fn start(
     config: &Config,
     schemas: &[SchemaRef],
@@ -176,24 +179,21 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Running, StageError> {
     let stats = ProcessStats::default();
-    let loops_per_table: usize = stages.iter().map(|s| (s.redis_connections)(config)).sum();
+    let counts: Vec<u32> = schemas.iter().map(|s| s.partitions).collect();
+    let (redis_size, pg_size) = pool_sizes(config, stages, &counts);
     let mut redis_config = config.clone();
-    redis_config.redis.pool_size = config
-        .redis
-        .pool_size
-        .max(loops_per_table * schemas.len() + 2);
+    redis_config.redis.pool_size = config.redis.pool_size.max(redis_size);
     let redis = strata_pipeline::db::redis_pool(&redis_config)
         .map_err(|e| StageError::fatal("creating the Redis pool").with_source(e))?;
-    let pg_per_table: usize = stages
-        .iter()
-        .map(|s| (s.postgres_connections)(config))
-        .sum();
-    let pg_size = pg_per_table * schemas.len();
     let pg = strata_pipeline::db::postgres_pool(config, pg_size.max(config.postgres.pool_size))
         .map_err(|e| StageError::fatal("creating the PostgreSQL pool").with_source(e))?;
     check_servers(config, &redis, (pg_size > 0).then_some(&pg)).await;
     let redis_read = strata_pipeline::db::redis_read_target(config)
         .map_err(|e| StageError::fatal("setting up Redis TLS").with_source(e))?;
+    let partitioned = stages.iter().any(StageSpec::partitioned);
+    if partitioned {
+        adopt_partitions(config, &redis, schemas, &shutdown).await?;
+    }
     let mut tasks = JoinSet::new();
     let ctx = registry::StartContext {
         config,
@@ -205,12 +205,174 @@ pub async fn start(
     };
     for stage in stages {
         for schema in schemas {
-            (stage.start)(&ctx, schema, &mut tasks).await?;
+            for partition in 0..stage.partitions_read(schema.partitions) {
+                (stage.start)(&ctx, schema, partition, &mut tasks).await?;
+            }
         }
+    }
+    if partitioned {
+        tasks.spawn(follow_partitions(Owned {
+            config: config.clone(),
+            schemas: schemas.to_vec(),
+            stages: stages.to_vec(),
+            redis,
+            redis_read,
+            pg,
+            shutdown: shutdown.clone(),
+            stats: stats.clone(),
+            reading: counts,
+        }));
     }
     Ok(Running {
         tasks,
         stats,
         shutdown_timeout: std::time::Duration::from_millis(config.shutdown.timeout_ms),
     })
+}
+
+/// Redis and PostgreSQL connections `stages` need for tables with `counts` partitions.
+fn pool_sizes(config: &Config, stages: &[StageSpec], counts: &[u32]) -> (usize, usize) {
+    let mut redis = 2;
+    let mut pg = 0;
+    for stage in stages {
+        for &n in counts {
+            let loops = stage.partitions_read(n) as usize;
+            redis += (stage.redis_connections)(config) * loops;
+            pg += (stage.postgres_connections)(config) * loops;
+        }
+    }
+    (redis, pg)
+}
+
+/// Records each table's partition count as this process's schema says
+/// ([`partition::adopt`](strata_pipeline::streams::partition::adopt)), waiting out Redis
+/// outages; a refused shrink is fatal.
+async fn adopt_partitions(
+    config: &Config,
+    redis: &strata_pipeline::db::RedisPool,
+    schemas: &[SchemaRef],
+    shutdown: &CancellationToken,
+) -> Result<(), StageError> {
+    use strata_pipeline::streams::partition;
+    let readers = registry::partitioned_readers();
+    let mut backoff = strata_pipeline::runner::Backoff::new(config.streams.max_backoff_ms);
+    for schema in schemas {
+        loop {
+            let result = match redis.get().await {
+                Ok(mut conn) => {
+                    partition::adopt(&mut conn, &schema.table, schema.partitions, &readers).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %strata_pipeline::error_chain(&e), "no Redis connection to record the partitions; retrying");
+                    if !backoff.wait(shutdown).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            match result {
+                Ok(r) => {
+                    if r.count > 1 {
+                        tracing::info!(table = %schema.table, partitions = r.count, "reading every partition");
+                    }
+                    break;
+                }
+                Err(e) if e.retry_hint() == strata_pipeline::RetryHint::Fatal => {
+                    return Err(StageError::fatal("recording the partitions").with_source(e));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %strata_pipeline::error_chain(&e), "retrying");
+                    if !backoff.wait(shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What [`follow_partitions`] holds to start loops after [`start`] returned.
+struct Owned {
+    /// The process's configuration.
+    config: Config,
+    /// The tables.
+    schemas: Vec<SchemaRef>,
+    /// The stages this process runs.
+    stages: Vec<StageSpec>,
+    /// The process's Redis pool (grown with the loops).
+    redis: strata_pipeline::db::RedisPool,
+    /// Where read connections go.
+    redis_read: strata_pipeline::streams::ReadTarget,
+    /// The process's PostgreSQL pool (grown with the loops).
+    pg: deadpool_postgres::Pool,
+    /// The process's shutdown.
+    shutdown: CancellationToken,
+    /// The process's counters.
+    stats: ProcessStats,
+    /// Per table (as `schemas`), the partitions read so far.
+    reading: Vec<u32>,
+}
+
+/// Every `[streams] partition_poll_ms`, reads each table's recorded partition count and
+/// starts this process's partitioned stages on partitions another process added. Its loops are
+/// its children: a fatal error of one ends it (and so the process); at shutdown it waits for
+/// them. A count that went down is not followed: the partitions dropped were drained, and
+/// reading them costs one idle read each until the process restarts.
+async fn follow_partitions(mut o: Owned) -> Result<(), StageError> {
+    use strata_pipeline::streams::partition;
+    let every = std::time::Duration::from_millis(o.config.streams.partition_poll_ms.max(100));
+    let mut children: registry::Tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = o.shutdown.cancelled() => break,
+            Some(joined) = children.join_next() => {
+                joined.unwrap_or_else(|e| Err(StageError::fatal(format!("stage task panicked: {e}"))))?;
+                continue;
+            }
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Ok(mut conn) = o.redis.get().await else {
+            continue;
+        };
+        for i in 0..o.schemas.len() {
+            let schema = o.schemas[i].clone();
+            let recorded = match partition::recorded(&mut conn, &schema.table).await {
+                Ok(Some(r)) => r.count.min(strata_pipeline::streams::MAX_PARTITIONS),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(table = %schema.table, error = %strata_pipeline::error_chain(&e), "reading the partition count");
+                    continue;
+                }
+            };
+            let from = o.reading[i];
+            if recorded <= from {
+                continue;
+            }
+            let mut counts = o.reading.clone();
+            counts[i] = recorded;
+            let (redis_size, pg_size) = pool_sizes(&o.config, &o.stages, &counts);
+            o.redis.resize(o.config.redis.pool_size.max(redis_size));
+            o.pg.resize(o.config.postgres.pool_size.max(pg_size));
+            let ctx = registry::StartContext {
+                config: &o.config,
+                redis: &o.redis,
+                redis_read: &o.redis_read,
+                pg: &o.pg,
+                shutdown: &o.shutdown,
+                stats: &o.stats,
+            };
+            for stage in o.stages.iter().filter(|s| s.partitioned()) {
+                for p in from..recorded {
+                    (stage.start)(&ctx, &schema, p, &mut children).await?;
+                }
+            }
+            tracing::info!(table = %schema.table, from, to = recorded, "partitions added: reading them");
+            o.reading[i] = recorded;
+        }
+    }
+    while let Some(joined) = children.join_next().await {
+        joined.unwrap_or_else(|e| Err(StageError::fatal(format!("stage task panicked: {e}"))))?;
+    }
+    Ok(())
 }

@@ -1,12 +1,15 @@
 //! `strata produce`: the reference producer and load generator. Synthesizes events for any
-//! schema and XADDs them with pipelining, showing a progress bar.
+//! schema and XADDs them with pipelining, showing a progress bar. For a partitioned table it
+//! sends each event to the partition of its `partition_key` value
+//! ([`strata_pipeline::streams::partition::of_key`]), round-robin without a key column, one
+//! pipeline per partition (a partition's keys share one cluster slot).
 
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use strata_pipeline::schema::{ColumnType, Schema};
-use strata_pipeline::streams::telemetry_stream;
+use strata_pipeline::streams::{partition, StreamKind};
 
 /// What to produce.
 #[derive(Debug, Clone)]
@@ -21,7 +24,7 @@ pub struct ProduceOptions {
     pub connections: usize,
     /// Show a progress bar (off when not on a terminal or in tests).
     pub progress: bool,
-    /// Back-pressure: wait while `telemetry:{T}` holds more entries than this.
+    /// Back-pressure: wait while a partition's `telemetry:{T}` holds more entries than this.
     pub max_len: Option<u64>,
 }
 
@@ -36,6 +39,7 @@ pub enum ProduceError {
 /// What was produced.
 #[derive(Debug, Clone)]
 pub struct ProduceReport {
+    /// The stream written to (`telemetry:{T:*}` for a partitioned table).
     pub stream: String,
     pub events: u64,
     pub elapsed: Duration,
@@ -71,13 +75,36 @@ pub fn synthesize(schema: &Schema, seq: u64, rng: &mut impl Rng) -> Vec<(String,
         .collect()
 }
 
-/// XADDs `count` synthetic events to `telemetry:{T}`.
+/// The partition event `seq` with `fields` goes to: its partition key's value hashed, else
+/// round-robin by `seq`.
+pub fn partition_of(schema: &Schema, seq: u64, fields: &[(String, String)]) -> u32 {
+    let n = schema.partitions.max(1);
+    match schema.partition_key {
+        Some(col) => {
+            let name = &schema.columns[col].name;
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or(0, |(_, v)| partition::of_key(v.as_bytes(), n))
+        }
+        None => (seq % u64::from(n)) as u32,
+    }
+}
+
+/// XADDs `count` synthetic events to `telemetry:{T}` (to each event's partition).
 pub async fn produce(
     redis: &strata_pipeline::db::RedisPool,
     schema: &Schema,
     opts: &ProduceOptions,
 ) -> Result<ProduceReport, ProduceError> {
-    let stream = telemetry_stream(&schema.table);
+    let streams: Vec<String> = (0..schema.partitions.max(1))
+        .map(|p| StreamKind::Telemetry.partition_key(&schema.table, p))
+        .collect();
+    let stream = if schema.partitions > 1 {
+        format!("{}:{{{}:*}}", StreamKind::Telemetry.prefix(), schema.table)
+    } else {
+        streams[0].clone()
+    };
     let bar = if opts.progress {
         ProgressBar::new(opts.count)
     } else {
@@ -96,10 +123,10 @@ pub async fn produce(
     let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..opts.connections.max(1) {
-        let (redis, schema, stream, bar, next) = (
+        let (redis, schema, streams, bar, next) = (
             redis.clone(),
             schema.clone(),
-            stream.clone(),
+            streams.clone(),
             bar.clone(),
             next.clone(),
         );
@@ -118,21 +145,31 @@ pub async fn produce(
                     let due = start + Duration::from_secs_f64(from as f64 / rate.max(1) as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                if let Some(limit) = max_len {
-                    // Entries leave the stream once every group acknowledged them (ingest trims).
-                    while strata_pipeline::streams::len(&mut conn, &stream).await? > limit {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-                let mut pipe = redis::pipe();
+                let mut pipes: Vec<Option<redis::Pipeline>> = vec![None; streams.len()];
                 for seq in from..to {
-                    let cmd = pipe.cmd("XADD").arg(&stream).arg("*");
-                    for (k, v) in synthesize(&schema, seq, &mut rng) {
+                    let fields = synthesize(&schema, seq, &mut rng);
+                    let p = partition_of(&schema, seq, &fields) as usize;
+                    let cmd = pipes[p]
+                        .get_or_insert_with(redis::pipe)
+                        .cmd("XADD")
+                        .arg(&streams[p])
+                        .arg("*");
+                    for (k, v) in fields {
                         cmd.arg(k).arg(v);
                     }
                     cmd.ignore();
                 }
-                let () = pipe.query_async(&mut conn).await?;
+                for (p, pipe) in pipes.iter().enumerate() {
+                    let Some(pipe) = pipe else { continue };
+                    if let Some(limit) = max_len {
+                        // Entries leave the stream once every group acknowledged them (ingest
+                        // trims).
+                        while strata_pipeline::streams::len(&mut conn, &streams[p]).await? > limit {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    let () = pipe.query_async(&mut conn).await?;
+                }
                 bar.inc(to - from);
             }
         }));

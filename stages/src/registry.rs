@@ -46,11 +46,14 @@ pub struct StartContext<'a> {
     pub stats: &'a ProcessStats,
 }
 
-/// Starts a stage for one table, adding its task(s) to the process's; fails fatally (a missing
-/// migration, a lake that cannot be opened) or once the task(s) run.
+/// Starts a stage for one partition of one table (a stage whose input is not
+/// [partitioned](StreamKind::partitioned) only for partition 0), adding its task(s) to the
+/// process's; fails fatally (a missing migration, a lake that cannot be opened) or once the
+/// task(s) run.
 pub type StartFn = for<'a> fn(
     &'a StartContext<'a>,
     &'a SchemaRef,
+    u32,
     &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>>;
 
@@ -73,11 +76,11 @@ pub struct StageSpec {
     pub validate: fn(&Config) -> Result<(), String>,
     /// Whether it needs PostgreSQL (then `/readyz` checks PostgreSQL too).
     pub needs_postgres: bool,
-    /// Redis connections its loops of one table hold at most.
+    /// Redis connections its loops of one partition of a table hold at most.
     pub redis_connections: fn(&Config) -> usize,
-    /// Connections of the process's PostgreSQL pool it holds per table.
+    /// Connections of the process's PostgreSQL pool it holds per partition of a table.
     pub postgres_connections: fn(&Config) -> usize,
-    /// Starts it for one table.
+    /// Starts it for one partition of one table.
     pub start: StartFn,
 }
 
@@ -98,32 +101,50 @@ impl StageSpec {
         self.name
     }
 
-    /// Its input stream of `table`.
-    pub fn input_key(&self, table: &str) -> Option<String> {
-        self.input.map(|k| k.key(table))
+    /// Whether it runs once per partition of a table (its input is partitioned) rather than
+    /// once per table.
+    pub fn partitioned(&self) -> bool {
+        self.input.is_some_and(StreamKind::partitioned)
     }
 
-    /// Its output stream of `table`.
-    pub fn output_key(&self, table: &str) -> Option<String> {
-        self.output.map(|k| k.key(table))
+    /// How many of `partitions` it reads: all, or only partition 0.
+    pub fn partitions_read(&self, partitions: u32) -> u32 {
+        if self.partitioned() {
+            partitions
+        } else {
+            1
+        }
     }
 
-    /// A runner loop of this stage on `table`: its group, input and output from this entry.
-    /// Only for a stage with an input.
+    /// Its input stream of partition `partition` of `table`.
+    pub fn input_key(&self, table: &str, partition: u32) -> Option<String> {
+        self.input.map(|k| k.partition_key(table, partition))
+    }
+
+    /// Its output stream of partition `partition` of `table`: the same partition for a
+    /// partitioned output, else the table's one stream.
+    pub fn output_key(&self, table: &str, partition: u32) -> Option<String> {
+        self.output
+            .map(|k| k.partition_key(table, if k.partitioned() { partition } else { 0 }))
+    }
+
+    /// A runner loop of this stage on partition `partition` of `table`: its group, input and
+    /// output from this entry. Only for a stage with an input.
     pub fn loop_spec(
         &self,
         table: &str,
+        partition: u32,
         limits: BatchLimits,
         workers: usize,
         config: &Config,
     ) -> LoopSpec {
         let input = self
-            .input_key(table)
+            .input_key(table, partition)
             .unwrap_or_else(|| panic!("stage {} reads no stream", self.name));
         LoopSpec::new(
             self.name,
             input,
-            self.output_key(table),
+            self.output_key(table, partition),
             limits,
             workers,
             config.streams.clone(),
@@ -147,6 +168,16 @@ pub const HOT_PATH: [StageSpec; 2] = [ingest::STAGE, writer::STAGE];
 /// The stage named `name`.
 pub fn find(name: &str) -> Option<&'static StageSpec> {
     STAGES.iter().find(|s| s.name == name)
+}
+
+/// Each partitioned stream kind with the consumer group that reads it: what must be drained
+/// before a table's partitions shrink.
+pub fn partitioned_readers() -> Vec<(StreamKind, &'static str)> {
+    STAGES
+        .iter()
+        .filter(|s| s.partitioned())
+        .filter_map(|s| s.input.map(|k| (k, s.group())))
+        .collect()
 }
 
 /// One entry per batch: each event is a whole item (a chunk), processed and acknowledged on
@@ -205,6 +236,27 @@ mod tests {
             HOT_PATH.map(|s| s.name),
             ["ingest", "batch-writer"],
             "the hot path"
+        );
+        assert!(
+            HOT_PATH.iter().all(StageSpec::partitioned),
+            "the hot path is partitioned"
+        );
+        assert_eq!(
+            partitioned_readers(),
+            [
+                (StreamKind::Telemetry, "ingest"),
+                (StreamKind::Rows, "batch-writer")
+            ]
+        );
+        let ingest = find("ingest").unwrap();
+        assert_eq!(ingest.output_key("m", 2).as_deref(), Some("rows:{m:2}"));
+        let watcher_out = STAGES
+            .iter()
+            .find(|s| s.output == Some(StreamKind::Archive));
+        assert_eq!(
+            watcher_out.and_then(|s| s.output_key("m", 2)).as_deref(),
+            Some("archive:{m}"),
+            "the lifecycle stays on the table's one stream"
         );
         assert_eq!(
             STAGES.iter().map(|s| s.name).collect::<Vec<_>>(),

@@ -98,11 +98,18 @@ fn validate_config(config: &Config) -> Result<(), String> {
 fn start<'a>(
     ctx: &'a StartContext<'a>,
     schema: &'a SchemaRef,
+    partition: u32,
     tasks: &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>> {
     Box::pin(async move {
         let config = &ctx.config.batch_writer;
-        let spec = STAGE.loop_spec(&schema.table, config.batch, config.connections, ctx.config);
+        let spec = STAGE.loop_spec(
+            &schema.table,
+            partition,
+            config.batch,
+            config.connections,
+            ctx.config,
+        );
         let mut writer = connect_writer(schema, &spec.input, ctx).await?;
         writer.max_event_spans = ctx.config.tracing.max_event_spans_per_batch;
         writer.exactly_once = config.exactly_once;

@@ -12,7 +12,7 @@ use super::keys::StreamKind;
 /// Every command strata's stages and operator commands send, lowercase as ACL rules spell them.
 /// Scripts need the commands they call too (Redis checks each `redis.call`, and the keys
 /// declared in `KEYS` when the script starts).
-pub const COMMANDS: [&str; 30] = [
+pub const COMMANDS: [&str; 34] = [
     // Connections: readiness and operator checks, a database other than 0.
     "ping",
     "select",
@@ -35,6 +35,9 @@ pub const COMMANDS: [&str; 30] = [
     // The claims hash (`<stream>:claimed`) of claim.lua and commit.lua.
     "hincrby",
     "hexists",
+    // The recorded partition count of a table (`partitions:{T}`, see `partition.rs`).
+    "hmget",
+    "hset",
     // Key types (scripts refuse to write to a key that is not a stream; operator commands).
     "type",
     // The replay marker of a large dead letter (mark.lua, unmark.lua).
@@ -52,16 +55,24 @@ pub const COMMANDS: [&str; 30] = [
     "exec",
     // Operator commands: the server's clock for ages.
     "time",
+    // Redis Cluster: the client's slot map, and `strata status`'s node of each partition.
+    "cluster|slots",
+    "cluster|keyslot",
 ];
 // Not in the rule: `CLIENT SETINFO`, which the client sends on connecting and whose refusal it
 // ignores (Redis before 7.2 does not know the command, so a rule naming it would not load).
 
-/// The key patterns: every stream of every table, with its dead-letter stream, claims hash and
-/// replay markers (`telemetry:{T}`, `telemetry:{T}:dlq`, `rows:{T}:claimed`, …).
+/// The key patterns: every stream of every table and partition, with its dead-letter stream,
+/// claims hash and replay markers (`telemetry:{T}`, `telemetry:{T:3}:dlq`, `rows:{T}:claimed`,
+/// …), and each table's recorded partition count (`partitions:{T}`).
 pub fn key_patterns() -> Vec<String> {
     StreamKind::ALL
         .iter()
         .map(|k| format!("{}:{{*", k.prefix()))
+        .chain(std::iter::once(format!(
+            "{}{{*",
+            super::keys::PARTITIONS_PREFIX
+        )))
         .collect()
 }
 

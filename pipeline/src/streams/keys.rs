@@ -4,6 +4,14 @@
 //! `S:dlq` and a claims hash `S:claimed`. The braces are a Redis Cluster hash tag: every key
 //! of one table lives in one slot, so one script can span a stage's input and output.
 //!
+//! A table with `partitions = N` (see [`crate::schema::Schema::partitions`]) has N copies of its
+//! producer-facing streams (`telemetry`, `rows`, theirs dead letters and claims): partition 0
+//! keeps the tag `{T}` (so an unpartitioned table's keys are its partition 0, and growing N
+//! moves nothing), partition `p ≥ 1` uses `{T:p}` ([`partition_tag`]). Each partition's keys
+//! share one slot; partitions spread over slots. The lifecycle streams (`archive`, `archived`)
+//! concern whole chunks of the table and stay on `{T}`. [`partitions_key`] records the count
+//! the running stages read.
+//!
 //! The kinds are the runtime's vocabulary of a table's streams, not stages: which stage reads
 //! which kind, as which consumer group, is said by the stage's entry in `strata-stages`'
 //! registry (`StageSpec::input`), and this crate knows no stage's name.
@@ -45,19 +53,56 @@ impl StreamKind {
         }
     }
 
-    /// The stream key of this kind for `table`.
+    /// The stream key of this kind for `table` (its partition 0).
     pub fn key(self, table: &str) -> String {
-        format!("{}:{{{table}}}", self.prefix())
+        self.partition_key(table, 0)
+    }
+
+    /// The stream key of this kind for partition `partition` of `table`; kinds that are not
+    /// [`partitioned`](Self::partitioned) have only partition 0.
+    pub fn partition_key(self, table: &str, partition: u32) -> String {
+        format!("{}:{{{}}}", self.prefix(), partition_tag(table, partition))
+    }
+
+    /// Whether a table has one stream of this kind per partition (the streams producers write
+    /// to and ingest forwards on) rather than one (the chunk lifecycle's, per whole chunk).
+    pub const fn partitioned(self) -> bool {
+        matches!(self, StreamKind::Telemetry | StreamKind::Rows)
     }
 }
 
-/// A parsed strata stream key: `<kind>:{<table>}` with an optional `:dlq`.
+/// Most partitions a table may have (`partitions` in a schema).
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// The hash tag of partition `partition` of `table`: `T` for partition 0, `T:p` otherwise.
+pub fn partition_tag(table: &str, partition: u32) -> String {
+    if partition == 0 {
+        table.to_string()
+    } else {
+        format!("{table}:{partition}")
+    }
+}
+
+/// The string key holding how many partitions the running stages of `table` read (written by
+/// a process that starts with a larger or, once the removed partitions are drained, smaller
+/// `partitions`; polled by the others). Tagged `{T}`: it lives with partition 0.
+pub fn partitions_key(table: &str) -> String {
+    format!("{PARTITIONS_PREFIX}{{{table}}}")
+}
+
+/// The prefix of [`partitions_key`] (for the ACL rule's key pattern).
+pub const PARTITIONS_PREFIX: &str = "partitions:";
+
+/// A parsed strata stream key: `<kind>:{<table>}` or `<kind>:{<table>:<partition>}`, with an
+/// optional `:dlq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamName {
     /// Which of the table's streams.
     pub kind: StreamKind,
-    /// The `{T}` of the key.
+    /// The table of the key's tag.
     pub table: String,
+    /// The partition of the key's tag (0 for `{T}`).
+    pub partition: u32,
     /// True for the dead-letter stream of that stream.
     pub dlq: bool,
 }
@@ -70,21 +115,34 @@ impl StreamName {
             None => (key, false),
         };
         let (prefix, rest) = base.split_once(':')?;
-        let table = rest.strip_prefix('{')?.strip_suffix('}')?;
-        if table.is_empty() || table.contains(['{', '}']) {
+        let tag = rest.strip_prefix('{')?.strip_suffix('}')?;
+        let kind = StreamKind::ALL.into_iter().find(|k| k.prefix() == prefix)?;
+        let (table, partition) = match tag.split_once(':') {
+            // `{T:p}` with p in canonical form (`{T:0}` and `{T:01}` are not strata's keys).
+            Some((table, p)) if kind.partitioned() => {
+                let partition: u32 = p.parse().ok()?;
+                if partition == 0 || p != partition.to_string() || partition >= MAX_PARTITIONS {
+                    return None;
+                }
+                (table, partition)
+            }
+            Some(_) => return None,
+            None => (tag, 0),
+        };
+        if table.is_empty() || table.contains(['{', '}', ':']) {
             return None;
         }
-        let kind = StreamKind::ALL.into_iter().find(|k| k.prefix() == prefix)?;
         Some(StreamName {
             kind,
             table: table.to_string(),
+            partition,
             dlq,
         })
     }
 
     /// The stream itself (never the dead-letter stream).
     pub fn source(&self) -> String {
-        self.kind.key(&self.table)
+        self.kind.partition_key(&self.table, self.partition)
     }
 
     /// Its dead-letter stream.
@@ -150,6 +208,9 @@ mod tests {
         assert_eq!(archived_stream("m"), "archived:{m}");
         assert_eq!(dlq_stream("rows:{m}"), "rows:{m}:dlq");
         assert_eq!(claims_key("rows:{m}"), "rows:{m}:claimed");
+        assert_eq!(StreamKind::Telemetry.partition_key("m", 0), "telemetry:{m}");
+        assert_eq!(StreamKind::Rows.partition_key("m", 3), "rows:{m:3}");
+        assert_eq!(partitions_key("m"), "partitions:{m}");
     }
 
     #[test]
@@ -160,9 +221,14 @@ mod tests {
             StreamName {
                 kind: StreamKind::Rows,
                 table: "metrics".into(),
+                partition: 0,
                 dlq: true
             }
         );
+        let p = StreamName::parse("telemetry:{metrics:5}:dlq").unwrap();
+        assert_eq!((p.table.as_str(), p.partition, p.dlq), ("metrics", 5, true));
+        assert_eq!(p.source(), "telemetry:{metrics:5}");
+        assert_eq!(p.key(), "telemetry:{metrics:5}:dlq");
         assert_eq!(n.source(), "rows:{metrics}");
         assert_eq!(n.key(), "rows:{metrics}:dlq");
         assert_eq!(
@@ -175,6 +241,13 @@ mod tests {
             "foo:{m}",
             "rows:{}",
             "rows:{m}:x",
+            "rows:{m:0}",
+            "rows:{m:01}",
+            "rows:{m:x}",
+            "rows:{m:1024}",
+            "rows:{:1}",
+            "archive:{m:1}",
+            "rows:{m:1:2}",
         ] {
             assert_eq!(StreamName::parse(bad), None, "{bad}");
         }

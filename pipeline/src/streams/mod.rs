@@ -16,6 +16,7 @@
 //!   pending, remove), [`CommitStep`], and stream-wide calls (length, range, groups, trim).
 //! - [`read`]: [`ReadConnection`], the hot read path's own connection.
 //! - [`dead_letter`]: the fields of a dead letter, packed when there are many.
+//! - [`partition`]: partitioned tables: the producers' hash, the recorded partition count.
 //! - [`acl`]: the least-privilege Redis ACL rule (key patterns and commands), and NOPERM errors
 //!   that name the command and key.
 //! - [`scripts`]: the Lua scripts, one `.lua` file each, and the error codes they reply with.
@@ -27,6 +28,7 @@ pub mod entry;
 pub mod group;
 pub mod id;
 pub mod keys;
+pub mod partition;
 pub mod read;
 pub mod reply;
 pub mod scripts;
@@ -42,8 +44,8 @@ pub use group::{
 };
 pub use id::{InvalidStreamId, StreamId};
 pub use keys::{
-    archive_stream, archived_stream, claims_key, dlq_stream, rows_stream, telemetry_stream,
-    StreamKind, StreamName,
+    archive_stream, archived_stream, claims_key, dlq_stream, partition_tag, partitions_key,
+    rows_stream, telemetry_stream, StreamKind, StreamName, MAX_PARTITIONS,
 };
 pub use read::{ReadConnection, ReadError, ReadTarget};
 pub use reply::{

@@ -375,6 +375,7 @@ pub const STAGE: StageSpec = StageSpec {
 fn start<'a>(
     ctx: &'a StartContext<'a>,
     schema: &'a SchemaRef,
+    _partition: u32,
     tasks: &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>> {
     Box::pin(async move {
@@ -388,7 +389,7 @@ fn start<'a>(
             max_rearchives: config.confirmer.max_rearchives,
             partitioning: Default::default(),
         };
-        let spec = STAGE.loop_spec(&schema.table, ONE_AT_A_TIME, workers, config);
+        let spec = STAGE.loop_spec(&schema.table, 0, ONE_AT_A_TIME, workers, config);
         tasks.spawn(run_loop(
             Arc::new(stage),
             spec,

@@ -386,6 +386,7 @@ pub const STAGE: StageSpec = StageSpec {
 fn start<'a>(
     ctx: &'a StartContext<'a>,
     schema: &'a SchemaRef,
+    _partition: u32,
     tasks: &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>> {
     Box::pin(async move {

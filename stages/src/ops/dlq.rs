@@ -254,7 +254,10 @@ pub async fn dlq(
 /// Where `replay` sends a dead letter of stream `name`.
 pub fn replay_target(name: &StreamName, d: &DeadLetter) -> String {
     match name.kind {
-        StreamKind::Rows if !d.has(FRAME_FIELD) => streams::telemetry_stream(&name.table),
+        // Back to ingest, in the partition it came from.
+        StreamKind::Rows if !d.has(FRAME_FIELD) => {
+            StreamKind::Telemetry.partition_key(&name.table, name.partition)
+        }
         _ => name.source(),
     }
 }
@@ -266,7 +269,9 @@ pub fn replay_fields(target: &str, schema: Option<&SchemaRef>, d: &DeadLetter) -
     let Some(schema) = schema else {
         return fields;
     };
-    if *target != streams::telemetry_stream(&schema.table) {
+    let to_ingest = StreamName::parse(target)
+        .is_some_and(|n| n.kind == StreamKind::Telemetry && n.table == schema.table && !n.dlq);
+    if !to_ingest {
         return fields;
     }
     let time_col = &schema.columns[schema.time_index].name;

@@ -120,3 +120,55 @@ pub async fn server_time_ms<C: redis::aio::ConnectionLike>(conn: &mut C) -> Resu
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
     Ok(secs * 1000 + micros / 1000)
 }
+
+/// Which master serves each slot range (`CLUSTER SLOTS`), for `status` on a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct SlotMap {
+    /// `(first slot, last slot, "host:port")`, as the cluster reported them.
+    ranges: Vec<(u16, u16, String)>,
+}
+
+/// The cluster's slot map (one `CLUSTER SLOTS`).
+pub async fn slot_map<C: redis::aio::ConnectionLike>(conn: &mut C) -> Result<SlotMap, OpsError> {
+    let reply: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+    let mut ranges = Vec::new();
+    for range in reply {
+        let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        let (Some(first), Some(last), Some(redis::Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            continue;
+        };
+        let int = |v: &redis::Value| <u16 as redis::FromRedisValue>::from_redis_value_ref(v).ok();
+        let host = master
+            .first()
+            .and_then(|h| <String as redis::FromRedisValue>::from_redis_value_ref(h).ok());
+        let port = master.get(1).and_then(int);
+        if let (Some(first), Some(last), Some(host), Some(port)) =
+            (int(first), int(last), host, port)
+        {
+            ranges.push((first, last, format!("{host}:{port}")));
+        }
+    }
+    Ok(SlotMap { ranges })
+}
+
+/// `host:port` of the master serving `key` (`CLUSTER KEYSLOT`, then `slots`).
+pub async fn node_of<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    slots: &SlotMap,
+    key: &str,
+) -> Result<Option<String>, OpsError> {
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(conn)
+        .await?;
+    Ok(slots
+        .ranges
+        .iter()
+        .find(|(first, last, _)| (*first..=*last).contains(&slot))
+        .map(|(_, _, node)| node.clone()))
+}

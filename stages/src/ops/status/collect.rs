@@ -6,11 +6,11 @@ use std::time::Duration;
 use crate::config::Config;
 use strata_pipeline::error_chain;
 use strata_pipeline::schema::{Schema, SchemaRef};
-use strata_pipeline::streams::{self, ConsumerGroup};
+use strata_pipeline::streams::{self, partition, ConsumerGroup};
 
 use super::{
     ArchiveInfo, ChunkStatus, ConsumerStatus, GroupStatus, OldestPending, PostgresStatus,
-    RedisStatus, Status, StreamStatus, TableStatus,
+    RedisStatus, Status, StreamStatus, StreamTotal, TableStatus,
 };
 use crate::catalog::ident;
 use crate::ops::{redact_url, redis_info, OpsError};
@@ -23,7 +23,14 @@ pub async fn collect(
 ) -> Result<Status, OpsError> {
     let now_ms = redis_info::server_time_ms(conn).await?;
     let mut tables = Vec::with_capacity(schemas.len());
+    let slots = match conn {
+        redis_info::OpsConnection::Cluster(_) => Some(redis_info::slot_map(conn).await?),
+        redis_info::OpsConnection::Single(_) => None,
+    };
     for schema in schemas {
+        let recorded = partition::recorded(conn, &schema.table).await?;
+        let count = recorded.map_or(schema.partitions, |r| r.count);
+        let highest = recorded.map_or(count, |r| r.highest.max(count));
         let mut t = TableStatus {
             table: schema.table.clone(),
             dead_letters: 0,
@@ -31,16 +38,36 @@ pub async fn collect(
             chunks: None,
             newest_archive: None,
             postgres_error: None,
+            partitions: count,
             streams: Vec::new(),
+            totals: Vec::new(),
         };
         // Each stage that reads a stream says which, and as which group.
         for stage in crate::registry::STAGES {
-            let Some(input) = stage.input_key(&schema.table) else {
+            if stage.input.is_none() {
                 continue;
-            };
-            let s = stream_status(conn, &input, stage.group(), now_ms).await?;
-            t.dead_letters += s.dead_letters;
-            t.streams.push(s);
+            }
+            let first = t.streams.len();
+            for p in 0..stage.partitions_read(highest) {
+                let Some(input) = stage.input_key(&schema.table, p) else {
+                    continue;
+                };
+                let mut s = stream_status(conn, &input, stage.group(), now_ms).await?;
+                s.partition = p;
+                s.removed = p >= count;
+                if s.removed && s.length == 0 && s.dead_letters == 0 {
+                    continue;
+                }
+                if let Some(slots) = &slots {
+                    s.node = redis_info::node_of(conn, slots, &input).await?;
+                }
+                t.dead_letters += s.dead_letters;
+                t.streams.push(s);
+            }
+            if stage.partitioned() && count > 1 {
+                t.totals
+                    .push(total(&t.streams[first..], stage, &schema.table));
+            }
         }
         tables.push(t);
     }
@@ -73,6 +100,34 @@ pub async fn collect(
         postgres,
         tables,
     })
+}
+
+/// The sums of one stage's streams over the partitions of `table`.
+fn total(streams: &[StreamStatus], stage: &crate::StageSpec, table: &str) -> StreamTotal {
+    let mut t = StreamTotal {
+        streams: stage
+            .input
+            .map(|k| format!("{}:{{{table}:*}}", k.prefix()))
+            .unwrap_or_default(),
+        group: stage.group().to_string(),
+        length: 0,
+        dead_letters: 0,
+        lag: Some(0),
+        pending: 0,
+    };
+    for s in streams {
+        t.length += s.length;
+        t.dead_letters += s.dead_letters;
+        let g = s.groups.iter().find(|g| g.group == t.group);
+        t.pending += g.map_or(0, |g| g.pending);
+        // An absent group has all of its stream still to read.
+        let lag = match g {
+            Some(g) if g.exists => g.lag,
+            _ => Some(s.length),
+        };
+        t.lag = t.lag.zip(lag).map(|(a, b)| a + b);
+    }
+    t
 }
 
 /// Length, dead letters and groups of one stream; `stage_group` is listed even when absent.
@@ -142,6 +197,9 @@ pub async fn stream_status(
     }
     Ok(StreamStatus {
         stream: stream.to_string(),
+        partition: 0,
+        removed: false,
+        node: None,
         exists,
         length,
         dlq,

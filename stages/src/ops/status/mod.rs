@@ -95,8 +95,31 @@ pub struct TableStatus {
     pub newest_archive: Option<ArchiveInfo>,
     /// What went wrong reading this table's figures from PostgreSQL.
     pub postgres_error: Option<String>,
-    /// `telemetry:{T}`, `rows:{T}`, `archive:{T}`, `archived:{T}`, in pipeline order.
+    /// Partitions the running stages read (the recorded count, else the schema's).
+    pub partitions: u32,
+    /// `telemetry:{T}`, `rows:{T}`, `archive:{T}`, `archived:{T}`, in pipeline order; a
+    /// partitioned table lists each partition's `telemetry` and `rows` (`{T}`, `{T:1}`, …),
+    /// and a partition removed by a shrink while it still holds entries or dead letters.
     pub streams: Vec<StreamStatus>,
+    /// A partitioned table only: per partitioned stream kind, the sums over its partitions.
+    pub totals: Vec<StreamTotal>,
+}
+
+/// One stream kind of a partitioned table, summed over its partitions.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamTotal {
+    /// The streams summed, as a pattern: `telemetry:{T:*}`.
+    pub streams: String,
+    /// The group of the stage that reads them.
+    pub group: String,
+    /// Entries kept, over all partitions.
+    pub length: u64,
+    /// Dead letters, over all partitions.
+    pub dead_letters: u64,
+    /// Entries not yet delivered; null when Redis cannot tell for some partition.
+    pub lag: Option<u64>,
+    /// Entries delivered and not acknowledged.
+    pub pending: u64,
 }
 
 /// Chunks of one table.
@@ -122,6 +145,13 @@ pub struct ArchiveInfo {
 pub struct StreamStatus {
     /// The stream key.
     pub stream: String,
+    /// Its partition (0 for `{T}`).
+    pub partition: u32,
+    /// A partition beyond the table's count (removed by a shrink), listed because it still
+    /// holds entries or dead letters.
+    pub removed: bool,
+    /// On a Redis Cluster: `host:port` of the master serving the stream's slot.
+    pub node: Option<String>,
     /// False until something creates the stream (an XADD or a consumer group).
     pub exists: bool,
     /// XLEN: entries kept (trimming removes those every group acknowledged).

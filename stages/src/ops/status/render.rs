@@ -3,8 +3,9 @@
 use std::fmt::Write as _;
 
 #[cfg(test)]
-use super::{GroupStatus, PostgresStatus, RedisStatus, StreamStatus};
-use super::{Status, TableStatus};
+use super::{GroupStatus, PostgresStatus, RedisStatus};
+use super::{Status, StreamStatus, TableStatus};
+use strata_pipeline::streams::StreamName;
 
 /// ANSI styling, or none.
 #[derive(Debug, Clone, Copy)]
@@ -145,20 +146,27 @@ fn render_table(t: &TableStatus, p: Paint) -> String {
         "PENDING",
         "OLDEST PENDING",
         "CONSUMERS",
+        "NODE",
     ]
     .iter()
     .map(|h| (h.to_string(), Paint::bold as fn(Paint, &str) -> String))
     .collect();
+    // NODE only on a Redis Cluster.
+    let with_node = t.streams.iter().any(|s| s.node.is_some());
     let mut rows: Vec<Vec<Cell>> = vec![header];
     // Lines printed under a row, outside the alignment.
     let mut notes: Vec<Vec<String>> = vec![Vec::new()];
-    for s in &t.streams {
+    for (at, s) in t.streams.iter().enumerate() {
         for (i, g) in s.groups.iter().enumerate() {
             let first = i == 0;
-            let stream: Cell = if first {
-                (s.stream.clone(), if s.exists { plain } else { Paint::dim })
-            } else {
-                (String::new(), plain)
+            let stream: Cell = match (first, s.removed) {
+                (false, _) => (String::new(), plain),
+                (true, true) => (format!("{} (removed)", s.stream), Paint::yellow),
+                (true, false) => (s.stream.clone(), if s.exists { plain } else { Paint::dim }),
+            };
+            let node: Cell = match (first, &s.node) {
+                (true, Some(n)) => (n.clone(), plain),
+                _ => (String::new(), plain),
             };
             let length: Cell = match (first, s.exists) {
                 (false, _) => (String::new(), plain),
@@ -205,7 +213,7 @@ fn render_table(t: &TableStatus, p: Paint) -> String {
                 ("-".into(), Paint::dim)
             };
             rows.push(vec![
-                stream, length, dlq, group, lag, pending, oldest, consumers,
+                stream, length, dlq, group, lag, pending, oldest, consumers, node,
             ]);
             notes.push(
                 g.consumers
@@ -225,6 +233,44 @@ fn render_table(t: &TableStatus, p: Paint) -> String {
                     .collect(),
             );
         }
+        // After a partitioned kind's last partition: its sums.
+        let kind = |s: &StreamStatus| StreamName::parse(&s.stream).map(|n| n.kind);
+        let last_of_kind = t
+            .streams
+            .get(at + 1)
+            .is_none_or(|next| kind(next) != kind(s));
+        if let Some(total) = t.totals.iter().filter(|_| last_of_kind).find(|x| {
+            StreamName::parse(&s.stream).is_some_and(|n| x.streams.starts_with(n.kind.prefix()))
+        }) {
+            let num = |n: u64| (n.to_string(), if n == 0 { plain } else { Paint::yellow });
+            rows.push(vec![
+                (
+                    format!("Σ {} ({} partitions)", total.streams, t.partitions),
+                    Paint::bold,
+                ),
+                (total.length.to_string(), plain),
+                (
+                    total.dead_letters.to_string(),
+                    if total.dead_letters == 0 {
+                        plain
+                    } else {
+                        Paint::red
+                    },
+                ),
+                (total.group.clone(), plain),
+                total.lag.map_or(("?".into(), Paint::yellow), num),
+                num(total.pending),
+                (String::new(), plain),
+                (String::new(), plain),
+                (String::new(), plain),
+            ]);
+            notes.push(Vec::new());
+        }
+    }
+    if !with_node {
+        for r in &mut rows {
+            r.pop();
+        }
     }
     let ncols = rows[0].len();
     let widths: Vec<usize> = (0..ncols)
@@ -236,7 +282,7 @@ fn render_table(t: &TableStatus, p: Paint) -> String {
         })
         .collect();
     // Numbers right-aligned.
-    let right = [false, true, true, false, true, true, false, true];
+    let right = [false, true, true, false, true, true, false, true, false];
     for (row, notes) in rows.iter().zip(&notes) {
         let mut line = String::from("  ");
         for (c, (text, style)) in row.iter().enumerate() {
@@ -294,8 +340,13 @@ mod tests {
                 chunks: None,
                 newest_archive: None,
                 postgres_error: None,
+                partitions: 1,
+                totals: vec![],
                 streams: vec![StreamStatus {
                     stream: "telemetry:{m}".into(),
+                    partition: 0,
+                    removed: false,
+                    node: None,
                     exists: true,
                     length: 12345,
                     dlq: "telemetry:{m}:dlq".into(),
