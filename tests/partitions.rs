@@ -270,7 +270,7 @@ async fn every_partition_is_read_and_every_event_lands_once() {
     // `strata dlq list` of a partition's dead-letter stream.
     let (ok, text) = run_to_end(
         env.command()
-            .args(["dlq", "list"])
+            .args(["dlq", "list", "--stream"])
             .arg(streams::dlq_stream(&bad)),
     );
     assert!(ok, "{text}");

@@ -55,7 +55,17 @@ pub async fn collect(
                 let mut s = stream_status(conn, &input, stage.group(), now_ms).await?;
                 s.partition = p;
                 s.removed = p >= count;
-                if s.removed && s.length == 0 && s.dead_letters == 0 {
+                // A removed partition is listed while it holds something: dead letters, or
+                // entries its stage's group has not finished with.
+                let unfinished = s.groups.iter().any(|g| {
+                    g.group == stage.group()
+                        && if g.exists {
+                            g.pending > 0 || g.lag != Some(0)
+                        } else {
+                            s.length > 0
+                        }
+                });
+                if s.removed && !unfinished && s.dead_letters == 0 {
                     continue;
                 }
                 if let Some(slots) = &slots {
