@@ -718,6 +718,12 @@ mod tests {
         assert_eq!(replay_target(&name, &row), "telemetry:{m}");
         let frame = DeadLetter::from_entry(entry(&[("frame", "zz"), ("error", "x")]));
         assert_eq!(replay_target(&name, &frame), "rows:{m}");
+        // A partition's dead letters go back to the same partition.
+        let p3 = StreamName::parse("rows:{m:3}:dlq").unwrap();
+        assert_eq!(replay_target(&p3, &row), "telemetry:{m:3}");
+        assert_eq!(replay_target(&p3, &frame), "rows:{m:3}");
+        let t3 = StreamName::parse("telemetry:{m:3}:dlq").unwrap();
+        assert_eq!(replay_target(&t3, &row), "telemetry:{m:3}");
 
         let schema: SchemaRef = std::sync::Arc::new(
             schema::Schema::from_toml(
@@ -736,6 +742,10 @@ mod tests {
             fields[1],
             ("t".to_string(), b"2026-11-01T00:00:00.123Z".to_vec())
         );
+        // Into a partition's telemetry too, never into another table's or a rows stream.
+        assert_eq!(replay_fields("telemetry:{m:3}", Some(&schema), &d), fields);
+        assert_eq!(replay_fields("telemetry:{other}", Some(&schema), &d), d.original);
+        assert_eq!(replay_fields("rows:{m:3}", Some(&schema), &d), d.original);
         let mut packed = Vec::new();
         rmpv::encode::write_value(&mut packed, &rmpv::Value::Map(vec![("x".into(), 1.into())]))
             .unwrap();
