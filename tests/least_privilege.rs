@@ -437,8 +437,14 @@ async fn a_missing_permission_stops_the_stage_naming_the_command_and_the_key() {
         assert!(!out.contains(&user.password), "{out}");
     }
     // Without one key pattern, the first command on such a key is refused, naming it.
-    let user =
-        AclUser::create(&["resetkeys", "~telemetry:{*", "~archive:{*", "~archived:{*"]).await;
+    let user = AclUser::create(&[
+        "resetkeys",
+        "~telemetry:{*",
+        "~archive:{*",
+        "~archived:{*",
+        "~partitions:{*",
+    ])
+    .await;
     let redis_url = user.url();
     let vars = [
         ("REDIS_URL", redis_url.as_str()),
