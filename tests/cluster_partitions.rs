@@ -4,13 +4,10 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{run_to_end, terminate, TestEnv};
-use strata_pipeline::schema::Schema;
-use strata_pipeline::streams::{self, partition, StreamKind};
-use strata_stages::{ingest, writer};
+use strata_pipeline::streams::{partition, StreamKind};
 use strata_testkit::OwnCluster;
 
 const PARTITIONS: u32 = 6;
@@ -38,20 +35,8 @@ async fn produce(urls: Vec<String>, table: String, from: u64, to: u64, rate: u64
             while !pending.is_empty() {
                 let mut pipe = redis::pipe();
                 for &i in pending {
-                    pipe.cmd("XADD")
-                        .arg(&stream)
-                        .arg(format!("{}-0", BASE_MS + i))
-                        .arg("time")
-                        .arg(BASE_MS + i)
-                        .arg("source")
-                        .arg(format!("s{}", i % 24))
-                        .arg("metric")
-                        .arg("m")
-                        .arg("value")
-                        .arg(i as f64)
-                        .arg("tags")
-                        .arg(format!("{{\"seq\":{i}}}"))
-                        .ignore();
+                    let id = format!("{}-0", BASE_MS + i);
+                    common::xadd_known(&mut pipe, &stream, &id, i, &format!("s{}", i % 24));
                 }
                 if pipe.query_async::<()>(&mut conn).await.is_ok() {
                     break;
@@ -86,21 +71,7 @@ async fn a_partitioned_table_spreads_over_the_masters_and_survives_a_slot_migrat
     let cluster = OwnCluster::start();
     let seeds = cluster.urls();
     let mut env = TestEnv::on_servers("metrics", CONFIG, &seeds[0], &common::admin_url()).await;
-    // The schema: 6 partitions keyed by source.
-    let path = env
-        .dir
-        .path()
-        .join("schemas")
-        .join(format!("{}.toml", env.table));
-    let text = std::fs::read_to_string(&path).unwrap();
-    let at = text.find("[[columns]]").unwrap();
-    let text = format!(
-        "{}partitions = {PARTITIONS}\npartition_key = \"source\"\n{}",
-        &text[..at],
-        &text[at..]
-    );
-    std::fs::write(&path, &text).unwrap();
-    env.schema = Arc::new(Schema::from_toml("test", &text).unwrap());
+    env.partitioned(PARTITIONS);
     let config = std::fs::read_to_string(env.config_path()).unwrap();
     let redis_line = format!("[redis]\nurl = \"{}\"\n", seeds[0]);
     let nodes: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
@@ -146,29 +117,9 @@ async fn a_partitioned_table_spreads_over_the_masters_and_survives_a_slot_migrat
     // Every event lands once; every partition was read by both stages.
     let client = redis::cluster::ClusterClient::new(seeds.clone()).unwrap();
     let mut conn = client.get_async_connection().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut drained = true;
-        for p in 0..PARTITIONS {
-            for stage in [&ingest::STAGE, &writer::STAGE] {
-                let stream = stage.input_key(&table, p).unwrap();
-                drained &= streams::ConsumerGroup::new(&stream, stage.group())
-                    .drained(&mut conn)
-                    .await
-                    .unwrap();
-            }
-        }
-        let count = env.count().await;
-        if drained && count >= N as i64 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{count} of {N} landed, drained {drained}: {}",
-            env.log("run.log")
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let groups = env.hot_path_groups(PARTITIONS);
+    env.wait_drained_on(&mut conn, &groups, N as i64, Duration::from_secs(120))
+        .await;
     let wrong: i64 = env
         .pg()
         .await

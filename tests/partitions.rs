@@ -5,42 +5,17 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{run_to_end, start_stages, stop, terminate, TestEnv};
-use strata_pipeline::schema::{Schema, SchemaRef};
+use strata_pipeline::schema::SchemaRef;
 use strata_pipeline::streams::{self, partition, StreamKind};
 use strata_stages::ops::status::{status, StatusOptions};
-use strata_stages::{ingest, writer, HOT_PATH};
+use strata_stages::{writer, HOT_PATH};
 
 /// Config for quick polls and claims.
 const CONFIG: &str =
     "[streams]\nclaim_idle_ms = 2000\nclaim_interval_ms = 500\nblock_ms = 200\npartition_poll_ms = 300\n";
-
-/// Rewrites the environment's schema with `partitions = n` and `partition_key = "source"`.
-fn partitioned(env: &mut TestEnv, n: u32) {
-    let path = env
-        .dir
-        .path()
-        .join("schemas")
-        .join(format!("{}.toml", env.table));
-    let text = std::fs::read_to_string(&path).unwrap();
-    let text: String = text
-        .lines()
-        .filter(|l| !l.starts_with("partitions") && !l.starts_with("partition_key"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    // Top-level keys go before the first table array.
-    let at = text.find("[[columns]]").unwrap();
-    let text = format!(
-        "{}partitions = {n}\npartition_key = \"source\"\n{}",
-        &text[..at],
-        &text[at..]
-    );
-    std::fs::write(&path, &text).unwrap();
-    env.schema = Arc::new(Schema::from_toml("test", &text).unwrap());
-}
 
 /// XADDs events `from..to` (metrics: time, source `s<i % 20>`, value, tags with the sequence
 /// number) to the partition of their source, as a producer following the documented hash does.
@@ -50,20 +25,8 @@ async fn produce_partitioned(env: &TestEnv, n: u32, from: u64, to: u64) {
     for i in from..to {
         let source = format!("s{}", i % 20);
         let p = zlib_crc32(source.as_bytes()) % n;
-        pipe.cmd("XADD")
-            .arg(StreamKind::Telemetry.partition_key(&env.table, p))
-            .arg("*")
-            .arg("time")
-            .arg(1_793_491_200_000u64 + i)
-            .arg("source")
-            .arg(&source)
-            .arg("metric")
-            .arg("m")
-            .arg("value")
-            .arg(i as f64)
-            .arg("tags")
-            .arg(format!("{{\"seq\":{i}}}"))
-            .ignore();
+        let stream = StreamKind::Telemetry.partition_key(&env.table, p);
+        common::xadd_known(&mut pipe, &stream, "*", i, &source);
     }
     let () = pipe.query_async(&mut conn).await.unwrap();
 }
@@ -88,29 +51,9 @@ fn zlib_crc32(bytes: &[u8]) -> u32 {
 /// Waits until every partition's `telemetry` and `rows` are read and acknowledged and the table
 /// holds `rows` rows.
 async fn wait_landed(env: &TestEnv, n: u32, rows: i64, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    let mut conn = env.redis().await;
-    loop {
-        let mut drained = true;
-        for p in 0..n {
-            for stage in [&ingest::STAGE, &writer::STAGE] {
-                let stream = stage.input_key(&env.table, p).unwrap();
-                drained &= streams::ConsumerGroup::new(&stream, stage.group())
-                    .drained(&mut conn)
-                    .await
-                    .unwrap();
-            }
-        }
-        let count = env.count().await;
-        if drained && count >= rows {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out: {count} of {rows} rows landed, drained = {drained}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let groups = env.hot_path_groups(n);
+    env.wait_drained_on(&mut env.redis().await, &groups, rows, timeout)
+        .await;
 }
 
 /// Rows per sequence number that appear other than exactly once.
@@ -160,7 +103,7 @@ async fn recorded(env: &TestEnv) -> Option<partition::Recorded> {
 async fn every_partition_is_read_and_every_event_lands_once() {
     const N: u64 = 6_000;
     let mut env = TestEnv::new("metrics", CONFIG).await;
-    partitioned(&mut env, 3);
+    env.partitioned(3);
     env.migrate().await;
     produce_partitioned(&env, 3, 0, N).await;
     let mut conn = env.redis().await;
@@ -280,7 +223,7 @@ async fn every_partition_is_read_and_every_event_lands_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strata_produce_sends_each_event_to_the_partition_of_its_key() {
     let mut env = TestEnv::new("metrics", CONFIG).await;
-    partitioned(&mut env, 4);
+    env.partitioned(4);
     env.migrate().await;
     let (ok, text) = run_to_end(
         env.command()
@@ -318,7 +261,7 @@ async fn running_stages_pick_up_partitions_another_process_adds() {
     produce_partitioned(&env, 1, 0, 500).await;
     wait_landed(&env, 1, 500, Duration::from_secs(60)).await;
     // Process B starts with partitions = 3 and records it; then it stops.
-    partitioned(&mut env, 3);
+    env.partitioned(3);
     let mut b = env.spawn(&["ingest"], "b.log");
     let deadline = Instant::now() + Duration::from_secs(20);
     while recorded(&env).await.map(|r| r.count) != Some(3) {
@@ -342,7 +285,7 @@ async fn running_stages_pick_up_partitions_another_process_adds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shrink_is_refused_while_a_removed_partition_holds_entries() {
     let mut env = TestEnv::new("metrics", CONFIG).await;
-    partitioned(&mut env, 3);
+    env.partitioned(3);
     env.migrate().await;
     let three: SchemaRef = env.schema.clone();
     let running = start_stages(&env.config, &three, &HOT_PATH).await;
@@ -352,7 +295,7 @@ async fn a_shrink_is_refused_while_a_removed_partition_holds_entries() {
     let held = StreamKind::Telemetry.partition_key(&env.table, 2);
     let mut conn = env.redis().await;
     assert!(streams::len(&mut conn, &held).await.unwrap() > 0);
-    partitioned(&mut env, 2);
+    env.partitioned(2);
     let two = env.schema.clone();
     let refused = strata_stages::start(
         &env.config,

@@ -262,13 +262,25 @@ impl TestEnv {
     /// Waits until each (stream, group) has read and acknowledged everything and the table
     /// holds at least `rows` rows.
     async fn wait_drained(&self, groups: &[(&str, &str)], rows: i64, timeout: Duration) {
+        let groups: Vec<(String, &str)> = groups.iter().map(|(s, g)| (s.to_string(), *g)).collect();
+        self.wait_drained_on(&mut self.redis().await, &groups, rows, timeout)
+            .await
+    }
+
+    /// [`TestEnv::wait_drained`] over `conn` (a cluster connection, say).
+    pub async fn wait_drained_on<C: redis::aio::ConnectionLike>(
+        &self,
+        conn: &mut C,
+        groups: &[(String, &str)],
+        rows: i64,
+        timeout: Duration,
+    ) {
         let deadline = Instant::now() + timeout;
-        let mut conn = self.redis().await;
         loop {
             let mut drained = true;
             for (stream, group) in groups {
                 drained &= streams::ConsumerGroup::new(stream, group)
-                    .drained(&mut conn)
+                    .drained(conn)
                     .await
                     .unwrap();
             }
@@ -282,6 +294,43 @@ impl TestEnv {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Rewrites the schema file (and [`TestEnv::schema`]) with `partitions = n` and
+    /// `partition_key = "source"`.
+    #[allow(dead_code)]
+    pub fn partitioned(&mut self, n: u32) {
+        let path = self
+            .dir
+            .path()
+            .join("schemas")
+            .join(format!("{}.toml", self.table));
+        let text: String = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("partitions") && !l.starts_with("partition_key"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        // Top-level keys go before the first table array.
+        let at = text.find("[[columns]]").unwrap();
+        let text = format!(
+            "{}partitions = {n}\npartition_key = \"source\"\n{}",
+            &text[..at],
+            &text[at..]
+        );
+        std::fs::write(&path, &text).unwrap();
+        self.schema = Arc::new(Schema::from_toml("test", &text).unwrap());
+    }
+
+    /// Each partition's hot-path streams of a table with `n` partitions, with their groups.
+    #[allow(dead_code)]
+    pub fn hot_path_groups(&self, n: u32) -> Vec<(String, &'static str)> {
+        (0..n)
+            .flat_map(|p| {
+                [&ingest::STAGE, &writer::STAGE]
+                    .map(|stage| (stage.input_key(&self.table, p).unwrap(), stage.group()))
+            })
+            .collect()
     }
 
     /// Dead letters of `stream`, as field lists.
@@ -398,6 +447,26 @@ pub async fn start(env: &TestEnv, kinds: &[StageSpec]) -> InProcess {
 pub async fn stop(running: InProcess) {
     running.0.cancel();
     running.1.await.unwrap();
+}
+
+/// Adds to `pipe` the XADD of known event `i` (a `metrics` row: time = 1793491200000 + i ms,
+/// source `source`, value i, tags {"seq": i}) to `stream` with entry ID `id` (`*` or explicit).
+#[allow(dead_code)]
+pub fn xadd_known(pipe: &mut redis::Pipeline, stream: &str, id: &str, i: u64, source: &str) {
+    pipe.cmd("XADD")
+        .arg(stream)
+        .arg(id)
+        .arg("time")
+        .arg(1_793_491_200_000u64 + i)
+        .arg("source")
+        .arg(source)
+        .arg("metric")
+        .arg("m")
+        .arg("value")
+        .arg(i as f64)
+        .arg("tags")
+        .arg(format!("{{\"seq\":{i}}}"))
+        .ignore();
 }
 
 /// XADDs known events to one stream, surviving Redis restarts.

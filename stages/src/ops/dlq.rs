@@ -744,7 +744,10 @@ mod tests {
         );
         // Into a partition's telemetry too, never into another table's or a rows stream.
         assert_eq!(replay_fields("telemetry:{m:3}", Some(&schema), &d), fields);
-        assert_eq!(replay_fields("telemetry:{other}", Some(&schema), &d), d.original);
+        assert_eq!(
+            replay_fields("telemetry:{other}", Some(&schema), &d),
+            d.original
+        );
         assert_eq!(replay_fields("rows:{m:3}", Some(&schema), &d), d.original);
         let mut packed = Vec::new();
         rmpv::encode::write_value(&mut packed, &rmpv::Value::Map(vec![("x".into(), 1.into())]))
