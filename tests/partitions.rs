@@ -121,6 +121,21 @@ async fn every_partition_is_read_and_every_event_lands_once() {
     }
     assert!(lengths.iter().all(|&l| l > 0), "{lengths:?}");
     assert_eq!(lengths.iter().sum::<u64>(), N);
+    // `strata inspect` reads a partition's stream.
+    let one = StreamKind::Telemetry.partition_key(&env.table, 1);
+    let (ok, text) = run_to_end(env.command().args(["inspect", &one, "--count", "2"]));
+    assert!(ok, "{text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for l in &lines {
+        let source = l["fields"]["source"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{l}"));
+        assert_eq!(zlib_crc32(source.as_bytes()) % 3, 1, "{l}");
+    }
     let running = start_stages(&env.config, &env.schema, &HOT_PATH).await;
     wait_landed(&env, 3, N as i64, Duration::from_secs(60)).await;
     assert_eq!(not_exactly_once(&env, N as i64).await, vec![]);

@@ -87,7 +87,7 @@ pub enum OpsError {
 
 /// What a well-formed strata stream key looks like, for error messages.
 pub(crate) const STREAM_FORMS: &str =
-    "expected telemetry:{T}, rows:{T}, archive:{T} or archived:{T}, or one of them followed by :dlq";
+    "expected telemetry:{T}, rows:{T}, archive:{T} or archived:{T} (telemetry:{T:p} and rows:{T:p} for partition p of a partitioned table), or one of them followed by :dlq";
 
 /// Checks `id` is a stream ID (`<ms>-<seq>` or `<ms>`), so Redis's own message is never needed.
 pub(crate) fn check_id(id: &str) -> Result<StreamId, OpsError> {
