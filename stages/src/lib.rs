@@ -14,8 +14,9 @@
 //! - [`migrate`]: `strata migrate`.
 //! - [`produce`]: `strata produce`, the reference producer.
 //! - [`ops`]: operator commands: `status`, `inspect`, `dlq`.
-//! - this file: [`start`], starting the stages of a process for every table through their
-//!   registry entries; the writer's pruning of applied frames.
+//! - this file: [`start`], starting the stages of a process for every table (and every
+//!   partition of a partitioned table) through their registry entries, recording the partition
+//!   counts and following those other processes record.
 
 pub mod catalog;
 pub mod config;
