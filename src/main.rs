@@ -344,6 +344,7 @@ async fn run(
                 connections: *connections,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 max_len: (*max_len > 0).then_some(*max_len),
+                replicas: strata_pipeline::db::ReplicaWait::of(&config.redis),
             };
             let report = produce(&redis, schema, &opts).await?;
             println!(
@@ -466,6 +467,7 @@ async fn demo(
         connections: 2,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         max_len: Some(2_000_000),
+        replicas: strata_pipeline::db::ReplicaWait::of(&config.redis),
     };
     let produced = produce(&redis, &schema, &opts).await?;
     println!(

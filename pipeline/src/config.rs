@@ -75,6 +75,19 @@ pub struct RedisConfig {
     /// any one that answers finds the rest. Empty: `url` is the one seed. The `tls_*` keys
     /// apply to every node. Shown only redacted.
     pub nodes: Vec<String>,
+    /// Replicas that must hold a step's writes before strata relies on it. Redis replicates
+    /// asynchronously: a master killed (kill -9, a crashed host) before its replicas received a
+    /// write loses that write when a replica is promoted. With `n > 0`, every commit step (the
+    /// script that XADDs a stage's outputs and XACKs its inputs) and every `strata produce`
+    /// pipeline is followed by `WAIT n wait_timeout_ms` on the node that ran it, and a stage
+    /// whose effects leave Redis (the batch-writer's COPY, the lifecycle's object store and
+    /// chunk drops) waits the same way for the entries it read before applying them. Fewer
+    /// replicas in time is a transient fault: waited for again, counted in
+    /// `strata_replica_wait_shortfalls_total`. 0 (the default): no WAIT.
+    pub wait_replicas: u32,
+    /// How long one `WAIT` of [`Self::wait_replicas`] waits for the replicas, in ms (> 0:
+    /// Redis's 0 would wait for ever).
+    pub wait_timeout_ms: u64,
 }
 
 impl RedisConfig {
@@ -113,6 +126,8 @@ impl std::fmt::Debug for RedisConfig {
                 "nodes",
                 &self.nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>(),
             )
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout_ms", &self.wait_timeout_ms)
             .finish()
     }
 }
@@ -129,6 +144,8 @@ impl Default for RedisConfig {
             password_file: None,
             cluster: false,
             nodes: Vec::new(),
+            wait_replicas: 0,
+            wait_timeout_ms: 1_000,
         }
     }
 }

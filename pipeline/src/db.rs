@@ -585,6 +585,25 @@ impl redis::aio::ConnectionLike for RedisConnection {
     }
 }
 
+/// `[redis] wait_replicas` and `wait_timeout_ms`: the `WAIT` strata sends after its writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaWait {
+    /// Replicas that must acknowledge the connection's writes.
+    pub replicas: u32,
+    /// How long one `WAIT` waits for them.
+    pub timeout: Duration,
+}
+
+impl ReplicaWait {
+    /// The `[redis]` setting; `None` when `wait_replicas = 0` (no WAIT).
+    pub fn of(redis: &RedisConfig) -> Option<Self> {
+        (redis.wait_replicas > 0).then(|| ReplicaWait {
+            replicas: redis.wait_replicas,
+            timeout: Duration::from_millis(redis.wait_timeout_ms.max(1)),
+        })
+    }
+}
+
 /// Makes and checks the cluster pool's connections.
 pub struct ClusterManager {
     /// The client built from `[redis]` ([`redis_cluster_client`]).

@@ -169,7 +169,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// frees it (OOM), a script or load in progress (BUSY, LOADING), a cluster or replica
 /// reconfiguring (TRYAGAIN, CLUSTERDOWN, MASTERDOWN, READONLY, NOREPLICAS), persistence
 /// failing (MISCONF).
-pub const REDIS_TRANSIENT_CODES: [&str; 9] = [
+pub const REDIS_TRANSIENT_CODES: [&str; 11] = [
     "OOM",
     "BUSY",
     "LOADING",
@@ -179,6 +179,9 @@ pub const REDIS_TRANSIENT_CODES: [&str; 9] = [
     "READONLY",
     "NOREPLICAS",
     "MISCONF",
+    // A cluster redirect the client did not follow (a pipeline sent while its slot migrates).
+    "ASK",
+    "MOVED",
 ];
 
 /// Redis error codes of a deployment fault: the account lacks a permission or cannot log in.

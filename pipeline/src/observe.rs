@@ -83,6 +83,10 @@ pub fn install() -> PrometheusHandle {
 /// Batches split because their commit step kept failing for a reason that is not transient.
 pub const BATCH_SPLITS: &str = "strata_commit_splits_total";
 
+/// `[redis] wait_replicas`: WAITs that got fewer replica acknowledgements than asked in time
+/// (each is waited for again), by stage and stream.
+pub const REPLICA_WAIT_SHORTFALLS: &str = "strata_replica_wait_shortfalls_total";
+
 /// Entries left pending because even their dead letter could not be written.
 pub const STUCK_ENTRIES: &str = "strata_stuck_entries_total";
 
@@ -138,6 +142,8 @@ pub struct LoopMetrics {
     pub splits: Counter,
     /// Entries left pending because their dead letter could not be written.
     pub stuck: Counter,
+    /// `[redis] wait_replicas` shortfalls of this loop's commit steps and reads.
+    pub replica_shortfalls: Counter,
     pub batch_rows: Histogram,
     pub batch_bytes: Histogram,
     /// Labels for dead letters, whose reason varies.
@@ -167,6 +173,7 @@ impl LoopMetrics {
             retries: counter!(RETRIES, &labels),
             splits: counter!(BATCH_SPLITS, &labels),
             stuck: counter!(STUCK_ENTRIES, &labels),
+            replica_shortfalls: counter!(REPLICA_WAIT_SHORTFALLS, &labels),
             batch_rows: histogram!(BATCH_ROWS, &labels),
             batch_bytes: histogram!(BATCH_BYTES, &labels),
             stage,

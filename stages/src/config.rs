@@ -199,6 +199,11 @@ impl Config {
         if self.streams.read_count == 0 {
             return Err(invalid("[streams] read_count must be > 0".into()));
         }
+        if self.redis.wait_replicas > 0 && self.redis.wait_timeout_ms == 0 {
+            return Err(invalid(
+                "[redis] wait_timeout_ms must be > 0 when wait_replicas > 0".into(),
+            ));
+        }
         for stage in crate::registry::STAGES {
             (stage.validate)(self).map_err(invalid)?;
         }

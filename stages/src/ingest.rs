@@ -69,6 +69,7 @@ pub const STAGE: StageSpec = StageSpec {
     section: "ingest",
     validate: validate_config,
     needs_postgres: false,
+    effects_outside_redis: false,
     // Each consumer holds its read connection and one per worker.
     redis_connections: |c| c.ingest.consumers * (1 + c.ingest.workers),
     postgres_connections: |_| 0,

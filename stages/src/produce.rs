@@ -26,6 +26,10 @@ pub struct ProduceOptions {
     pub progress: bool,
     /// Back-pressure: wait while a partition's `telemetry:{T}` holds more entries than this.
     pub max_len: Option<u64>,
+    /// `[redis] wait_replicas`: each pipeline of XADDs ends with `WAIT`, and is done only once
+    /// the replicas hold it (a master killed before replicating would lose events that Redis
+    /// had already acknowledged). `None`: no WAIT.
+    pub replicas: Option<strata_pipeline::db::ReplicaWait>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,14 @@ pub enum ProduceError {
     Pool(#[from] deadpool_redis::PoolError),
     #[error("XADD failed")]
     Redis(#[from] redis::RedisError),
+    /// `[redis] wait_replicas`: the stream's master changed (a failover) before its replicas
+    /// confirmed a pipeline. Its events may or may not be in the stream: resending them (with
+    /// `*` IDs) could add them twice, so `strata produce` stops.
+    #[error("the master of `{stream}` changed before its replicas confirmed the last pipeline: its events may or may not be in the stream")]
+    FailedOver {
+        /// The stream.
+        stream: String,
+    },
 }
 
 /// What was produced.
@@ -91,6 +103,66 @@ pub fn partition_of(schema: &Schema, seq: u64, fields: &[(String, String)]) -> u
     }
 }
 
+/// Sends `pipe` (one pipeline of XADDs to `stream`) with `WAIT` behind it, and returns once
+/// `wait.replicas` replicas hold it. On a cluster the pipeline goes to the stream's master,
+/// WAIT with it, and asks that node's ID (`CLUSTER MYID`); after a shortfall (counted in
+/// `strata_replica_wait_shortfalls_total{stage="produce"}`) WAIT is sent again behind a read
+/// of the stream, which takes it to the stream's master, and counts only if that is still the
+/// node that took the XADDs (a connection's WAIT covers its earlier writes there); a new
+/// master is [`ProduceError::FailedOver`].
+async fn replicated(
+    conn: &mut strata_pipeline::db::RedisConnection,
+    pipe: &mut redis::Pipeline,
+    stream: &str,
+    wait: strata_pipeline::db::ReplicaWait,
+    cluster: bool,
+) -> Result<(), ProduceError> {
+    let ask = |pipe: &mut redis::Pipeline| {
+        if cluster {
+            pipe.cmd("CLUSTER").arg("MYID");
+        }
+        pipe.cmd("WAIT")
+            .arg(wait.replicas)
+            .arg(u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX));
+    };
+    ask(pipe);
+    let (node, mut acked) = send_and_wait(pipe, conn).await?;
+    while acked < u64::from(wait.replicas) {
+        metrics::counter!(
+            strata_pipeline::observe::REPLICA_WAIT_SHORTFALLS,
+            "stage" => "produce",
+            "stream" => stream.to_string()
+        )
+        .increment(1);
+        let mut again = redis::pipe();
+        again.cmd("EXISTS").arg(stream).ignore();
+        ask(&mut again);
+        let (now, a) = send_and_wait(&again, conn).await?;
+        if now != node {
+            return Err(ProduceError::FailedOver {
+                stream: stream.to_string(),
+            });
+        }
+        acked = a;
+    }
+    Ok(())
+}
+
+/// Sends a pipeline ending in `[CLUSTER MYID,] WAIT`; replies the node ID (if asked) and how
+/// many replicas acknowledged.
+async fn send_and_wait(
+    pipe: &redis::Pipeline,
+    conn: &mut strata_pipeline::db::RedisConnection,
+) -> redis::RedisResult<(Option<String>, u64)> {
+    let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let acked: u64 = redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil))?;
+    let node = match replies.pop() {
+        Some(v) => Some(redis::from_redis_value::<String>(v)?),
+        None => None,
+    };
+    Ok((node, acked))
+}
+
 /// XADDs `count` synthetic events to `telemetry:{T}` (to each event's partition).
 pub async fn produce(
     redis: &strata_pipeline::db::RedisPool,
@@ -130,7 +202,8 @@ pub async fn produce(
             bar.clone(),
             next.clone(),
         );
-        let (count, rate, max_len) = (opts.count, opts.rate, opts.max_len);
+        let (count, rate, max_len, replicas) = (opts.count, opts.rate, opts.max_len, opts.replicas);
+        let cluster = redis.is_cluster();
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
             let mut conn = redis.get().await?;
@@ -159,7 +232,7 @@ pub async fn produce(
                     }
                     cmd.ignore();
                 }
-                for (p, pipe) in pipes.iter().enumerate() {
+                for (p, pipe) in pipes.iter_mut().enumerate() {
                     let Some(pipe) = pipe else { continue };
                     if let Some(limit) = max_len {
                         // Entries leave the stream once every group acknowledged them (ingest
@@ -168,7 +241,14 @@ pub async fn produce(
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
-                    let () = pipe.query_async(&mut conn).await?;
+                    match replicas {
+                        None => {
+                            let () = pipe.query_async(&mut conn).await?;
+                        }
+                        Some(wait) => {
+                            replicated(&mut conn, pipe, &streams[p], wait, cluster).await?;
+                        }
+                    }
                 }
                 bar.inc(to - from);
             }

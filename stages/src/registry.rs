@@ -76,6 +76,11 @@ pub struct StageSpec {
     pub validate: fn(&Config) -> Result<(), String>,
     /// Whether it needs PostgreSQL (then `/readyz` checks PostgreSQL too).
     pub needs_postgres: bool,
+    /// Whether applying a batch has effects outside Redis (PostgreSQL rows, lake objects,
+    /// dropped chunks). With `[redis] wait_replicas`, such a stage applies only entries the
+    /// replicas hold ([`LoopSpec::wait_before_apply`]); a stage whose only effect is its commit
+    /// step in the same slot (ingest) needs no such wait.
+    pub effects_outside_redis: bool,
     /// Redis connections its loops of one partition of a table hold at most.
     pub redis_connections: fn(&Config) -> usize,
     /// Connections of the process's PostgreSQL pool it holds per partition of a table.
@@ -141,14 +146,17 @@ impl StageSpec {
         let input = self
             .input_key(table, partition)
             .unwrap_or_else(|| panic!("stage {} reads no stream", self.name));
-        LoopSpec::new(
+        let mut spec = LoopSpec::new(
             self.name,
             input,
             self.output_key(table, partition),
             limits,
             workers,
             config.streams.clone(),
-        )
+        );
+        spec.replicas = strata_pipeline::db::ReplicaWait::of(&config.redis);
+        spec.wait_before_apply = self.effects_outside_redis;
+        spec
     }
 }
 

@@ -78,6 +78,7 @@ pub const STAGE: StageSpec = StageSpec {
     section: "batch_writer",
     validate: validate_config,
     needs_postgres: true,
+    effects_outside_redis: true,
     // The loop's read connection and one per COPY in flight.
     redis_connections: |c| 1 + c.batch_writer.connections,
     // One per COPY in flight and one for partitions and pruning.

@@ -15,10 +15,11 @@ use crate::{free_port, wait_for_port};
 struct Node {
     /// Its client port.
     port: u16,
-    /// Holds `nodes.conf` and the log.
-    _dir: tempfile::TempDir,
-    /// The server process.
-    child: Child,
+    /// Holds `nodes.conf` and the log (kept across [`OwnCluster::kill`] and
+    /// [`OwnCluster::restart`], so a restarted node knows the cluster).
+    dir: tempfile::TempDir,
+    /// The server process; `None` after [`OwnCluster::kill`].
+    child: Option<Child>,
 }
 
 /// 3 masters + 3 replicas on loopback.
@@ -27,6 +28,9 @@ pub struct OwnCluster {
     nodes: Vec<Node>,
     /// TLS only ([`OwnCluster::start_tls`]): the CA file `redis-cli` trusts.
     tls_ca: Option<PathBuf>,
+    /// TLS only: the nodes' certificate, key, CA, client certificate and its key, to start a
+    /// killed node again.
+    tls_files: Option<[PathBuf; 5]>,
 }
 
 /// TLS settings of the nodes of [`OwnCluster::start_tls`].
@@ -37,6 +41,12 @@ struct NodeTls<'a> {
     key: &'a Path,
     /// The CA.
     ca: &'a Path,
+    /// The certificate a node shows when it connects to another's cluster bus: Redis requires
+    /// one there whatever `tls-auth-clients` says, and with the client-auth purpose, which the
+    /// server certificate lacks.
+    client_cert: &'a Path,
+    /// Its key.
+    client_key: &'a Path,
 }
 
 impl OwnCluster {
@@ -55,6 +65,8 @@ impl OwnCluster {
             cert: &certs.server_cert,
             key: &certs.server_key,
             ca: &certs.ca,
+            client_cert: &certs.client_cert,
+            client_key: &certs.client_key,
         }))
     }
 
@@ -62,7 +74,9 @@ impl OwnCluster {
         let nodes: Vec<Node> = (0..6).map(|_| Node::launch(tls.as_ref())).collect();
         let cluster = OwnCluster {
             nodes,
-            tls_ca: tls.map(|t| t.ca.to_path_buf()),
+            tls_ca: tls.as_ref().map(|t| t.ca.to_path_buf()),
+            tls_files: tls
+                .map(|t| [t.cert, t.key, t.ca, t.client_cert, t.client_key].map(Path::to_path_buf)),
         };
         let mut create = cluster.cli_command(cluster.nodes[0].port);
         create.arg("--cluster").arg("create");
@@ -124,9 +138,18 @@ impl OwnCluster {
         c
     }
 
+    /// The port of a node that runs (not [`OwnCluster::kill`]ed), to ask about the cluster.
+    fn live_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a live node")
+            .port
+    }
+
     /// The hash slot of `key` (`CLUSTER KEYSLOT`).
     pub fn keyslot(&self, key: &str) -> u16 {
-        let out = self.cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key]);
+        let out = self.cli(self.live_port(), &["CLUSTER", "KEYSLOT", key]);
         out.parse()
             .unwrap_or_else(|_| panic!("CLUSTER KEYSLOT: {out}"))
     }
@@ -250,18 +273,83 @@ impl OwnCluster {
         self.wait_stable(Duration::from_secs(30));
     }
 
-    /// Waits until every node says `cluster_state:ok`, sees three replicas and all agree on
-    /// the slot map.
+    /// kill -9 of the node on `port` (no chance to replicate what it has not sent yet). Its
+    /// folder stays, for [`OwnCluster::restart`].
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("node");
+        let mut child = node.child.take().expect("the node runs");
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+
+    /// `CLUSTER FAILOVER TAKEOVER` on `replica`, whose master is dead: it takes the slots
+    /// without any agreement, then waits until the live nodes agree it serves them (with one
+    /// replica fewer, the dead master's).
+    pub fn takeover(&self, replica: u16) {
+        let out = self.cli(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
+        assert_eq!(out, "OK", "CLUSTER FAILOVER TAKEOVER on {replica}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.masters().contains(&replica) {
+            assert!(Instant::now() < deadline, "{replica} did not become master");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.wait_stable(Duration::from_secs(30));
+    }
+
+    /// Starts a [`OwnCluster::kill`]ed node again on its port with its `nodes.conf` (and no
+    /// data: the nodes keep none): it learns that another node took its slots and becomes its
+    /// replica (a full resync). Waits until every node sees three replicas again.
+    pub fn restart(&mut self, port: u16) {
+        let tls = self
+            .tls_files
+            .as_ref()
+            .map(|[cert, key, ca, client_cert, client_key]| NodeTls {
+                cert,
+                key,
+                ca,
+                client_cert,
+                client_key,
+            });
+        let node = self.nodes.iter().find(|n| n.port == port).expect("node");
+        assert!(node.child.is_none(), "{port} runs already");
+        let child = Node::spawn(port, node.dir.path(), tls.as_ref());
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("node")
+            .child = Some(child);
+        self.wait_stable(Duration::from_secs(60));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self
+            .cli(port, &["INFO", "replication"])
+            .lines()
+            .any(|l| l.trim() == "master_link_status:up")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{port} did not resync as a replica"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every running node says `cluster_state:ok`, sees a replica for each
+    /// running node beyond the three masters, and all agree on the slot map.
     fn wait_stable(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let live: Vec<&Node> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
+        let want_replicas = live.len() - 3;
         loop {
-            let ok = self.nodes.iter().all(|n| {
+            let ok = live.iter().all(|n| {
                 self.cli(n.port, &["CLUSTER", "INFO"])
                     .lines()
                     .any(|l| l.trim() == "cluster_state:ok")
             });
-            let maps: Vec<Vec<MasterSlots>> = self
-                .nodes
+            let maps: Vec<Vec<MasterSlots>> = live
                 .iter()
                 .map(|n| {
                     let mut m: Vec<_> = parse_nodes(&self.cli(n.port, &["CLUSTER", "NODES"]))
@@ -273,12 +361,12 @@ impl OwnCluster {
                     m
                 })
                 .collect();
-            let replicas = self.nodes.iter().all(|n| {
+            let replicas = live.iter().all(|n| {
                 parse_nodes(&self.cli(n.port, &["CLUSTER", "NODES"]))
                     .iter()
-                    .filter(|x| !x.master && x.master_id.is_some())
+                    .filter(|x| !x.master && x.master_id.is_some() && !x.failed)
                     .count()
-                    == 3
+                    == want_replicas
             });
             let agree = maps.windows(2).all(|w| w[0] == w[1]) && maps[0].len() == 3 && replicas;
             if ok && agree {
@@ -290,7 +378,7 @@ impl OwnCluster {
     }
 
     fn nodes_table(&self) -> Vec<NodeLine> {
-        parse_nodes(&self.cli(self.nodes[0].port, &["CLUSTER", "NODES"]))
+        parse_nodes(&self.cli(self.live_port(), &["CLUSTER", "NODES"]))
     }
 }
 
@@ -319,6 +407,8 @@ struct NodeLine {
     port: u16,
     /// A master (else a replica).
     master: bool,
+    /// Flagged `fail` (or `fail?`): unreachable.
+    failed: bool,
     /// A replica's master.
     master_id: Option<String>,
     /// Slot ranges served (inclusive).
@@ -335,6 +425,7 @@ fn parse_nodes(text: &str) -> Vec<NodeLine> {
             // 127.0.0.1:30001@40001
             let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
             let master = f[2].split(',').any(|x| x == "master");
+            let failed = f[2].split(',').any(|x| x == "fail" || x == "fail?");
             let slots = f[8..]
                 .iter()
                 .filter(|s| !s.starts_with('['))
@@ -347,6 +438,7 @@ fn parse_nodes(text: &str) -> Vec<NodeLine> {
                 id: f[0].to_string(),
                 port,
                 master,
+                failed,
                 master_id: (f[3] != "-").then(|| f[3].to_string()),
                 slots,
             })
@@ -369,6 +461,16 @@ impl Node {
     fn launch(tls: Option<&NodeTls<'_>>) -> Self {
         let port = free_node_port();
         let dir = tempfile::tempdir().unwrap();
+        let child = Node::spawn(port, dir.path(), tls);
+        Node {
+            port,
+            dir,
+            child: Some(child),
+        }
+    }
+
+    /// Starts `redis-server` on `port` with its files in `dir`; returns once it listens.
+    fn spawn(port: u16, dir: &Path, tls: Option<&NodeTls<'_>>) -> Child {
         let mut server = Command::new("redis-server");
         server.args(["--bind", "127.0.0.1"]);
         match tls {
@@ -384,6 +486,10 @@ impl Node {
                     .arg(t.key)
                     .arg("--tls-ca-cert-file")
                     .arg(t.ca)
+                    .arg("--tls-client-cert-file")
+                    .arg(t.client_cert)
+                    .arg("--tls-client-key-file")
+                    .arg(t.client_key)
                     .args(["--tls-auth-clients", "no", "--tls-cluster", "yes"])
                     .args(["--tls-replication", "yes"])
                     .args(["--cluster-announce-hostname", "localhost"])
@@ -392,7 +498,7 @@ impl Node {
         }
         let child = server
             .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-            .arg(dir.path().join("nodes.conf"))
+            .arg(dir.join("nodes.conf"))
             .args([
                 "--cluster-node-timeout",
                 "3000",
@@ -402,27 +508,25 @@ impl Node {
                 "no",
             ])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
             .arg("--logfile")
-            .arg(dir.path().join("log"))
+            .arg(dir.join("log"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (apt install redis-server)");
         wait_for_port(port, true, "redis-server (cluster node)");
-        Node {
-            port,
-            _dir: dir,
-            child,
-        }
+        child
     }
 }
 
 impl Drop for OwnCluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
-            let _ = n.child.kill();
-            let _ = n.child.wait();
+            if let Some(mut child) = n.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }

@@ -140,6 +140,15 @@ pub struct LoopSpec {
     /// [`streams::ReadConnection`]);
     /// `None` reads through the pool, for loops where volume is low.
     pub read_from: Option<streams::ReadTarget>,
+    /// `[redis] wait_replicas`: WAIT after each commit step, so a step counts as done only once
+    /// replicas hold it (a master killed before replicating would lose it). `None`: no WAIT.
+    pub replicas: Option<crate::db::ReplicaWait>,
+    /// With [`Self::replicas`]: before a batch goes to the stage, wait until replicas hold its
+    /// entries, for a stage whose effects leave Redis (a COPY into PostgreSQL, an object store
+    /// put): an entry it applied and a failover then lost would be produced again under
+    /// another ID and applied twice. Off for a stage whose only effects are its commit step in
+    /// the same slot (ingest): a lost entry loses its outputs with it.
+    pub wait_before_apply: bool,
 }
 
 impl LoopSpec {
@@ -168,6 +177,8 @@ impl LoopSpec {
             streams,
             output_high_watermark: None,
             read_from: None,
+            replicas: None,
+            wait_before_apply: false,
         }
     }
 }

@@ -170,6 +170,15 @@ pub(super) async fn read_loop(
                     let _ = spec.consumer().group.ack(c, &deleted).await;
                 }
                 if !entries.is_empty() {
+                    if let (Some(wait), true) = (spec.replicas, spec.wait_before_apply) {
+                        if !replicated(&spec, c, &entries, wait, &metrics, &stop).await {
+                            // Not handed over and not in flight (so not touched): the entries
+                            // stay pending and are claimed again after claim_idle_ms.
+                            conn = None;
+                            backoff.wait(&stop).await;
+                            continue;
+                        }
+                    }
                     metrics.read.increment(entries.len() as u64);
                     hold(&in_flight, &mut entries);
                     if tx.send(entries).await.is_err() {
@@ -192,6 +201,54 @@ pub(super) async fn read_loop(
         }
     }
     Ok(())
+}
+
+/// `[redis] wait_replicas` for a stage whose effects leave Redis: true once the node serving
+/// the stream holds every entry just read as pending for this consumer and replicas hold them
+/// ([`streams::Consumer::touch_then_wait`], one span per entry, so the count it replies is
+/// exactly the entries of the batch found there), waiting again after a shortfall (counted).
+/// False, and the entries must not be applied, when the connection failed, at shutdown, or
+/// when the node does not hold them all as ours: after a failover the promoted replica may
+/// never have received them (lost: they are produced again under other IDs) or this read
+/// (they are delivered again).
+async fn replicated(
+    spec: &LoopSpec,
+    conn: &mut crate::db::RedisConnection,
+    entries: &[Entry],
+    wait: crate::db::ReplicaWait,
+    metrics: &LoopMetrics,
+    stop: &CancellationToken,
+) -> bool {
+    let spans: Vec<Arc<ReadSpan>> = entries
+        .iter()
+        .map(|e| {
+            Arc::new(ReadSpan {
+                first: e.id,
+                last: e.id,
+            })
+        })
+        .collect();
+    loop {
+        let (touched, acked) = match spec.consumer().touch_then_wait(conn, &spans, wait).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(stage = spec.stage, stream = %spec.input, error = %e, "waiting for replicas of the entries read failed");
+                return false;
+            }
+        };
+        if touched < entries.len() as u64 {
+            warn!(stage = spec.stage, stream = %spec.input, held = touched, read = entries.len(), "the stream's node no longer holds entries read (a failover?): not applying them");
+            return false;
+        }
+        if acked >= u64::from(wait.replicas) {
+            return true;
+        }
+        metrics.replica_shortfalls.increment(1);
+        warn!(stage = spec.stage, stream = %spec.input, acked, wanted = wait.replicas, "entries read are not replicated yet, waiting again");
+        if stop.is_cancelled() {
+            return false;
+        }
+    }
 }
 
 /// Reads new entries: over the loop's own connection when it has a `read_from` (reconnecting

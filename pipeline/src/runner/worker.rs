@@ -233,6 +233,31 @@ impl<S: Stage> Worker<S> {
         Ok(())
     }
 
+    /// `[redis] wait_replicas`: returns once the replicas hold the step just applied on `conn`
+    /// (`acked` of them did within the WAIT sent with it). A shortfall is counted and the step
+    /// run again with `verify` on the same connection, WAIT with it: on the same node the
+    /// re-run finds its entries acknowledged and writes nothing, and the WAIT covers the first
+    /// run (a connection's WAIT covers all its earlier writes); after a failover the re-run
+    /// either finds the step on the promoted master or applies it there, under its WAIT. (A
+    /// bare WAIT could be routed to the promoted master and pass there without the step.)
+    /// Err when the connection fails: the caller retries the step with `verify`.
+    async fn replicated(
+        &self,
+        conn: &mut crate::db::RedisConnection,
+        step: &mut CommitStep<'_>,
+        wait: crate::db::ReplicaWait,
+        mut acked: u64,
+    ) -> Result<(), redis::RedisError> {
+        step.verify = true;
+        while acked < u64::from(wait.replicas) {
+            self.metrics.replica_shortfalls.increment(1);
+            warn!(stage = self.spec.stage, stream = %self.spec.input, acked, wanted = wait.replicas, "commit step not replicated in time, waiting again");
+            let (_, again) = step.run_then_wait(conn, Some(wait)).await?;
+            acked = again.unwrap_or(0);
+        }
+        Ok(())
+    }
+
     /// Runs the atomic commit step, retrying transient Redis faults for as long as it takes
     /// (a shutdown that outlasts `[shutdown] timeout_ms` abandons it: the entries stay pending
     /// and are claimed by another consumer). Returns entries lost to another consumer (nothing
@@ -280,14 +305,31 @@ impl<S: Stage> Worker<S> {
         let mut refused = 0;
         loop {
             let res = match self.redis.get().await {
-                Ok(mut conn) => step.run(&mut conn).await.map_err(|e| {
-                    // A step that acknowledged part of its entries must not be redone.
-                    let hint = match streams::ScriptFailure::of(&e) {
-                        Some(streams::ScriptFailure::Partial) => RetryHint::Fatal,
-                        _ => crate::error::redis_hint(&e),
-                    };
-                    (StageError::from(e), hint)
-                }),
+                Ok(mut conn) => match step.run_then_wait(&mut conn, self.spec.replicas).await {
+                    Ok((lost, acked)) => {
+                        let written = lost.is_empty();
+                        match (self.spec.replicas, acked) {
+                            (Some(wait), Some(acked)) if written => self
+                                .replicated(&mut conn, &mut step, wait, acked)
+                                .await
+                                .map(|()| lost)
+                                .map_err(|e| {
+                                    let e =
+                                        StageError::backoff("waiting for replicas").with_source(e);
+                                    (e, RetryHint::Backoff)
+                                }),
+                            _ => Ok(lost),
+                        }
+                    }
+                    Err(e) => {
+                        // A step that acknowledged part of its entries must not be redone.
+                        let hint = match streams::ScriptFailure::of(&e) {
+                            Some(streams::ScriptFailure::Partial) => RetryHint::Fatal,
+                            _ => crate::error::redis_hint(&e),
+                        };
+                        Err((StageError::from(e), hint))
+                    }
+                },
                 Err(e) => Err((StageError::from(e), RetryHint::Backoff)),
             };
             match res {

@@ -403,6 +403,35 @@ impl<'a> Consumer<'a> {
             .map_err(super::acl::denied("EVALSHA touch.lua", self.group.stream))
     }
 
+    /// [`Self::touch`] followed by `WAIT` in the same round trip on the stream's node: the
+    /// touch is a write (XCLAIM), so once `wait.replicas` replicas acknowledge it they hold
+    /// everything the node had before it, the entries this consumer read included. Replies how
+    /// many entries were touched and how many replicas acknowledged. (A WAIT right after
+    /// XREADGROUP is not enough: Redis 7.0 does not count a blocked XREADGROUP served later as
+    /// the connection's write.)
+    pub async fn touch_then_wait<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        spans: &[Arc<ReadSpan>],
+        wait: crate::db::ReplicaWait,
+    ) -> RedisResult<(u64, u64)> {
+        let mut inv = scripts::TOUCH.prepare_invoke();
+        inv.key(self.group.stream)
+            .arg(self.group.name)
+            .arg(self.name);
+        for s in spans {
+            inv.arg(s.first).arg(s.last);
+        }
+        let (touched, acked) = scripts::invoke_then_wait(conn, &inv, Some(wait))
+            .await
+            .map_err(super::acl::denied("EVALSHA touch.lua", self.group.stream))?;
+        let touched = match touched {
+            Value::Int(n) => u64::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
+        Ok((touched, acked.unwrap_or(0)))
+    }
+
     /// Removes this consumer from its group if it owns nothing.
     pub async fn remove_if_idle<C: ConnectionLike>(&self, conn: &mut C) -> RedisResult<()> {
         self.group.remove_consumer_if_idle(conn, self.name).await
@@ -446,6 +475,17 @@ impl CommitStep<'_> {
     /// written (except [`scripts::ScriptFailure::Partial`]); any other error may have been
     /// applied with its reply lost, so retry with `verify` set.
     pub async fn run<C: ConnectionLike>(&self, conn: &mut C) -> RedisResult<Vec<StreamId>> {
+        self.run_then_wait(conn, None).await.map(|(lost, _)| lost)
+    }
+
+    /// [`Self::run`] and, with `wait`, `WAIT` in the same round trip on the node that ran it
+    /// (`[redis] wait_replicas`): also replies how many replicas acknowledged the step's writes
+    /// (`None` without `wait`).
+    pub async fn run_then_wait<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        wait: Option<crate::db::ReplicaWait>,
+    ) -> RedisResult<(Vec<StreamId>, Option<u64>)> {
         let input = self.consumer.group.stream;
         let mut inv = scripts::COMMIT.prepare_invoke();
         inv.key(input)
@@ -474,13 +514,18 @@ impl CommitStep<'_> {
                 }
             }
         }
-        let reply: Value = inv.invoke_async(conn).await.map_err(|e| {
-            let keys = [input, self.output, self.dlq].join("`, `");
-            super::acl::denied("EVALSHA commit.lua", &keys)(e)
-        })?;
+        let (reply, acked) = scripts::invoke_then_wait(conn, &inv, wait)
+            .await
+            .map_err(|e| {
+                let keys = [input, self.output, self.dlq].join("`, `");
+                super::acl::denied("EVALSHA commit.lua", &keys)(e)
+            })?;
         let Value::Array(items) = reply else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), acked));
         };
-        Ok(items.into_iter().filter_map(reply::stream_id).collect())
+        Ok((
+            items.into_iter().filter_map(reply::stream_id).collect(),
+            acked,
+        ))
     }
 }

@@ -365,6 +365,7 @@ pub const STAGE: StageSpec = StageSpec {
     section: "archiver",
     validate: |_| Ok(()),
     needs_postgres: true,
+    effects_outside_redis: true,
     redis_connections: |_| 2,
     // Its own pool: two connections per chunk in flight.
     postgres_connections: |_| 0,

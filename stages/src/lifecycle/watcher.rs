@@ -377,6 +377,7 @@ pub const STAGE: StageSpec = StageSpec {
     section: "chunk_watcher",
     validate: |c| c.chunk_watcher.validate(),
     needs_postgres: true,
+    effects_outside_redis: true,
     redis_connections: |_| 2,
     postgres_connections: |_| 1,
     start,

@@ -55,8 +55,16 @@ end
 -- 2. Ownership. Entries move only through the claim script, which records the consumers it
 -- took from in KEYS[4]; a consumer not recorded there still owns everything it read, so the
 -- per-entry check runs only for consumers that lost entries, and for a retried step.
+-- A step applied once and sent again (its reply lost: strata retries with verify, and a
+-- cluster client resends a command on its own after a dropped connection, without it) finds
+-- its smallest ID no longer pending: then every entry is checked too, and nothing is written
+-- twice.
+local check = verify or redis.call('HEXISTS', KEYS[4], group .. ' ' .. consumer) == 1
+if n > 0 and not check then
+  check = #redis.call('XPENDING', KEYS[1], group, ARGV[3], ARGV[3], 1, consumer) == 0
+end
 local lost = {}
-if n > 0 and (verify or redis.call('HEXISTS', KEYS[4], group .. ' ' .. consumer) == 1) then
+if n > 0 and check then
   -- One range query for the batch (ARGV[3] and ARGV[4] are its smallest and largest ID);
   -- an ID it did not return (beyond the count, or moved) is checked on its own.
   local owned = {}

@@ -94,6 +94,61 @@ pub fn script(body: &str) -> redis::Script {
     redis::Script::new(&script_source(body))
 }
 
+/// Runs `inv` and, with `wait`, `WAIT replicas timeout` right behind it in one pipeline: one
+/// round trip, and on a cluster the pipeline goes to the slot of the script's keys over one
+/// connection, so the WAIT covers exactly the node and connection that ran the script (a
+/// `WAIT` sent on its own could be routed elsewhere after a failover). Replies the script's
+/// reply and, with `wait`, how many replicas acknowledged. A script error keeps its code.
+pub(crate) async fn invoke_then_wait<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    inv: &redis::ScriptInvocation<'_>,
+    wait: Option<crate::db::ReplicaWait>,
+) -> redis::RedisResult<(redis::Value, Option<u64>)> {
+    let Some(wait) = wait else {
+        return inv.invoke_async(conn).await.map(|v| (v, None));
+    };
+    let mut pipe = redis::pipe();
+    pipe.invoke_script(inv)
+        .cmd("WAIT")
+        .arg(wait.replicas)
+        .arg(u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX))
+        .ignore_errors();
+    let mut loaded = false;
+    loop {
+        let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        let [script, waited]: [redis::Value; 2] = replies.try_into().map_err(|r: Vec<_>| {
+            redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "a script and WAIT replied with other than two replies",
+                format!("{r:?}"),
+            ))
+        })?;
+        match script.extract_error() {
+            Err(e)
+                if !loaded
+                    && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                inv.load_async(conn).await?;
+                loaded = true;
+            }
+            Err(e) => return Err(e),
+            Ok(reply) => {
+                let acked = match waited.extract_error()? {
+                    redis::Value::Int(n) => u64::try_from(n).unwrap_or(0),
+                    other => {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "WAIT did not reply with an integer",
+                            format!("{other:?}"),
+                        )))
+                    }
+                };
+                return Ok((reply, Some(acked)));
+            }
+        }
+    }
+}
+
 /// `commit.lua`, after the prelude.
 pub(crate) static COMMIT: LazyLock<redis::Script> =
     LazyLock::new(|| script(include_str!("commit.lua")));
