@@ -281,7 +281,10 @@ async fn assert_exactly_once_or(env: &TestEnv, table: &str, n: u64, context: &st
     let (rows, distinct, wrong): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(distinct, n as i64, "{table}: events lost{context}");
     assert_eq!(rows, n as i64, "{table}: events duplicated{context}");
-    assert_eq!(wrong, 0, "{table}: a row with another event's contents{context}");
+    assert_eq!(
+        wrong, 0,
+        "{table}: a row with another event's contents{context}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,7 +641,10 @@ async fn count(env: &TestEnv, table: &str) -> i64 {
 async fn wait_rows(env: &TestEnv, table: &str, rows: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while count(env, table).await < rows {
-        assert!(Instant::now() < deadline, "{rows} rows did not land in time");
+        assert!(
+            Instant::now() < deadline,
+            "{rows} rows did not land in time"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -687,11 +693,19 @@ async fn a_master_killed_mid_stream_with_wait_replicas_loses_and_duplicates_noth
     })
     .await
     .unwrap();
-    assert_eq!(cluster.master_of(slot), replica, "the replica serves the slot");
+    assert_eq!(
+        cluster.master_of(slot),
+        replica,
+        "the replica serves the slot"
+    );
     let landed = count(&env, &table).await;
-    assert!(landed < N as i64, "killed mid-stream: {landed} rows had landed");
-    // No replica now: whatever was read after the promotion waits, nothing more is applied.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        landed < N as i64,
+        "killed mid-stream: {landed} rows had landed"
+    );
+    // No replica now: whatever was read after the promotion waits, nothing more is applied
+    // (after a grace for a batch that was replicated and in flight at the kill).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let stalled = count(&env, &table).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -712,7 +726,11 @@ async fn a_master_killed_mid_stream_with_wait_replicas_loses_and_duplicates_noth
     })
     .await
     .unwrap();
-    assert_eq!(cluster.replica_of(replica), master, "the killed node is a replica now");
+    assert_eq!(
+        cluster.replica_of(replica),
+        master,
+        "the killed node is a replica now"
+    );
     producer.await.unwrap();
     let mut conn = cluster_conn(&Seeds::plain(&cluster)).await;
     wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(120)).await;
@@ -757,7 +775,10 @@ async fn stage_processes_killed_mid_stream_on_a_cluster_lose_and_duplicate_nothi
         victim.wait().unwrap();
     }
     let landed = count(&env, &tables[0]).await;
-    assert!(landed < N as i64, "killed mid-stream: {landed} rows had landed");
+    assert!(
+        landed < N as i64,
+        "killed mid-stream: {landed} rows had landed"
+    );
     let mut survivor = run(&env);
     for p in producers {
         p.await.unwrap();

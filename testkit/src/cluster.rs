@@ -75,9 +75,8 @@ impl OwnCluster {
         let cluster = OwnCluster {
             nodes,
             tls_ca: tls.as_ref().map(|t| t.ca.to_path_buf()),
-            tls_files: tls.map(|t| {
-                [t.cert, t.key, t.ca, t.client_cert, t.client_key].map(Path::to_path_buf)
-            }),
+            tls_files: tls
+                .map(|t| [t.cert, t.key, t.ca, t.client_cert, t.client_key].map(Path::to_path_buf)),
         };
         let mut create = cluster.cli_command(cluster.nodes[0].port);
         create.arg("--cluster").arg("create");
@@ -277,7 +276,11 @@ impl OwnCluster {
     /// kill -9 of the node on `port` (no chance to replicate what it has not sent yet). Its
     /// folder stays, for [`OwnCluster::restart`].
     pub fn kill(&mut self, port: u16) {
-        let node = self.nodes.iter_mut().find(|n| n.port == port).expect("node");
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("node");
         let mut child = node.child.take().expect("the node runs");
         child.kill().expect("SIGKILL");
         let _ = child.wait();
@@ -326,7 +329,10 @@ impl OwnCluster {
             .lines()
             .any(|l| l.trim() == "master_link_status:up")
         {
-            assert!(Instant::now() < deadline, "{port} did not resync as a replica");
+            assert!(
+                Instant::now() < deadline,
+                "{port} did not resync as a replica"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

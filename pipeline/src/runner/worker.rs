@@ -314,8 +314,8 @@ impl<S: Stage> Worker<S> {
                                 .await
                                 .map(|()| lost)
                                 .map_err(|e| {
-                                    let e = StageError::backoff("waiting for replicas")
-                                        .with_source(e);
+                                    let e =
+                                        StageError::backoff("waiting for replicas").with_source(e);
                                     (e, RetryHint::Backoff)
                                 }),
                             _ => Ok(lost),
