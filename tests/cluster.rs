@@ -703,8 +703,9 @@ async fn a_master_killed_mid_stream_with_wait_replicas_loses_and_duplicates_noth
         landed < N as i64,
         "killed mid-stream: {landed} rows had landed"
     );
-    // No replica now: whatever was read after the promotion waits, nothing more is applied.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // No replica now: whatever was read after the promotion waits, nothing more is applied
+    // (after a grace for a batch that was replicated and in flight at the kill).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let stalled = count(&env, &table).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(

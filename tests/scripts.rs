@@ -200,6 +200,58 @@ async fn a_5000_field_dead_letter_commits_once_and_a_retry_adds_nothing() {
         (xlen(&mut conn, &rows).await, xlen(&mut conn, &dlq).await),
         (1, 1)
     );
+    // Nor does the same step sent again as it was (without verify), as a cluster client
+    // resends a command after a dropped connection: its first ID is no longer pending.
+    packed.verify = false;
+    let lost = packed.run(&mut conn).await.unwrap();
+    assert_eq!(lost, vec![read[0].id]);
+    assert_eq!(
+        (xlen(&mut conn, &rows).await, xlen(&mut conn, &dlq).await),
+        (1, 1)
+    );
+}
+
+/// `[redis] wait_replicas`: the WAIT goes with the step in one round trip and its count comes
+/// back; this Redis has no replica, so 1 is not reached (and the step is applied once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_step_with_wait_replicas_reports_the_replicas_that_acknowledged() {
+    let env = TestEnv::new("metrics", "").await;
+    let mut conn = env.redis().await;
+    let replicas: i64 = {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (input, dlq, rows) = (env.input(), streams::dlq_stream(&env.input()), env.rows());
+    let read = read_events(&env, &mut conn, &[huge_event(3, "a")]).await;
+    let step = step(&input, &dlq, &rows, &read);
+    let wait = strata_pipeline::db::ReplicaWait {
+        replicas: (replicas + 1) as u32,
+        timeout: Duration::from_millis(100),
+    };
+    let started = Instant::now();
+    let (lost, acked) = step.run_then_wait(&mut conn, Some(wait)).await.unwrap();
+    assert!(lost.is_empty());
+    assert_eq!(
+        acked,
+        Some(replicas as u64),
+        "one replica more than there are"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "WAIT waited"
+    );
+    assert_eq!(
+        (xlen(&mut conn, &rows).await, xlen(&mut conn, &dlq).await),
+        (1, 1)
+    );
+    assert_eq!(pending(&mut conn, &env.input()).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

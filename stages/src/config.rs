@@ -272,6 +272,31 @@ mod tests {
     }
 
     #[test]
+    fn wait_replicas_defaults_off_and_needs_a_timeout() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!((c.redis.wait_replicas, c.redis.wait_timeout_ms), (0, 1000));
+        assert_eq!(strata_pipeline::db::ReplicaWait::of(&c.redis), None);
+        let c: Config =
+            toml::from_str("[redis]\nwait_replicas = 2\nwait_timeout_ms = 250\n").unwrap();
+        assert_eq!(
+            strata_pipeline::db::ReplicaWait::of(&c.redis),
+            Some(strata_pipeline::db::ReplicaWait {
+                replicas: 2,
+                timeout: std::time::Duration::from_millis(250)
+            })
+        );
+        let dir = std::env::temp_dir().join(format!("strata-config-wait-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "[redis]\nwait_replicas = 1\nwait_timeout_ms = 0\n").unwrap();
+        let err = Config::load_with_env(&path, true, no_env)
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("wait_timeout_ms must be > 0"), "{err}");
+    }
+
+    #[test]
     fn batch_keys_stay_flat_in_each_section_and_unknown_sections_are_named() {
         let c: Config = toml::from_str(
             "[ingest]\nmax_batch_rows = 500\nlinger_ms = 3\n[batch_writer]\nmax_batch_bytes = 7\nconnections = 4\n",

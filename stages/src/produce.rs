@@ -105,7 +105,7 @@ pub fn partition_of(schema: &Schema, seq: u64, fields: &[(String, String)]) -> u
 
 /// Sends `pipe` (one pipeline of XADDs to `stream`) with `WAIT` behind it, and returns once
 /// `wait.replicas` replicas hold it. On a cluster the pipeline goes to the stream's master,
-/// WAIT with it, and asks that node's ID (`CLUSTER MYID`); after a shortfall (counted in
+/// WAIT with it, and asks that server's `run_id` (`INFO server`); after a shortfall (counted in
 /// `strata_replica_wait_shortfalls_total{stage="produce"}`) WAIT is sent again behind a read
 /// of the stream, which takes it to the stream's master, and counts only if that is still the
 /// node that took the XADDs (a connection's WAIT covers its earlier writes there); a new
@@ -119,7 +119,9 @@ async fn replicated(
 ) -> Result<(), ProduceError> {
     let ask = |pipe: &mut redis::Pipeline| {
         if cluster {
-            pipe.cmd("CLUSTER").arg("MYID");
+            // Routed with the pipeline (`CLUSTER MYID` would be routed on its own and make
+            // the pipeline cross slots); its `run_id` names the server process.
+            pipe.cmd("INFO").arg("server");
         }
         pipe.cmd("WAIT")
             .arg(wait.replicas)
@@ -135,7 +137,7 @@ async fn replicated(
         )
         .increment(1);
         let mut again = redis::pipe();
-        again.cmd("EXISTS").arg(stream).ignore();
+        again.cmd("XLEN").arg(stream).ignore();
         ask(&mut again);
         let (now, a) = send_and_wait(&again, conn).await?;
         if now != node {
@@ -148,8 +150,8 @@ async fn replicated(
     Ok(())
 }
 
-/// Sends a pipeline ending in `[CLUSTER MYID,] WAIT`; replies the node ID (if asked) and how
-/// many replicas acknowledged.
+/// Sends a pipeline ending in `[INFO server,] WAIT`; replies the server's `run_id` (if asked)
+/// and how many replicas acknowledged.
 async fn send_and_wait(
     pipe: &redis::Pipeline,
     conn: &mut strata_pipeline::db::RedisConnection,
@@ -157,7 +159,11 @@ async fn send_and_wait(
     let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
     let acked: u64 = redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil))?;
     let node = match replies.pop() {
-        Some(v) => Some(redis::from_redis_value::<String>(v)?),
+        Some(v) => {
+            let info = redis::from_redis_value::<String>(v)?;
+            let id = info.lines().find_map(|l| l.trim().strip_prefix("run_id:"));
+            Some(id.unwrap_or_default().to_string())
+        }
         None => None,
     };
     Ok((node, acked))
