@@ -263,6 +263,12 @@ async fn adopt_partitions(
                 Ok(mut conn) => {
                     partition::adopt(&mut conn, &schema.table, schema.partitions, &readers).await
                 }
+                Err(e)
+                    if strata_pipeline::error::redis_pool_hint(&e)
+                        == strata_pipeline::RetryHint::Fatal =>
+                {
+                    return Err(StageError::fatal("connecting to redis").with_source(e));
+                }
                 Err(e) => {
                     tracing::warn!(error = %strata_pipeline::error_chain(&e), "no Redis connection to record the partitions; retrying");
                     if !backoff.wait(shutdown).await {
