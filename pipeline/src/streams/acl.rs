@@ -12,7 +12,7 @@ use super::keys::StreamKind;
 /// Every command strata's stages and operator commands send, lowercase as ACL rules spell them.
 /// Scripts need the commands they call too (Redis checks each `redis.call`, and the keys
 /// declared in `KEYS` when the script starts).
-pub const COMMANDS: [&str; 34] = [
+pub const COMMANDS: [&str; 36] = [
     // Connections: readiness and operator checks, a database other than 0.
     "ping",
     "select",
@@ -55,6 +55,10 @@ pub const COMMANDS: [&str; 34] = [
     "exec",
     // Operator commands: the server's clock for ages.
     "time",
+    // `[redis] wait_replicas`: WAIT after each step; `strata produce` names the node it wrote
+    // to by `INFO server` (on a cluster, routed with its pipeline).
+    "wait",
+    "info",
     // Redis Cluster: the client's slot map, and `strata status`'s node of each partition.
     "cluster|slots",
     "cluster|keyslot",
