@@ -136,6 +136,27 @@ async fn cluster_conn(seeds: &Seeds) -> redis::cluster_async::ClusterConnection 
     seeds.client().get_async_connection().await.unwrap()
 }
 
+/// Waits (at most `secs`) until every event `0..n` of each table has landed, checks `run` is
+/// still running, and that each event is in its table once.
+async fn landed_once_while_running(
+    env: &TestEnv,
+    conn: &mut redis::cluster_async::ClusterConnection,
+    run: &mut common::Spawned,
+    tables: &[String],
+    n: u64,
+    secs: u64,
+) {
+    wait_landed(env, conn, tables, n as i64, Duration::from_secs(secs)).await;
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "strata run exited: {}",
+        env.log("run.log")
+    );
+    for t in tables {
+        assert_exactly_once(env, t, n).await;
+    }
+}
+
 /// XADDs events `from..to` of [`common::Producer::produce_known`]'s kind to `stream` at `rate`
 /// per second through a cluster client, with explicit IDs: after a failed batch it resumes
 /// right after the last entry the stream holds, so nothing is sent twice or skipped.
@@ -324,15 +345,7 @@ async fn the_hot_path_on_a_cluster_lands_every_event_once_for_tables_on_every_ma
         .await
         .map(|_| ())
         .unwrap();
-    wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(90)).await;
-    assert!(
-        run.try_wait().unwrap().is_none(),
-        "strata run exited: {}",
-        env.log("run.log")
-    );
-    for t in &tables {
-        assert_exactly_once(&env, t, N).await;
-    }
+    landed_once_while_running(&env, &mut conn, &mut run, &tables, N, 90).await;
     // The read connections start at the first seed: the tables on the other masters are read
     // after a MOVED.
     assert!(redirects(&env) >= 2, "{}", env.log("run.log"));
@@ -418,15 +431,7 @@ async fn a_busy_tables_slot_migrated_mid_stream_loses_and_duplicates_nothing() {
         p.await.unwrap();
     }
     let mut conn = cluster_conn(&Seeds::plain(&cluster)).await;
-    wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(120)).await;
-    assert!(
-        run.try_wait().unwrap().is_none(),
-        "strata run exited: {}",
-        env.log("run.log")
-    );
-    for t in &tables {
-        assert_exactly_once(&env, t, N).await;
-    }
+    landed_once_while_running(&env, &mut conn, &mut run, &tables, N, 120).await;
     // The busy table's read connections followed the slot (ASK while it moved, or MOVED).
     assert!(redirects(&env) > before, "{}", env.log("run.log"));
     for t in &tables {
@@ -511,15 +516,7 @@ async fn the_hot_path_on_a_tls_cluster_verifies_every_node() {
         p.await.unwrap();
     }
     let mut conn = cluster_conn(&seeds).await;
-    wait_landed(&env, &mut conn, &tables, N as i64, Duration::from_secs(90)).await;
-    assert!(
-        run.try_wait().unwrap().is_none(),
-        "strata run exited: {}",
-        env.log("run.log")
-    );
-    for t in &tables {
-        assert_exactly_once(&env, t, N).await;
-    }
+    landed_once_while_running(&env, &mut conn, &mut run, &tables, N, 90).await;
     assert!(redirects(&env) >= 1, "{}", env.log("run.log"));
     let out = env.command().args(["status", "--json"]).output().unwrap();
     assert!(
