@@ -375,6 +375,10 @@ struct Run {
     nodes: Vec<NodeUse>,
     /// 1-minute load average just before the timed phase.
     load_before: f64,
+    /// Transactions committed in the database during the timed phase (`pg_stat_database`,
+    /// read once the stage processes have exited and flushed their statistics): about one per
+    /// COPY batch, plus the benchmark's own few queries.
+    postgres_commits: i64,
     nproc: usize,
 }
 
@@ -976,6 +980,7 @@ async fn measure(
     let count_sql = format!("SELECT count(*) FROM {}", ident(TABLE));
     let database = ctx.pg.get_dbname().unwrap_or_default().to_string();
     let load_before = load_average();
+    let commits_before = commits(&db).await?;
     let mut cpu_before = Vec::new();
     for node in nodes.iter_mut() {
         cpu_before.push(redis_cpu_secs(&mut node.conn).await?);
@@ -1117,6 +1122,9 @@ async fn measure(
     if dead != 0 {
         return fail(format!("{dead} dead letters after a clean run"));
     }
+    // Backends send their statistics on exit; give the collector a moment.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let postgres_commits = commits(&db).await? - commits_before;
     Ok(Run {
         shape,
         events: n,
@@ -1127,6 +1135,7 @@ async fn measure(
         machine_cpu,
         nodes: uses,
         load_before,
+        postgres_commits,
         nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
 }
@@ -1143,6 +1152,17 @@ async fn dead_letters(redis: &mut RedisConnection, partitions: u32) -> Result<u6
         }
     }
     Ok(total)
+}
+
+/// `xact_commit` of the benchmark's database.
+async fn commits(db: &tokio_postgres::Client) -> Result<i64> {
+    db.query_one(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        &[],
+    )
+    .await
+    .context(|| "reading pg_stat_database".into())
+    .map(|r| r.get(0))
 }
 
 /// The 1-minute load average (/proc/loadavg); 0 when unreadable.
@@ -1248,7 +1268,7 @@ impl Report {
         for s in &self.shapes {
             let r = &s.median;
             out.push_str(&format!(
-                "  {:<27} {:.1} of {:.1} CPU-s: {:.2} / {:.2} / {:.2} / {:.2} / {:.2}; load avg before {:.2}; pre-load {:.1} s\n",
+                "  {:<27} {:.1} of {:.1} CPU-s: {:.2} / {:.2} / {:.2} / {:.2} / {:.2}; load avg before {:.2}; pre-load {:.1} s; PostgreSQL commits {}\n",
                 r.shape.label(),
                 r.machine_cpu,
                 r.available(),
@@ -1258,7 +1278,8 @@ impl Report {
                 r.postgres_cpu,
                 r.other(),
                 r.load_before,
-                r.produce.as_secs_f64()
+                r.produce.as_secs_f64(),
+                r.postgres_commits
             ));
         }
         out.push_str("\n  projection, one core per master (model: master m saturates at E / C_m events/s, C_m its CPU-s for the E events;\n  the Redis tier at E / max C_m; strata and PostgreSQL then bound it at their cores × E / their CPU-s)\n");
@@ -1333,6 +1354,7 @@ impl Report {
                     "produce_seconds": round3(r.produce.as_secs_f64()),
                     "quiet_machine": r.quiet(),
                     "load_average_before": r.load_before,
+                    "postgres_commits": r.postgres_commits,
                     "cpu_seconds": {
                         "machine": round3(r.machine_cpu),
                         "available": round3(r.available()),
@@ -1445,6 +1467,7 @@ mod tests {
                 node(4, false, vec![], 0, 0.1),
             ],
             load_before: 0.1,
+            postgres_commits: 30,
             nproc: 2,
         };
         assert_eq!(r.eps(), 250_000.0);
