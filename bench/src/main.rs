@@ -25,9 +25,6 @@
 //! The benchmark owns its database (dropped and recreated; its name must contain `bench`) and
 //! the four `metrics` streams of its Redis (deleted at the start): never point it at production.
 
-mod machine;
-
-use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +40,11 @@ use strata_stages::catalog::ident;
 use strata_stages::{ingest, writer};
 use tokio::process::Command;
 
-use crate::machine::Machine;
+use strata_bench::common::{
+    checkpoint, connect, fail, find_schema, redis_cpu_secs, redis_version, reset_database, round2,
+    tail, thousands, Context, Failure, Result,
+};
+use strata_bench::machine::{self, Machine};
 
 /// The table the benchmark loads (a schema in `schemas/`).
 const TABLE: &str = "metrics";
@@ -136,48 +137,6 @@ impl Servers {
                 ..Default::default()
             },
         }
-    }
-}
-
-/// A failure, with what was being done when it happened.
-#[derive(Debug)]
-struct Failure(String);
-
-impl Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Failure {}
-
-type Result<T, E = Failure> = std::result::Result<T, E>;
-
-fn fail<T>(message: impl Into<String>) -> Result<T> {
-    Err(Failure(message.into()))
-}
-
-/// Adds what was being done to an error, with the error's whole source chain.
-trait Context<T> {
-    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T, E: std::error::Error> Context<T> for Result<T, E> {
-    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| {
-            let mut msg = format!("{}: {e}", what());
-            let mut source = e.source();
-            while let Some(s) = source {
-                let text = s.to_string();
-                if !msg.contains(&text) {
-                    msg.push_str(": ");
-                    msg.push_str(&text);
-                }
-                source = s.source();
-            }
-            msg
-        })
-        .map_err(Failure)
     }
 }
 
@@ -422,32 +381,12 @@ impl Report {
     }
 }
 
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
 fn mode_label(mode: &str) -> &str {
     match mode {
         "native" => "native range partitions",
         "hypertable" => "TimescaleDB hypertable",
         other => other,
     }
-}
-
-/// 1234567 → "1,234,567".
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let first = match digits.len() % 3 {
-        0 => 3,
-        r => r,
-    };
-    let (head, rest) = digits.split_at(first);
-    let mut out = head.to_string();
-    for group in rest.as_bytes().chunks(3) {
-        out.push(',');
-        out.extend(group.iter().map(|&b| b as char));
-    }
-    out
 }
 
 /// Where the children run: a scratch folder holding a copy of the configuration whose
@@ -557,35 +496,6 @@ impl Setup {
         }
         Ok(())
     }
-}
-
-/// The schema file of `table` in `dir`: its text and the parsed schema.
-fn find_schema(dir: &Path, table: &str) -> Result<(String, Schema)> {
-    let entries = std::fs::read_dir(dir).context(|| format!("reading {}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    paths.sort();
-    for path in paths {
-        let text =
-            std::fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
-        let schema = Schema::from_toml(&path.display().to_string(), &text)
-            .context(|| "invalid schema".into())?;
-        if schema.table == table {
-            return Ok((text, schema));
-        }
-    }
-    fail(format!(
-        "no schema for table `{table}` in {}",
-        dir.display()
-    ))
-}
-
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 async fn bench(args: &Args) -> Result<Report> {
@@ -814,58 +724,6 @@ fn step(what: &str) {
     eprintln!("strata-bench: {what}…");
 }
 
-/// Connects to PostgreSQL as strata does (TLS included); the connection is driven by its own
-/// task.
-async fn connect(pg: &PostgresTarget) -> Result<tokio_postgres::Client> {
-    let (client, _task) = strata_pipeline::db::open_postgres(pg).await.context(|| {
-        format!(
-            "connecting to PostgreSQL database `{}` at {}",
-            pg.get_dbname().unwrap_or("?"),
-            pg.server()
-        )
-    })?;
-    Ok(client)
-}
-
-/// Drops and recreates the benchmark's database, which must be named as one.
-async fn reset_database(pg: &PostgresTarget) -> Result<()> {
-    let Some(db) = pg.get_dbname() else {
-        return fail("--database-url / DATABASE_URL names no database");
-    };
-    if !db.contains("bench") {
-        return fail(format!(
-            "refusing to drop database `{db}`: the benchmark drops and recreates its database, so \
-             its name must contain `bench` (e.g. postgres://postgres@127.0.0.1:5432/strata_bench); \
-             pass --database-url or unset DATABASE_URL"
-        ));
-    }
-    let mut admin = pg.clone();
-    admin.dbname("postgres");
-    let client = connect(&admin).await?;
-    client
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            ident(db)
-        ))
-        .await
-        .context(|| format!("dropping database `{db}`"))?;
-    client
-        .batch_execute(&format!("CREATE DATABASE {}", ident(db)))
-        .await
-        .context(|| format!("creating database `{db}`"))?;
-    Ok(())
-}
-
-/// So that neither timed phase pays for the other's dirty buffers. Needs superuser rights or
-/// pg_checkpoint; without them the run goes on with a note.
-async fn checkpoint(db: &tokio_postgres::Client) {
-    if let Err(e) = db.batch_execute("CHECKPOINT").await {
-        eprintln!(
-            "strata-bench: note: CHECKPOINT failed ({e}); timings may include checkpoint I/O"
-        );
-    }
-}
-
 async fn connect_redis(
     redis: &strata_pipeline::config::RedisConfig,
 ) -> Result<MultiplexedConnection> {
@@ -879,37 +737,6 @@ async fn connect_redis(
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .context(|| format!("connecting to Redis at {url}"))
-}
-
-async fn redis_version(redis: &mut MultiplexedConnection) -> Result<String> {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(redis)
-        .await
-        .context(|| "Redis INFO server".into())?;
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("unknown")
-        .trim()
-        .to_string())
-}
-
-/// CPU seconds (user + system) the Redis server has used, from INFO cpu.
-async fn redis_cpu_secs(redis: &mut MultiplexedConnection) -> Result<f64> {
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query_async(redis)
-        .await
-        .context(|| "Redis INFO cpu".into())?;
-    Ok(info
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("used_cpu_user:")
-                .or_else(|| l.strip_prefix("used_cpu_sys:"))
-        })
-        .filter_map(|v| v.trim().parse::<f64>().ok())
-        .sum())
 }
 
 /// The benchmark's streams: the metrics table's input, frames and their dead letters.
@@ -1347,16 +1174,6 @@ async fn copy_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_thousands_and_tails() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1_234_567), "1,234,567");
-        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
-        assert_eq!(tail("a", 5), "a");
-    }
 
     #[test]
     fn parses_xinfo_consumers_in_resp2_and_resp3() {

@@ -3,7 +3,8 @@
 //! temporary folder that is removed with it. Shared by `tests/` and `bench/`.
 //!
 //! # Layout
-//! - [`OwnRedis`]: `redis-server` with `appendfsync always`; restart on the same port.
+//! - [`OwnRedis`]: `redis-server` with `appendfsync always` (or no persistence at all,
+//!   [`OwnRedis::start_ephemeral`]), optionally with a replica; restart on the same port.
 //! - [`OwnPostgres`]: a cluster of its own, trust auth, user `postgres`; crash-stop and start.
 //! - [`free_port`], [`rss_kb`]: a free loopback port; a process's resident memory.
 //! - [`tls`]: test certificates (rcgen), a TLS-only `redis-server`, a PostgreSQL with `ssl = on`.
@@ -48,18 +49,70 @@ pub struct OwnRedis {
     /// Holds the AOF and the log.
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// AOF on (`appendfsync always`); off: no persistence at all.
+    persistent: bool,
+    /// A replica's master's port ([`OwnRedis::start_replica`]).
+    replica_of: Option<u16>,
 }
 
 impl OwnRedis {
     /// Starts a server on a free port and waits until it answers.
     pub fn start() -> Self {
+        Self::start_with(true)
+    }
+
+    /// Like [`OwnRedis::start`], with no persistence at all (`--save "" --appendonly no`), as
+    /// [`OwnCluster`]'s nodes run: for a benchmark comparing the two.
+    pub fn start_ephemeral() -> Self {
+        Self::start_with(false)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let mut r = OwnRedis {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            persistent,
+            replica_of: None,
         };
         r.launch();
         r
+    }
+
+    /// A replica of this server (`--replicaof`, persistence as this one's), once its link to
+    /// this server is up and the initial sync is done.
+    pub fn start_replica(&self) -> Self {
+        let mut r = OwnRedis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            persistent: self.persistent,
+            replica_of: Some(self.port),
+        };
+        r.launch();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", &r.port.to_string()])
+                .args(["INFO", "replication"])
+                .output()
+                .expect("redis-cli (apt install redis-tools)");
+            let info = String::from_utf8_lossy(&out.stdout);
+            let up = info.lines().any(|l| l.trim() == "master_link_status:up")
+                && info
+                    .lines()
+                    .any(|l| l.trim() == "master_sync_in_progress:0");
+            if up {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica on {} did not sync with {}: {info}",
+                r.port,
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -77,10 +130,15 @@ impl OwnRedis {
                 "--save",
                 "",
                 "--appendonly",
-                "yes",
+                if self.persistent { "yes" } else { "no" },
             ])
             .args(["--appendfsync", "always", "--dir"])
             .arg(self.dir.path())
+            .args(
+                self.replica_of
+                    .map(|m| vec!["--replicaof".to_string(), "127.0.0.1".into(), m.to_string()])
+                    .unwrap_or_default(),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
