@@ -207,35 +207,6 @@ async fn produce(seeds: Seeds, stream: String, from: u64, to: u64, rate: u64) {
     }
 }
 
-/// Whether `group` has read every entry of `stream` and acknowledged all it read. Not by
-/// `XINFO GROUPS`' lag: after a failover, Redis 7.0's promoted replica reports a lag that
-/// never returns to 0 (its `entries-read` was not replicated), so the last delivered ID is
-/// compared with the stream's last one instead.
-async fn drained(
-    conn: &mut redis::cluster_async::ClusterConnection,
-    stream: &str,
-    group: &str,
-) -> bool {
-    let Ok(Some(info)) = streams::ConsumerGroup::new(stream, group).info(conn).await else {
-        return false;
-    };
-    let last: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(stream)
-        .query_async(conn)
-        .await;
-    let Ok(redis::Value::Array(flat)) = last else {
-        return false;
-    };
-    let last_id = flat.chunks(2).find_map(|kv| match kv {
-        [redis::Value::BulkString(k), redis::Value::BulkString(v)] if k == b"last-generated-id" => {
-            String::from_utf8_lossy(v).parse::<streams::StreamId>().ok()
-        }
-        _ => None,
-    });
-    info.pending == 0 && last_id.is_some_and(|id| info.last_delivered_id >= id)
-}
-
 /// Waits until every table holds `rows` rows and both groups of each have read and
 /// acknowledged everything.
 async fn wait_landed(
@@ -249,8 +220,16 @@ async fn wait_landed(
     let pg = env.pg().await;
     for t in tables {
         loop {
-            let drained = drained(conn, &streams::telemetry_stream(t), ingest::STAGE.name).await
-                && drained(conn, &streams::rows_stream(t), writer::STAGE.name).await;
+            let mut drained = true;
+            for (stream, group) in [
+                (streams::telemetry_stream(t), ingest::STAGE.name),
+                (streams::rows_stream(t), writer::STAGE.name),
+            ] {
+                drained &= streams::ConsumerGroup::new(&stream, group)
+                    .drained(conn)
+                    .await
+                    .unwrap_or(false);
+            }
             let count: i64 = pg
                 .query_one(&format!("SELECT count(*) FROM {t}"), &[])
                 .await

@@ -12,7 +12,7 @@ use super::keys::StreamKind;
 /// Every command strata's stages and operator commands send, lowercase as ACL rules spell them.
 /// Scripts need the commands they call too (Redis checks each `redis.call`, and the keys
 /// declared in `KEYS` when the script starts).
-pub const COMMANDS: [&str; 36] = [
+pub const COMMANDS: [&str; 37] = [
     // Connections: readiness and operator checks, a database other than 0.
     "ping",
     "select",
@@ -26,6 +26,8 @@ pub const COMMANDS: [&str; 36] = [
     "xgroup|delconsumer",
     "xinfo|groups",
     "xinfo|consumers",
+    // Whether a group is drained (the shrink check of partitions): the stream's last ID.
+    "xinfo|stream",
     // Streams: writing outputs and dead letters, reading, trimming, deleting replayed entries.
     "xadd",
     "xlen",

@@ -43,6 +43,24 @@ pub async fn range<C: ConnectionLike>(
     Ok(reply::parse_entries(reply, 0).0)
 }
 
+/// The ID of the newest entry ever added to `stream` (XINFO STREAM); None when it does not exist.
+pub async fn last_generated_id<C: ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+) -> RedisResult<Option<StreamId>> {
+    match redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .map_err(super::acl::denied("XINFO STREAM", stream))
+    {
+        Ok(v) => Ok(reply::last_generated_id(v)),
+        Err(e) if reply::is_no_such_key(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// XINFO GROUPS of `stream`; empty when the stream does not exist.
 pub async fn groups<C: ConnectionLike>(conn: &mut C, stream: &str) -> RedisResult<Vec<GroupInfo>> {
     match redis::cmd("XINFO")
@@ -139,10 +157,27 @@ impl<'a> ConsumerGroup<'a> {
 
     /// True when the group has read every entry of the stream and acknowledged all it read.
     pub async fn drained<C: ConnectionLike>(&self, conn: &mut C) -> RedisResult<bool> {
-        Ok(self
-            .info(conn)
+        match self.info(conn).await? {
+            Some(g) if g.pending == 0 => Ok(!self.has_undelivered(conn, &g).await?),
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether the stream holds entries after `info`'s last delivered one. By IDs, not by
+    /// XINFO's `lag`: after a failover, Redis 7.0's promoted replica reports a lag that never
+    /// returns to 0 (its `entries-read` was not replicated), and the lag is unknown after
+    /// deletions.
+    pub async fn has_undelivered<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        info: &GroupInfo,
+    ) -> RedisResult<bool> {
+        if info.lag == Some(0) {
+            return Ok(false);
+        }
+        Ok(last_generated_id(conn, self.stream)
             .await?
-            .is_some_and(|g| g.pending == 0 && g.lag == Some(0)))
+            .is_some_and(|last| last > info.last_delivered_id))
     }
 
     /// The oldest entry the group may still see again: its oldest pending entry, else its last

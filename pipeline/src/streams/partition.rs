@@ -20,8 +20,7 @@
 use redis::aio::ConnectionLike;
 use redis::RedisResult;
 
-use super::group::{len, range, ConsumerGroup};
-use super::id::StreamId;
+use super::group::{len, ConsumerGroup};
 use super::keys::{partitions_key, StreamKind};
 
 /// Hash field of `partitions:{T}`: the partitions the running stages read.
@@ -162,12 +161,12 @@ pub async fn unfinished<C: ConnectionLike>(
     stream: &str,
     group: &str,
 ) -> RedisResult<Option<String>> {
-    if len(conn, stream).await? == 0 {
+    let n = len(conn, stream).await?;
+    if n == 0 {
         return Ok(None);
     }
     let g = ConsumerGroup::new(stream, group);
     let Some(info) = g.info(conn).await? else {
-        let n = len(conn, stream).await?;
         return Ok(Some(format!("{n} entries never read by group `{group}`")));
     };
     if info.pending > 0 {
@@ -176,20 +175,9 @@ pub async fn unfinished<C: ConnectionLike>(
             info.pending
         )));
     }
-    let lag = match info.lag {
-        Some(lag) => lag,
-        // Redis cannot tell after deletions: look for an entry after the last delivered one.
-        None => {
-            let after = next_after(info.last_delivered_id);
-            range(conn, stream, &after, "+", 1).await?.len() as u64
-        }
-    };
-    Ok((lag > 0).then(|| format!("entries not yet delivered to group `{group}`")))
-}
-
-/// The smallest ID after `id`, for an exclusive XRANGE start.
-fn next_after(id: StreamId) -> String {
-    format!("({id}")
+    Ok(g.has_undelivered(conn, &info)
+        .await?
+        .then(|| format!("entries not yet delivered to group `{group}`")))
 }
 
 #[cfg(test)]

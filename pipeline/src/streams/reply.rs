@@ -289,6 +289,14 @@ pub fn text(v: Value) -> Option<String> {
     })
 }
 
+/// The `last-generated-id` of an XINFO STREAM reply: the ID of the newest entry ever added.
+pub fn last_generated_id(reply: Value) -> Option<StreamId> {
+    field_pairs(reply)
+        .into_iter()
+        .find(|(k, _)| k == "last-generated-id")
+        .and_then(|(_, v)| stream_id(v))
+}
+
 /// A reply holding a stream ID.
 pub fn stream_id(v: Value) -> Option<StreamId> {
     match v {
