@@ -8,14 +8,12 @@
 //! - timestamptz: [`MIN_TIME_US`] ..= [`MAX_TIME_US`] (years 1 to 9999, so partition bounds,
 //!   chunks and the lake's `date=YYYY-MM-DD` paths all hold them).
 //! - B-tree index entries: at most [`BTREE_MAX_INDEX_ROW`] bytes (54000), estimated
-//!   conservatively by [`index_entry_estimate`].
+//!   conservatively from these constants by `schema::index_entry_estimate` (over the row's cells; kept there so this module needs nothing of `schema`).
 //!
 //! Every check is one pass over bytes the parser already holds, and allocates only to build an
 //! error message.
 
 use std::fmt;
-
-use crate::schema::Cell;
 
 /// The earliest accepted time, `0001-01-01T00:00:00Z`, in µs since the Unix epoch.
 pub const MIN_TIME_US: i64 = -62_135_596_800_000_000;
@@ -228,26 +226,6 @@ fn count_digits(json: &[u8], at: usize) -> usize {
     })
 }
 
-/// A conservative estimate of the B-tree entry a row's `cells` make in one index (the cells of
-/// the index's columns): [`INDEX_TUPLE_OVERHEAD`], plus per non-NULL column
-/// [`INDEX_COLUMN_OVERHEAD`] and its data: text its length, jsonb [`JSONB_INDEX_FACTOR`] × its
-/// length + [`JSONB_INDEX_BASE`], fixed-width types nothing more. Compression is not counted.
-pub fn index_entry_estimate<'a>(cells: impl IntoIterator<Item = &'a Cell>) -> usize {
-    INDEX_TUPLE_OVERHEAD + cells.into_iter().map(index_cell_estimate).sum::<usize>()
-}
-
-/// One cell's part of [`index_entry_estimate`].
-pub fn index_cell_estimate(cell: &Cell) -> usize {
-    match cell {
-        Cell::Null => 0,
-        Cell::Text(s) => INDEX_COLUMN_OVERHEAD + s.len(),
-        Cell::Json(s) => {
-            INDEX_COLUMN_OVERHEAD + JSONB_INDEX_BASE + JSONB_INDEX_FACTOR.saturating_mul(s.len())
-        }
-        _ => INDEX_COLUMN_OVERHEAD,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,15 +334,6 @@ mod tests {
             "JSON number at byte 4 is outside numeric's range (at most 131072 digits before the \
              decimal point and 16383 after, exponent applied)"
         );
-    }
-
-    #[test]
-    fn index_estimate_counts_jsonb_generously() {
-        let text = Cell::Text("x".repeat(100));
-        let json = Cell::Json("[1]".into());
-        let time = Cell::Time(0);
-        assert_eq!(index_entry_estimate([&text, &time]), 16 + 108 + 8);
-        assert_eq!(index_entry_estimate([&json, &Cell::Null]), 16 + 8 + 16 + 24);
     }
 
     /// Arbitrary and JSON-like bytes: the checker never panics and stops within the input.

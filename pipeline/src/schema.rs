@@ -715,6 +715,28 @@ fn short(v: &rmpv::Value) -> String {
 #[error("{0}")]
 pub struct ValueError(pub String);
 
+/// A conservative estimate of the B-tree entry a row's `cells` make in one index (the cells of
+/// the index's columns): [`pg_limits::INDEX_TUPLE_OVERHEAD`], plus per non-NULL column
+/// [`pg_limits::INDEX_COLUMN_OVERHEAD`] and its data: text its length, jsonb [`pg_limits::JSONB_INDEX_FACTOR`] × its
+/// length + [`pg_limits::JSONB_INDEX_BASE`], fixed-width types nothing more. Compression is not counted.
+pub fn index_entry_estimate<'a>(cells: impl IntoIterator<Item = &'a Cell>) -> usize {
+    pg_limits::INDEX_TUPLE_OVERHEAD + cells.into_iter().map(index_cell_estimate).sum::<usize>()
+}
+
+/// One cell's part of [`index_entry_estimate`].
+pub fn index_cell_estimate(cell: &Cell) -> usize {
+    match cell {
+        Cell::Null => 0,
+        Cell::Text(s) => pg_limits::INDEX_COLUMN_OVERHEAD + s.len(),
+        Cell::Json(s) => {
+            pg_limits::INDEX_COLUMN_OVERHEAD
+                + pg_limits::JSONB_INDEX_BASE
+                + pg_limits::JSONB_INDEX_FACTOR.saturating_mul(s.len())
+        }
+        _ => pg_limits::INDEX_COLUMN_OVERHEAD,
+    }
+}
+
 /// One typed value of a row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
@@ -806,6 +828,15 @@ pub fn load_dir(dir: &Path) -> Result<Vec<SchemaRef>, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_estimate_counts_jsonb_generously() {
+        let text = Cell::Text("x".repeat(100));
+        let json = Cell::Json("[1]".into());
+        let time = Cell::Time(0);
+        assert_eq!(index_entry_estimate([&text, &time]), 16 + 108 + 8);
+        assert_eq!(index_entry_estimate([&json, &Cell::Null]), 16 + 8 + 16 + 24);
+    }
 
     const METRICS: &str = r#"
 table = "metrics"

@@ -426,18 +426,19 @@ impl Ingest {
     }
 
     /// Refuses a row whose values would make a B-tree entry larger than PostgreSQL allows
-    /// (SQLSTATE 54000), by [`pg_limits::index_entry_estimate`]; the message names the largest
+    /// (SQLSTATE 54000), by [`strata_pipeline::schema::index_entry_estimate`]; the message names the largest
     /// variable-length field of the index.
     fn check_index_entries(&self, row: &[Cell]) -> Result<(), InvalidEvent> {
         for (index, positions) in self.schema.indexes.iter().zip(&self.schema.index_columns) {
-            let size = pg_limits::index_entry_estimate(positions.iter().map(|&p| &row[p]));
+            let size =
+                strata_pipeline::schema::index_entry_estimate(positions.iter().map(|&p| &row[p]));
             if size <= BTREE_MAX_INDEX_ROW {
                 continue;
             }
             let largest = positions
                 .iter()
                 .copied()
-                .max_by_key(|&p| pg_limits::index_cell_estimate(&row[p]))
+                .max_by_key(|&p| strata_pipeline::schema::index_cell_estimate(&row[p]))
                 .unwrap_or(self.schema.time_index);
             return Err(InvalidEvent::IndexEntryTooLarge {
                 field: self.schema.columns[largest].name.clone(),
