@@ -434,9 +434,10 @@ async fn a_frame_redelivered_after_commit_is_not_written_twice() {
         .unwrap();
     assert!(!entries.is_empty());
     let pool = strata_pipeline::db::postgres_pool(&env.config, 2).unwrap();
-    let writer = strata_stages::writer::BatchWriter::new(env.schema.clone(), env.rows(), pool)
-        .await
-        .unwrap();
+    let writer =
+        strata_stages::writer::BatchWriter::new(env.schema.clone(), vec![env.rows()], pool)
+            .await
+            .unwrap();
     let outcome = writer
         .process(&Batch {
             entries: entries.clone(),

@@ -367,3 +367,85 @@ async fn a_shrink_is_refused_while_a_removed_partition_holds_entries() {
     assert_eq!(removed, vec![held.clone()]);
     assert_eq!(not_exactly_once(&env, 300).await, vec![]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_writer_batch_of_two_partitions_whose_frames_share_an_id_writes_each_once() {
+    use strata_pipeline::runner::{Batch, Stage};
+    const N: u64 = 400;
+    let mut env = TestEnv::new("metrics", CONFIG).await;
+    env.partitioned(2);
+    env.migrate().await;
+    produce_partitioned(&env, 2, 0, N).await;
+    // Ingest alone: the frames wait in each partition's `rows`.
+    let running = start_stages(&env.config, &env.schema, &[strata_stages::ingest::STAGE]).await;
+    let mut conn = env.redis().await;
+    let rows: Vec<String> = (0..2)
+        .map(|p| StreamKind::Rows.partition_key(&env.table, p))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut done = true;
+        for p in 0..2 {
+            let telemetry = StreamKind::Telemetry.partition_key(&env.table, p);
+            done &= streams::ConsumerGroup::new(&telemetry, "ingest")
+                .drained(&mut conn)
+                .await
+                .unwrap();
+        }
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ingest did not drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(running).await;
+    // Every frame of both partitions in one batch, partition 1's frames renumbered to the IDs of
+    // partition 0's (streams on different masters can hand out the same IDs).
+    let mut entries = Vec::new();
+    for (p, stream) in rows.iter().enumerate() {
+        let mut frames = streams::range(&mut conn, stream, "-", "+", 10_000)
+            .await
+            .unwrap();
+        assert!(!frames.is_empty(), "no frame on {stream}");
+        for (i, f) in frames.iter_mut().enumerate() {
+            f.input = p as u16;
+            f.id = streams::StreamId {
+                ms: 1,
+                seq: i as u64,
+            };
+        }
+        entries.extend(frames);
+    }
+    let pool = strata_pipeline::db::postgres_pool(&env.config, 2).unwrap();
+    let writer = writer::BatchWriter::new(env.schema.clone(), rows.clone(), pool)
+        .await
+        .unwrap();
+    let batch = Batch { entries };
+    let outcome = writer.process(&batch).await.unwrap();
+    assert!(
+        outcome.dead_letters.is_empty(),
+        "{:?}",
+        outcome.dead_letters
+    );
+    assert_eq!(
+        not_exactly_once(&env, N as i64).await,
+        vec![],
+        "every event once"
+    );
+    // Recorded per stream: the same ID twice, once for each partition's stream.
+    let recorded: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(DISTINCT stream) FROM strata.applied_frames WHERE frame_id = '1-0'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 2, "frame 1-0 recorded for both streams");
+    // Delivered again (a writer that crashed before acknowledging): nothing written twice.
+    let again = writer.process(&batch).await.unwrap();
+    assert!(again.dead_letters.is_empty());
+    assert_eq!(not_exactly_once(&env, N as i64).await, vec![], "still once");
+}

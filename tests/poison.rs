@@ -151,9 +151,10 @@ async fn rows_postgres_refuses_for_any_reason_are_dead_lettered_alone() {
     // Redelivered after COMMIT (a writer that crashed before XACK): the stored dead letters
     // come back, the rows are not written again.
     let pool = strata_pipeline::db::postgres_pool(&env.config, 2).unwrap();
-    let writer = strata_stages::writer::BatchWriter::new(env.schema.clone(), env.rows(), pool)
-        .await
-        .unwrap();
+    let writer =
+        strata_stages::writer::BatchWriter::new(env.schema.clone(), vec![env.rows()], pool)
+            .await
+            .unwrap();
     let mut conn = env.redis().await;
     let v: redis::Value = redis::cmd("XRANGE")
         .arg(env.rows())

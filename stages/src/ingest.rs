@@ -70,9 +70,11 @@ pub const STAGE: StageSpec = StageSpec {
     validate: validate_config,
     needs_postgres: false,
     effects_outside_redis: false,
-    // Each consumer holds its read connection and one per worker.
-    redis_connections: |c| c.ingest.consumers * (1 + c.ingest.workers),
-    postgres_connections: |_| 0,
+    // Per partition, each consumer holds its read connection and one per worker.
+    redis_connections: |c, partitions| {
+        partitions as usize * c.ingest.consumers * (1 + c.ingest.workers)
+    },
+    postgres_connections: |_, _| 0,
     start,
 };
 
@@ -85,12 +87,13 @@ fn validate_config(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts `consumers` loops of ingest on `schema`'s table; several consumers per process read
-/// (and parse) in parallel.
+/// Starts `consumers` loops of ingest on each of `partitions` of `schema`'s table; several
+/// consumers per process read (and parse) in parallel. One loop per partition: each batch
+/// becomes one frame on its own partition's `rows`, in its order.
 fn start<'a>(
     ctx: &'a StartContext<'a>,
     schema: &'a SchemaRef,
-    partition: u32,
+    partitions: std::ops::Range<u32>,
     tasks: &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>> {
     Box::pin(async move {
@@ -101,7 +104,7 @@ fn start<'a>(
             zstd_level: config.zstd_level,
             max_event_spans: ctx.config.tracing.max_event_spans_per_batch,
         });
-        for _ in 0..config.consumers {
+        for partition in partitions.flat_map(|p| std::iter::repeat_n(p, config.consumers)) {
             let mut spec = STAGE.loop_spec(
                 &schema.table,
                 partition,

@@ -206,9 +206,8 @@ pub async fn start(
     };
     for stage in stages {
         for schema in schemas {
-            for partition in 0..stage.partitions_read(schema.partitions) {
-                (stage.start)(&ctx, schema, partition, &mut tasks).await?;
-            }
+            let partitions = 0..stage.partitions_read(schema.partitions);
+            (stage.start)(&ctx, schema, partitions, &mut tasks).await?;
         }
     }
     if partitioned {
@@ -222,6 +221,7 @@ pub async fn start(
             shutdown: shutdown.clone(),
             stats: stats.clone(),
             reading: counts,
+            pool_needs: (redis_size, pg_size),
         }));
     }
     Ok(Running {
@@ -237,9 +237,9 @@ fn pool_sizes(config: &Config, stages: &[StageSpec], counts: &[u32]) -> (usize, 
     let mut pg = 0;
     for stage in stages {
         for &n in counts {
-            let loops = stage.partitions_read(n) as usize;
-            redis += (stage.redis_connections)(config) * loops;
-            pg += (stage.postgres_connections)(config) * loops;
+            let n = stage.partitions_read(n);
+            redis += (stage.redis_connections)(config, n);
+            pg += (stage.postgres_connections)(config, n);
         }
     }
     (redis, pg)
@@ -319,6 +319,9 @@ struct Owned {
     stats: ProcessStats,
     /// Per table (as `schemas`), the partitions read so far.
     reading: Vec<u32>,
+    /// Redis and PostgreSQL connections the loops started so far need (the pools are at least
+    /// this large).
+    pool_needs: (usize, usize),
 }
 
 /// Every `[streams] partition_poll_ms`, reads each table's recorded partition count and
@@ -356,11 +359,13 @@ async fn follow_partitions(mut o: Owned) -> Result<(), StageError> {
             if recorded <= from {
                 continue;
             }
-            let mut counts = o.reading.clone();
-            counts[i] = recorded;
-            let (redis_size, pg_size) = pool_sizes(&o.config, &o.stages, &counts);
-            o.redis.resize(o.config.redis.pool_size.max(redis_size));
-            o.pg.resize(o.config.postgres.pool_size.max(pg_size));
+            // The added partitions get loops of their own (next to the running ones).
+            for stage in o.stages.iter().filter(|s| s.partitioned()) {
+                o.pool_needs.0 += (stage.redis_connections)(&o.config, recorded - from);
+                o.pool_needs.1 += (stage.postgres_connections)(&o.config, recorded - from);
+            }
+            o.redis.resize(o.config.redis.pool_size.max(o.pool_needs.0));
+            o.pg.resize(o.config.postgres.pool_size.max(o.pool_needs.1));
             let ctx = registry::StartContext {
                 config: &o.config,
                 redis: &o.redis,
@@ -370,9 +375,7 @@ async fn follow_partitions(mut o: Owned) -> Result<(), StageError> {
                 stats: &o.stats,
             };
             for stage in o.stages.iter().filter(|s| s.partitioned()) {
-                for p in from..recorded {
-                    (stage.start)(&ctx, &schema, p, &mut children).await?;
-                }
+                (stage.start)(&ctx, &schema, from..recorded, &mut children).await?;
             }
             tracing::info!(table = %schema.table, from, to = recorded, "partitions added: reading them");
             o.reading[i] = recorded;

@@ -46,14 +46,16 @@ pub struct StartContext<'a> {
     pub stats: &'a ProcessStats,
 }
 
-/// Starts a stage for one partition of one table (a stage whose input is not
-/// [partitioned](StreamKind::partitioned) only for partition 0), adding its task(s) to the
-/// process's; fails fatally (a missing migration, a lake that cannot be opened) or once the
-/// task(s) run.
+/// Starts a stage for a range of partitions of one table (a stage whose input is not
+/// [partitioned](StreamKind::partitioned) only for `0..1`), adding its task(s) to the
+/// process's: a stage that forwards runs a loop per partition (its output keeps each
+/// partition's order and slot), one that forwards nothing may read them all in one loop
+/// ([`strata_pipeline::runner::run_loop_over`]). Fails fatally (a missing migration, a lake that
+/// cannot be opened) or once the task(s) run.
 pub type StartFn = for<'a> fn(
     &'a StartContext<'a>,
     &'a SchemaRef,
-    u32,
+    std::ops::Range<u32>,
     &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>>;
 
@@ -81,11 +83,12 @@ pub struct StageSpec {
     /// replicas hold ([`LoopSpec::wait_before_apply`]); a stage whose only effect is its commit
     /// step in the same slot (ingest) needs no such wait.
     pub effects_outside_redis: bool,
-    /// Redis connections its loops of one partition of a table hold at most.
-    pub redis_connections: fn(&Config) -> usize,
-    /// Connections of the process's PostgreSQL pool it holds per partition of a table.
-    pub postgres_connections: fn(&Config) -> usize,
-    /// Starts it for one partition of one table.
+    /// Redis connections it holds at most when started for this many partitions of a table.
+    pub redis_connections: fn(&Config, u32) -> usize,
+    /// Connections of the process's PostgreSQL pool it holds when started for this many
+    /// partitions of a table.
+    pub postgres_connections: fn(&Config, u32) -> usize,
+    /// Starts it for a range of partitions of one table.
     pub start: StartFn,
 }
 

@@ -1,5 +1,9 @@
 //! The batch-writer stage: frames from `rows:{T}` into the table with binary COPY, exactly once.
 //!
+//! A process reads every partition's `rows` stream of a table in one loop
+//! ([`run_loop_over`]): a batch gathers the frames of all of them, so a COPY is as large with six
+//! partitions as with one (its frames are acknowledged per partition, each in its slot).
+//!
 //! One transaction per batch: record the frame IDs in `strata.applied_frames` (frames already
 //! there are skipped: they were written before a crash or by a consumer that lost them), COPY
 //! the rows of the new frames, COMMIT. The runner acknowledges only after this returns.
@@ -31,7 +35,7 @@ use strata_pipeline::frame::{CellRef, Frame, FIRST_MS_FIELD, FRAME_FIELD, ROWS_F
 use strata_pipeline::latency::LatencyHistogram;
 use strata_pipeline::observe::WriterMetrics;
 use strata_pipeline::pg_limits::{MAX_TIME_US, MIN_TIME_US};
-use strata_pipeline::runner::{run_loop, Backoff, Batch, DeadLetter, Outcome, Stage, Tick};
+use strata_pipeline::runner::{run_loop_over, Backoff, Batch, DeadLetter, Outcome, Stage, Tick};
 use strata_pipeline::schema::{Cell, SchemaRef};
 use strata_pipeline::streams::{Entry, Fields, StreamId, StreamKind};
 use strata_pipeline::trace::TRACEPARENTS_FIELD;
@@ -79,10 +83,11 @@ pub const STAGE: StageSpec = StageSpec {
     validate: validate_config,
     needs_postgres: true,
     effects_outside_redis: true,
-    // The loop's read connection and one per COPY in flight.
-    redis_connections: |c| 1 + c.batch_writer.connections,
+    // Per partition its reader's connection (held) and its housekeeping's, and one per COPY in
+    // flight (one loop reads every partition).
+    redis_connections: |c, partitions| 2 * partitions as usize + c.batch_writer.connections,
     // One per COPY in flight and one for partitions and pruning.
-    postgres_connections: |c| 1 + c.batch_writer.connections,
+    postgres_connections: |c, _| 1 + c.batch_writer.connections,
     start,
 };
 
@@ -94,35 +99,40 @@ fn validate_config(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts the writer of `schema`'s table (waiting out PostgreSQL outages) and its pruning of
-/// applied frames.
+/// Starts the writer of `partitions` of `schema`'s table, one loop over all of them (waiting out
+/// PostgreSQL outages), and its pruning of applied frames.
 fn start<'a>(
     ctx: &'a StartContext<'a>,
     schema: &'a SchemaRef,
-    partition: u32,
+    partitions: std::ops::Range<u32>,
     tasks: &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>> {
     Box::pin(async move {
         let config = &ctx.config.batch_writer;
-        let spec = STAGE.loop_spec(
-            &schema.table,
-            partition,
-            config.batch,
-            config.connections,
-            ctx.config,
-        );
-        let mut writer = connect_writer(schema, &spec.input, ctx).await?;
+        let specs: Vec<_> = partitions
+            .map(|partition| {
+                let mut spec = STAGE.loop_spec(
+                    &schema.table,
+                    partition,
+                    config.batch,
+                    config.connections,
+                    ctx.config,
+                );
+                spec.read_from = Some(ctx.redis_read.clone());
+                spec
+            })
+            .collect();
+        let streams = specs.iter().map(|s| s.input.clone()).collect();
+        let mut writer = connect_writer(schema, streams, ctx).await?;
         writer.max_event_spans = ctx.config.tracing.max_event_spans_per_batch;
         writer.exactly_once = config.exactly_once;
         writer.latency = ctx.stats.latency.clone();
         writer.rows_written = ctx.stats.rows_written.clone();
         // Its applied-frame pruning runs as the stage's tick (see `Stage::tick` below).
         let writer = Arc::new(writer);
-        let mut spec = spec;
-        spec.read_from = Some(ctx.redis_read.clone());
-        tasks.spawn(run_loop(
+        tasks.spawn(run_loop_over(
             writer,
-            spec,
+            specs,
             ctx.redis.clone(),
             ctx.shutdown.clone(),
             ctx.stats.batch_writer.clone(),
@@ -134,12 +144,12 @@ fn start<'a>(
 /// Builds a writer, waiting out PostgreSQL outages (but not a missing migration).
 async fn connect_writer(
     schema: &SchemaRef,
-    input: &str,
+    streams: Vec<String>,
     ctx: &StartContext<'_>,
 ) -> Result<BatchWriter, StageError> {
     let mut backoff = Backoff::new(ctx.config.streams.max_backoff_ms);
     loop {
-        match BatchWriter::new(schema.clone(), input.to_string(), ctx.pg.clone()).await {
+        match BatchWriter::new(schema.clone(), streams.clone(), ctx.pg.clone()).await {
             Ok(w) => return Ok(w),
             Err(e) if e.hint == RetryHint::Backoff => {
                 tracing::warn!(table = %schema.table, error = %e.reason(), "waiting for PostgreSQL");
@@ -152,6 +162,9 @@ async fn connect_writer(
     }
 }
 
+/// A frame of a batch: the input it came from ([`Entry::input`]) and its ID in that stream.
+type FrameKey = (u16, StreamId);
+
 /// Largest decompressed frame accepted (a frame is at most one ingest batch).
 const MAX_FRAME_BYTES: usize = 256 << 20;
 
@@ -159,8 +172,11 @@ const MAX_FRAME_BYTES: usize = 256 << 20;
 pub struct BatchWriter {
     /// The table written to.
     schema: SchemaRef,
-    /// The input stream, recorded with each applied frame ID.
-    stream: String,
+    /// The input streams (one per partition read), indexed by [`Entry::input`]: an applied
+    /// frame is recorded with its stream.
+    streams: Vec<String>,
+    /// The index of each of `streams`.
+    input_of: HashMap<String, u16>,
     /// Connections; one per batch in flight.
     pool: deadpool_postgres::Pool,
     /// Native partitions this process created or saw (None for hypertables).
@@ -213,12 +229,20 @@ struct Refused {
 }
 
 impl BatchWriter {
-    /// Builds a writer for `schema`, reading how the table was migrated.
+    /// Builds a writer for `schema` reading `streams` (entry `input` i came from `streams[i]`),
+    /// reading how the table was migrated.
     pub async fn new(
         schema: SchemaRef,
-        stream: String,
+        streams: Vec<String>,
         pool: deadpool_postgres::Pool,
     ) -> Result<Self, StageError> {
+        if streams.is_empty() || streams.len() > usize::from(u16::MAX) + 1 {
+            return Err(StageError::fatal(format!(
+                "a writer reads 1 to {} streams, not {}",
+                usize::from(u16::MAX) + 1,
+                streams.len()
+            )));
+        }
         let client = pool.get().await?;
         let partitioning = catalog::partitioning(&client, &schema.table).await?;
         let columns: Vec<String> = schema.columns.iter().map(|c| ident(&c.name)).collect();
@@ -231,7 +255,12 @@ impl BatchWriter {
         Ok(Self {
             partitions: (partitioning == Partitioning::Native).then(KnownPartitions::default),
             schema,
-            stream,
+            input_of: streams
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.clone(), i as u16))
+                .collect(),
+            streams,
             pool,
             copy_sql,
             latency: Arc::default(),
@@ -242,14 +271,10 @@ impl BatchWriter {
         })
     }
 
-    /// The input stream (`rows:{T}`).
-    pub fn stream(&self) -> &str {
-        &self.stream
-    }
-
-    /// Forgets applied frames older than `oldest`, the oldest frame the group may still
-    /// deliver again (every frame before it is acknowledged for good). Returns rows deleted.
-    pub async fn prune_applied(&self, oldest: StreamId) -> Result<u64, StageError> {
+    /// Forgets applied frames of `stream` older than `oldest`, the oldest frame the group may
+    /// still deliver again (every frame before it is acknowledged for good). Returns rows
+    /// deleted.
+    pub async fn prune_applied(&self, stream: &str, oldest: StreamId) -> Result<u64, StageError> {
         // PostgreSQL's bigint: an ID past it (never made by a real clock) prunes nothing.
         let (Ok(ms), Ok(seq)) = (i64::try_from(oldest.ms), i64::try_from(oldest.seq)) else {
             return Ok(0);
@@ -261,10 +286,24 @@ impl BatchWriter {
                     "DELETE FROM {APPLIED_FRAMES} WHERE stream = $1
                      AND (split_part(frame_id, '-', 1)::bigint, split_part(frame_id, '-', 2)::bigint) < ($2::bigint, $3::bigint)"
                 ),
-                &[&self.stream, &ms, &seq],
+                &[&stream, &ms, &seq],
             )
             .await
             .map_err(|e| StageError::from_postgres("pruning applied frames", e))
+    }
+
+    /// The stream of input `input` (as [`Entry::input`]).
+    fn stream_of(&self, input: u16) -> &str {
+        self.streams
+            .get(usize::from(input))
+            .unwrap_or(&self.streams[0])
+    }
+
+    /// The frame a row of `strata.applied_frames` names by its first two columns (stream and
+    /// frame ID); None for a stream this writer does not read or an ID that does not parse.
+    fn frame_key(&self, row: &tokio_postgres::Row) -> Option<FrameKey> {
+        let input = *self.input_of.get(row.get::<_, &str>(0))?;
+        Some((input, row.get::<_, &str>(1).parse().ok()?))
     }
 
     /// Decodes every frame of the batch into COPY tuples in table column order. Entries that
@@ -547,9 +586,10 @@ impl Stage for BatchWriter {
         let Some(oldest) = ctx.group.oldest_unacknowledged(ctx.redis).await? else {
             return Ok(());
         };
-        let n = self.prune_applied(oldest).await?;
+        let stream = ctx.group.stream;
+        let n = self.prune_applied(stream, oldest).await?;
         if n > 0 {
-            tracing::debug!(stream = %self.stream, pruned = n, "pruned applied frames");
+            tracing::debug!(%stream, pruned = n, "pruned applied frames");
         }
         Ok(())
     }
@@ -570,14 +610,16 @@ impl Stage for BatchWriter {
             Some(known) => known.ensure(&self.pool, &self.schema, &enc.chunks).await?,
             None => HashMap::new(),
         };
-        let frame_ids: Vec<StreamId> = batch
+        // A frame is known by its stream and ID: two partitions' streams may hold the same ID.
+        let frame_ids: Vec<FrameKey> = batch
             .entries
             .iter()
             .zip(&frames)
             .filter(|(_, f)| f.is_some())
-            .map(|(e, _)| e.id)
+            .map(|(e, _)| (e.input, e.id))
             .collect();
-        let ids: Vec<String> = frame_ids.iter().map(StreamId::to_string).collect();
+        let ids: Vec<String> = frame_ids.iter().map(|(_, id)| id.to_string()).collect();
+        let streams: Vec<&str> = frame_ids.iter().map(|k| self.stream_of(k.0)).collect();
         if ids.is_empty() {
             return Ok(outcome);
         }
@@ -585,46 +627,45 @@ impl Stage for BatchWriter {
         let mut client = self.pool.get().await?;
         let began = std::time::Instant::now();
         let tx = client.transaction().await.map_err(pg("BEGIN"))?;
-        let new: HashSet<StreamId> = if self.exactly_once {
-            tx.query(
-                &format!("INSERT INTO {APPLIED_FRAMES} (stream, frame_id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING RETURNING frame_id"),
-                &[&self.stream, &ids],
-            )
-            .await
-            .map_err(pg("recording applied frames"))?
-            .iter()
-            .filter_map(|r| r.get::<_, &str>(0).parse().ok())
-            .collect()
+        let new: HashSet<FrameKey> = if self.exactly_once {
+            let rows = tx
+                .query(
+                    &format!("INSERT INTO {APPLIED_FRAMES} (stream, frame_id) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING RETURNING stream, frame_id"),
+                    &[&streams, &ids],
+                )
+                .await
+                .map_err(pg("recording applied frames"))?;
+            rows.iter().filter_map(|r| self.frame_key(r)).collect()
         } else {
             frame_ids.iter().copied().collect()
         };
-        let index_of: HashMap<StreamId, usize> = batch
+        let index_of: HashMap<FrameKey, usize> = batch
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.id, i))
+            .map(|(i, e)| ((e.input, e.id), i))
             .collect();
         if new.len() < ids.len() {
             // Frames applied before: acknowledge them unwritten, re-emitting their dead letters.
-            let dups: Vec<String> = frame_ids
+            let (dup_streams, dups): (Vec<&str>, Vec<String>) = frame_ids
                 .iter()
-                .filter(|id| !new.contains(id))
-                .map(StreamId::to_string)
-                .collect();
+                .filter(|k| !new.contains(k))
+                .map(|k| (self.stream_of(k.0), k.1.to_string()))
+                .unzip();
             tracing::info!(table = %self.schema.table, frames = dups.len(), "skipping frames already applied");
             let stored = tx
                 .query(
-                    &format!("SELECT frame_id, dead_letter_data, dead_letters FROM {APPLIED_FRAMES} WHERE stream = $1 AND frame_id = ANY($2) AND (dead_letter_data IS NOT NULL OR dead_letters IS NOT NULL)"),
-                    &[&self.stream, &dups],
+                    &format!("SELECT stream, frame_id, dead_letter_data, dead_letters FROM {APPLIED_FRAMES} WHERE (stream, frame_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) AND (dead_letter_data IS NOT NULL OR dead_letters IS NOT NULL)"),
+                    &[&dup_streams, &dups],
                 )
                 .await
                 .map_err(pg("reading stored dead letters"))?;
             for row in stored {
-                let Ok(id) = row.get::<_, &str>(0).parse::<StreamId>() else {
+                let Some(key) = self.frame_key(&row) else {
                     continue;
                 };
-                let data: Option<Vec<u8>> = row.get(1);
-                let legacy: Option<serde_json::Value> = row.get(2);
+                let data: Option<Vec<u8>> = row.get(2);
+                let legacy: Option<serde_json::Value> = row.get(3);
                 let list: Vec<StoredDeadLetter> = match (data, legacy) {
                     (Some(bytes), _) => serde_json::from_slice(&bytes).unwrap_or_default(),
                     (None, Some(json)) => serde_json::from_value(json).unwrap_or_default(),
@@ -632,7 +673,7 @@ impl Stage for BatchWriter {
                 };
                 for d in list {
                     outcome.dead_letters.push(DeadLetter {
-                        entry: index_of[&id],
+                        entry: index_of[&key],
                         fields: Some(
                             d.fields
                                 .into_iter()
@@ -650,7 +691,7 @@ impl Stage for BatchWriter {
             batch
                 .entries
                 .iter()
-                .filter(|e| new.contains(&e.id))
+                .filter(|e| new.contains(&(e.input, e.id)))
                 .filter_map(|e| std::str::from_utf8(e.field(TRACEPARENTS_FIELD)?).ok())
                 .flat_map(str::split_whitespace)
                 .take(self.max_event_spans)
@@ -668,7 +709,8 @@ impl Stage for BatchWriter {
         let mut out_of_range = enc.out_of_range.iter().copied().peekable();
         for (r, t) in enc.rows.iter().enumerate() {
             let outside = out_of_range.next_if_eq(&r).is_some();
-            if !new.contains(&batch.entries[t.entry].id) {
+            let entry = &batch.entries[t.entry];
+            if !new.contains(&(entry.input, entry.id)) {
                 continue;
             }
             if outside {
@@ -732,7 +774,11 @@ impl Stage for BatchWriter {
             let data = serde_json::to_vec(&list).expect("dead letters serialize");
             tx.execute(
                 &format!("UPDATE {APPLIED_FRAMES} SET dead_letter_data = $3 WHERE stream = $1 AND frame_id = $2"),
-                &[&self.stream, &batch.entries[entry].id.to_string(), &data],
+                &[
+                    &self.stream_of(batch.entries[entry].input),
+                    &batch.entries[entry].id.to_string(),
+                    &data,
+                ],
             )
             .await
             .map_err(pg("storing dead letters"))?;
@@ -749,7 +795,7 @@ impl Stage for BatchWriter {
             .entries
             .iter()
             .zip(&frames)
-            .filter(|(e, f)| f.is_some() && new.contains(&e.id))
+            .filter(|(e, f)| f.is_some() && new.contains(&(e.input, e.id)))
         {
             let first_ms = entry
                 .field(FIRST_MS_FIELD)

@@ -367,6 +367,9 @@ struct Run {
     elapsed: Duration,
     /// utime + stime of the stage processes.
     strata_cpu: f64,
+    /// The part of [`Self::strata_cpu`] the `strata ingest` processes used (the rest is the
+    /// batch-writers'): which stage a change of cost per event is in.
+    ingest_cpu: f64,
     /// PostgreSQL processes serving the database (and the server's own).
     postgres_cpu: f64,
     /// Every CPU of the machine, busy with anything.
@@ -863,6 +866,8 @@ impl RunDir {
 /// A stage process of the timed phase.
 struct Proc {
     name: String,
+    /// The stage it runs (`ingest` or `batch-writer`).
+    stage: &'static str,
     child: Child,
     pid: u32,
     log: PathBuf,
@@ -1007,6 +1012,7 @@ async fn measure(
             };
             procs.push(Proc {
                 name,
+                stage,
                 child,
                 pid,
                 log,
@@ -1014,7 +1020,7 @@ async fn measure(
         }
     }
 
-    let (elapsed, strata_cpu, machine_cpu, postgres_cpu) = loop {
+    let (elapsed, strata_cpu, ingest_cpu, machine_cpu, postgres_cpu) = loop {
         for p in &mut procs {
             if let Some(status) = p
                 .child
@@ -1045,12 +1051,15 @@ async fn measure(
         if drained {
             let elapsed = started.elapsed();
             let machine_cpu = machine::machine_busy_secs().unwrap_or(0.0) - machine_before;
-            let mut strata_cpu = 0.0;
+            let (mut strata_cpu, mut ingest_cpu) = (0.0, 0.0);
             for p in &procs {
                 let Some(cpu) = machine::process_cpu_secs(p.pid) else {
                     return fail(format!("could not read /proc/{}/stat of {}", p.pid, p.name));
                 };
                 strata_cpu += cpu;
+                if p.stage == "ingest" {
+                    ingest_cpu += cpu;
+                }
             }
             let postgres_cpu = (machine::postgres_cpu_secs(&database) - postgres_before).max(0.0);
             for ((node, before), u) in nodes.iter_mut().zip(&cpu_before).zip(&mut uses) {
@@ -1073,7 +1082,7 @@ async fn measure(
                         .join("\n")
                 ));
             }
-            break (elapsed, strata_cpu, machine_cpu, postgres_cpu);
+            break (elapsed, strata_cpu, ingest_cpu, machine_cpu, postgres_cpu);
         }
         if started.elapsed() > ctx.timeout {
             return fail(format!(
@@ -1131,6 +1140,7 @@ async fn measure(
         produce,
         elapsed,
         strata_cpu,
+        ingest_cpu,
         postgres_cpu,
         machine_cpu,
         nodes: uses,
@@ -1264,15 +1274,17 @@ impl Report {
                 masters.join(" │ ")
             ));
         }
-        out.push_str("\n  where the CPU went (median run): busy of available, strata / Redis masters / replicas / PostgreSQL / other\n");
+        out.push_str("\n  where the CPU went (median run): busy of available, strata (ingest + writer) / Redis masters / replicas / PostgreSQL / other\n");
         for s in &self.shapes {
             let r = &s.median;
             out.push_str(&format!(
-                "  {:<27} {:.1} of {:.1} CPU-s: {:.2} / {:.2} / {:.2} / {:.2} / {:.2}; load avg before {:.2}; pre-load {:.1} s; PostgreSQL commits {}\n",
+                "  {:<27} {:.1} of {:.1} CPU-s: {:.2} ({:.2} + {:.2}) / {:.2} / {:.2} / {:.2} / {:.2}; load avg before {:.2}; pre-load {:.1} s; PostgreSQL commits {}\n",
                 r.shape.label(),
                 r.machine_cpu,
                 r.available(),
                 r.strata_cpu,
+                r.ingest_cpu,
+                r.strata_cpu - r.ingest_cpu,
                 r.redis_cpu(),
                 r.replicas_cpu(),
                 r.postgres_cpu,
@@ -1359,6 +1371,7 @@ impl Report {
                         "machine": round3(r.machine_cpu),
                         "available": round3(r.available()),
                         "strata": round3(r.strata_cpu),
+                        "strata_ingest": round3(r.ingest_cpu),
                         "redis_masters": round3(total),
                         "redis_replicas": round3(r.replicas_cpu()),
                         "postgres": round3(r.postgres_cpu),
@@ -1366,6 +1379,7 @@ impl Report {
                     },
                     "cpu_seconds_per_million_events": {
                         "strata": round3(r.per_million(r.strata_cpu)),
+                        "strata_ingest": round3(r.per_million(r.ingest_cpu)),
                         "redis_masters": round3(r.per_million(total)),
                         "redis_replicas": round3(r.per_million(r.replicas_cpu())),
                         "postgres": round3(r.per_million(r.postgres_cpu)),
@@ -1458,6 +1472,7 @@ mod tests {
             produce: Duration::from_secs(1),
             elapsed: Duration::from_secs(4),
             strata_cpu: 0.9,
+            ingest_cpu: 0.5,
             postgres_cpu: 2.0,
             machine_cpu: 7.0,
             nodes: vec![

@@ -2,7 +2,8 @@
 //!
 //! A stage only turns a batch into an [`Outcome`]; the runner decides delivery from the
 //! outcome or from the error's [`RetryHint`]:
-//! - `Ok(outcome)`: forward, dead-letter and acknowledge in one atomic Redis step;
+//! - `Ok(outcome)`: forward, dead-letter and acknowledge in one atomic Redis step (one per input
+//!   the batch holds entries of, in a loop over several inputs);
 //! - `Backoff`: keep the entries pending and retry the same batch with capped exponential
 //!   backoff and jitter, however long it takes (a shutdown leaves them pending);
 //! - `DeadLetter`: split the batch until the offending entry is alone, dead-letter it, and
@@ -11,7 +12,8 @@
 //!
 //! # Layout
 //! - this file: the [`Stage`] trait, what it is given and returns, [`LoopSpec`], and
-//!   [`run_loop`], which wires the tasks of one loop together;
+//!   [`run_loop`], which wires the tasks of one loop together ([`run_loop_over`]: one loop over
+//!   several inputs, a reader each, one batcher and the workers shared);
 //! - [`read`]: the reader (XREADGROUP, XAUTOCLAIM, back-pressure) and the in-flight reads;
 //! - [`batch`]: the one batcher every stage shares (`max_batch_rows`, `max_batch_bytes`,
 //!   `linger_ms`);
@@ -192,67 +194,108 @@ pub async fn run_loop<S: Stage>(
     shutdown: CancellationToken,
     stats: Arc<LoopStats>,
 ) -> Result<(), StageError> {
-    let spec = Arc::new(spec);
-    let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
-    loop {
-        let mut conn = retry_redis(&redis, &shutdown, &spec).await?;
-        match ConsumerGroup::new(&spec.input, spec.stage)
-            .ensure(&mut conn)
-            .await
-        {
-            Ok(()) => break,
-            Err(e) if crate::error::redis_hint(&e) == RetryHint::Backoff => {
-                warn!(stage = spec.stage, stream = %spec.input, error = %e, "cannot create the consumer group yet, retrying");
-                if !backoff.wait(&shutdown).await {
-                    return Ok(());
-                }
-            }
-            Err(e) => {
-                return Err(StageError::fatal(format!(
-                    "creating consumer group {} on {}: {e}",
-                    spec.stage, spec.input
-                )))
-            }
-        }
+    run_loop_over(stage, vec![spec], redis, shutdown, stats).await
+}
+
+/// Why [`run_loop_over`] refuses its inputs: the caller built them wrong (a bug, not a fault).
+fn check_inputs(inputs: &[LoopSpec]) -> Result<(), StageError> {
+    let Some(first) = inputs.first() else {
+        return Err(StageError::fatal("a stage loop needs at least one input"));
+    };
+    if inputs.len() > usize::from(u16::MAX) + 1 {
+        return Err(StageError::fatal(format!(
+            "a stage loop reads at most {} inputs, not {}",
+            usize::from(u16::MAX) + 1,
+            inputs.len()
+        )));
     }
-    info!(stage = spec.stage, stream = %spec.input, consumer = %spec.consumer, "consumer started");
-    let (read_tx, read_rx) = mpsc::channel::<Vec<Entry>>(2);
+    if inputs.len() > 1 && inputs.iter().any(|s| s.output.is_some()) {
+        // Forwarded entries belong to no one input, so they could not keep their input's
+        // order or slot: a stage that forwards runs one loop per input.
+        return Err(StageError::fatal(format!(
+            "stage {}: a loop over several inputs is only for a stage that forwards nothing",
+            first.stage
+        )));
+    }
+    if inputs.iter().any(|s| s.stage != first.stage) {
+        return Err(StageError::fatal(
+            "the inputs of one stage loop must belong to one stage",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one stage loop over several inputs (the partitions of a table): each input has its own
+/// reader and housekeeping, and the batcher and workers are shared, so a batch gathers the
+/// entries of every input as they arrive (no input waits for another) and fills as fast as
+/// all of them together; each input's share of a batch is acknowledged in its own atomic commit
+/// step (each input's keys may live in a slot of their own). The batch limits, workers and
+/// stream settings are the first input's. Only for a stage that forwards nothing (its output
+/// is each input's dead-letter stream); a stage that forwards runs one [`run_loop`] per input.
+pub async fn run_loop_over<S: Stage>(
+    stage: Arc<S>,
+    inputs: Vec<LoopSpec>,
+    redis: crate::db::RedisPool,
+    shutdown: CancellationToken,
+    stats: Arc<LoopStats>,
+) -> Result<(), StageError> {
+    check_inputs(&inputs)?;
+    let inputs: Arc<[Arc<LoopSpec>]> = inputs.into_iter().map(Arc::new).collect();
+    let spec = inputs[0].clone();
+    for input in inputs.iter() {
+        if !ensure_group(input, &redis, &shutdown).await? {
+            return Ok(());
+        }
+        info!(stage = input.stage, stream = %input.input, consumer = %input.consumer, "consumer started");
+    }
+    let (read_tx, read_rx) = mpsc::channel::<Vec<Entry>>(2.max(inputs.len()));
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(spec.workers);
-    // Fatal errors stop the reader too, so a failing worker does not keep claiming entries.
+    // Fatal errors stop the readers too, so a failing worker does not keep claiming entries.
     let stop = shutdown.child_token();
 
-    let in_flight = InFlight::default();
-    let metrics = LoopMetrics::new(spec.stage, &spec.input);
-    crate::admin::RUNNING_LOOPS.fetch_add(1, Ordering::Relaxed);
-    let reader = tokio::spawn(read_loop(
-        spec.clone(),
-        redis.clone(),
-        stop.clone(),
-        read_tx,
-        stats.clone(),
-        in_flight.clone(),
-        metrics.clone(),
-    ));
-    let keeper = tokio::spawn(housekeeping::housekeeping(
-        stage.clone(),
-        spec.clone(),
-        redis.clone(),
-        stop.clone(),
-        in_flight,
-    ));
+    let metrics: Arc<[LoopMetrics]> = inputs
+        .iter()
+        .map(|s| LoopMetrics::new(s.stage, &s.input))
+        .collect();
+    let mut readers = Vec::new();
+    let mut keepers = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let in_flight = InFlight::default();
+        crate::admin::RUNNING_LOOPS.fetch_add(1, Ordering::Relaxed);
+        readers.push(tokio::spawn(read_loop(
+            input.clone(),
+            i as u16,
+            redis.clone(),
+            stop.clone(),
+            read_tx.clone(),
+            stats.clone(),
+            in_flight.clone(),
+            metrics[i].clone(),
+        )));
+        keepers.push(tokio::spawn(housekeeping::housekeeping(
+            stage.clone(),
+            input.clone(),
+            redis.clone(),
+            stop.clone(),
+            in_flight,
+        )));
+    }
+    // The batcher ends once every reader dropped its sender.
+    drop(read_tx);
+    // A batch's size is recorded once, under the first input's labels.
     let batcher = tokio::spawn(batch_loop(
         stage.clone(),
         spec.limits,
         read_rx,
         batch_tx,
-        metrics.clone(),
+        metrics[0].clone(),
     ));
     let batch_rx = Arc::new(Mutex::new(batch_rx));
     let mut workers = Vec::new();
     for _ in 0..spec.workers {
         let w = Worker {
             stage: stage.clone(),
-            spec: spec.clone(),
+            inputs: inputs.clone(),
             redis: redis.clone(),
             stop: stop.clone(),
             stats: stats.clone(),
@@ -278,29 +321,67 @@ pub async fn run_loop<S: Stage>(
             Err(join) => result = Err(StageError::fatal(format!("worker panicked: {join}"))),
         }
     }
-    // Workers end only when the batcher closed, i.e. the reader ended, or on a fatal error.
+    // Workers end only when the batcher closed, i.e. the readers ended, or on a fatal error.
     stop.cancel();
     let _ = batcher.await;
-    // A read the account may not make stops the loop too (the workers ended for want of input).
-    if let (Ok(()), Ok(Err(e))) = (&result, reader.await) {
-        result = Err(e);
-    }
-    let _ = keeper.await;
-    crate::admin::RUNNING_LOOPS.fetch_sub(1, Ordering::Relaxed);
-    if let Ok(mut conn) = redis.get().await {
-        if let Err(e) = spec.consumer().remove_if_idle(&mut conn).await {
-            debug!(error = %e, "could not remove consumer");
+    for reader in readers {
+        // A read the account may not make stops the loop too (the workers ended for want of
+        // input).
+        if let (Ok(()), Ok(Err(e))) = (&result, reader.await) {
+            result = Err(e);
         }
     }
-    info!(
-        stage = spec.stage,
-        stream = %spec.input,
-        consumer = %spec.consumer,
-        acked = stats.acked.load(Ordering::Relaxed),
-        dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
-        "consumer stopped"
-    );
+    for keeper in keepers {
+        let _ = keeper.await;
+    }
+    for input in inputs.iter() {
+        crate::admin::RUNNING_LOOPS.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut conn) = redis.get().await {
+            if let Err(e) = input.consumer().remove_if_idle(&mut conn).await {
+                debug!(error = %e, "could not remove consumer");
+            }
+        }
+        info!(
+            stage = input.stage,
+            stream = %input.input,
+            consumer = %input.consumer,
+            acked = stats.acked.load(Ordering::Relaxed),
+            dead_lettered = stats.dead_lettered.load(Ordering::Relaxed),
+            "consumer stopped"
+        );
+    }
     result
+}
+
+/// Creates `spec`'s consumer group on its input if it is missing, waiting out Redis faults:
+/// false when the shutdown came first.
+async fn ensure_group(
+    spec: &LoopSpec,
+    redis: &crate::db::RedisPool,
+    shutdown: &CancellationToken,
+) -> Result<bool, StageError> {
+    let mut backoff = Backoff::new(spec.streams.max_backoff_ms);
+    loop {
+        let mut conn = retry_redis(redis, shutdown, spec).await?;
+        match ConsumerGroup::new(&spec.input, spec.stage)
+            .ensure(&mut conn)
+            .await
+        {
+            Ok(()) => return Ok(true),
+            Err(e) if crate::error::redis_hint(&e) == RetryHint::Backoff => {
+                warn!(stage = spec.stage, stream = %spec.input, error = %e, "cannot create the consumer group yet, retrying");
+                if !backoff.wait(shutdown).await {
+                    return Ok(false);
+                }
+            }
+            Err(e) => {
+                return Err(StageError::fatal(format!(
+                    "creating consumer group {} on {}: {e}",
+                    spec.stage, spec.input
+                )))
+            }
+        }
+    }
 }
 
 async fn retry_redis(
@@ -346,7 +427,11 @@ mod tests {
 
     fn redis_pool() -> crate::db::RedisPool {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        deadpool_redis::Config::from_url(url)
+        let mut config = deadpool_redis::Config::from_url(url);
+        // Each input's reader holds a connection; its housekeeping and the workers need more
+        // (as `strata_stages::start` sizes a process's pool).
+        config.pool = Some(deadpool_redis::PoolConfig::new(16));
+        config
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .unwrap()
             .into()
@@ -506,5 +591,258 @@ mod tests {
         .await;
         assert_eq!(forwarded.len(), 29);
         assert_eq!(dead.len(), 1, "only the poison entry: {dead:?}");
+    }
+
+    /// Records every entry it is given (by input and ID) and how many inputs each batch held;
+    /// dead-letters (in its outcome) every entry with a `bad` field.
+    #[derive(Default)]
+    struct Recorder {
+        seen: std::sync::Mutex<Vec<(u16, StreamId)>>,
+        inputs_per_batch: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl Stage for Recorder {
+        async fn process(&self, batch: &Batch) -> Result<Outcome, StageError> {
+            let inputs: std::collections::HashSet<u16> =
+                batch.entries.iter().map(|e| e.input).collect();
+            self.inputs_per_batch.lock().unwrap().push(inputs.len());
+            self.seen
+                .lock()
+                .unwrap()
+                .extend(batch.entries.iter().map(|e| (e.input, e.id)));
+            Ok(Outcome {
+                forward: Vec::new(),
+                dead_letters: batch
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.field("bad").is_some())
+                    .map(|(i, _)| DeadLetter {
+                        entry: i,
+                        fields: None,
+                        error: "field `bad`: refused".into(),
+                        sqlstate: None,
+                    })
+                    .collect(),
+            })
+        }
+    }
+
+    use crate::streams::StreamId;
+
+    /// Three input streams holding entries with the same IDs (`1-1` … `1-10`, as streams on
+    /// different nodes can), entry `1-5` of input 1 carrying a `bad` field.
+    async fn three_inputs(
+        conn: &mut crate::db::RedisConnection,
+    ) -> (String, Vec<String>, StreamId) {
+        let key = format!("strata-runner-test-{:08x}", rand::random::<u32>());
+        let inputs: Vec<String> = (0..3).map(|i| format!("{key}:in{i}")).collect();
+        for (i, input) in inputs.iter().enumerate() {
+            for seq in 1..=10 {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(input).arg(format!("1-{seq}")).arg("n").arg(seq);
+                if i == 1 && seq == 5 {
+                    cmd.arg("bad").arg(1);
+                }
+                let _: String = cmd.query_async(conn).await.unwrap();
+            }
+        }
+        (key, inputs, "1-5".parse().unwrap())
+    }
+
+    fn specs_over(inputs: &[String], linger_ms: u64) -> Vec<LoopSpec> {
+        let limits = BatchLimits {
+            max_batch_rows: 1000,
+            max_batch_bytes: 1 << 20,
+            linger_ms,
+        };
+        let streams_config = StreamsConfig {
+            block_ms: 50,
+            claim_idle_ms: 600_000,
+            ..StreamsConfig::default()
+        };
+        inputs
+            .iter()
+            .map(|input| {
+                LoopSpec::new(
+                    "runner-test",
+                    input.clone(),
+                    None,
+                    limits,
+                    1,
+                    streams_config.clone(),
+                )
+            })
+            .collect()
+    }
+
+    async fn delete_inputs(conn: &mut crate::db::RedisConnection, inputs: &[String]) {
+        for input in inputs {
+            let _: () = redis::cmd("DEL")
+                .arg(input)
+                .arg(streams::dlq_stream(input))
+                .arg(streams::claims_key(input))
+                .query_async(conn)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_loop_over_several_inputs_batches_them_together_and_acknowledges_each_on_its_own_stream(
+    ) {
+        let redis = redis_pool();
+        let mut conn = redis.get().await.unwrap();
+        let (_, inputs, bad) = three_inputs(&mut conn).await;
+        let stage = Arc::new(Recorder::default());
+        let stop = CancellationToken::new();
+        // linger_ms 1 s: every input's first read arrives within it.
+        let task = tokio::spawn(run_loop_over(
+            stage.clone(),
+            specs_over(&inputs, 1000),
+            redis.clone(),
+            stop.clone(),
+            Arc::default(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut drained = true;
+            for input in &inputs {
+                drained &= ConsumerGroup::new(input, "runner-test")
+                    .drained(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            if drained {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the loop did not drain its inputs; batches {:?}",
+                stage.inputs_per_batch.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+
+        let mut seen = stage.seen.lock().unwrap().clone();
+        seen.sort();
+        let expected: Vec<(u16, StreamId)> = (0..3u16)
+            .flat_map(|i| (1..=10).map(move |seq| (i, StreamId { ms: 1, seq })))
+            .collect();
+        assert_eq!(
+            seen, expected,
+            "every entry of every input, once, marked with its input"
+        );
+        let per_batch = stage.inputs_per_batch.lock().unwrap().clone();
+        assert!(
+            per_batch.iter().any(|&n| n > 1),
+            "one batch gathers several inputs: {per_batch:?}"
+        );
+        for (i, input) in inputs.iter().enumerate() {
+            let dead = streams::range(&mut conn, &streams::dlq_stream(input), "-", "+", 100)
+                .await
+                .unwrap();
+            if i == 1 {
+                assert_eq!(
+                    dead.len(),
+                    1,
+                    "the bad entry, in its own input's dead-letter stream"
+                );
+                let source = dead[0].field(streams::DLQ_SOURCE_ID).unwrap();
+                assert_eq!(source, bad.to_string().as_bytes());
+            } else {
+                assert!(dead.is_empty(), "input {i} has no dead letters: {dead:?}");
+            }
+        }
+        delete_inputs(&mut conn, &inputs).await;
+    }
+
+    #[tokio::test]
+    async fn a_commit_step_that_keeps_failing_on_one_input_leaves_the_other_inputs_committed_once()
+    {
+        let redis = redis_pool();
+        let mut conn = redis.get().await.unwrap();
+        let (_, inputs, bad) = three_inputs(&mut conn).await;
+        // Input 1's dead-letter stream is not a stream: its step with the dead letter fails.
+        let _: () = redis::cmd("SET")
+            .arg(streams::dlq_stream(&inputs[1]))
+            .arg("not a stream")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let stage = Arc::new(Recorder::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run_loop_over(
+            stage.clone(),
+            specs_over(&inputs, 1000),
+            redis.clone(),
+            stop.clone(),
+            Arc::default(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut left = Vec::new();
+            for input in &inputs {
+                let groups = streams::groups(&mut conn, input).await.unwrap();
+                left.push(groups.first().map(|g| (g.pending, g.lag)));
+            }
+            if left == [Some((0, Some(0))), Some((1, Some(0))), Some((0, Some(0)))] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pending, lag per input: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+        let pending_ids = ConsumerGroup::new(&inputs[1], "runner-test")
+            .oldest_unacknowledged(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(pending_ids, Some(bad), "only the bad entry is left pending");
+        let seen = stage.seen.lock().unwrap().clone();
+        for input in [0u16, 2] {
+            let mut ids: Vec<StreamId> = seen
+                .iter()
+                .filter(|(i, _)| *i == input)
+                .map(|(_, id)| *id)
+                .collect();
+            ids.sort();
+            assert_eq!(
+                ids,
+                (1..=10)
+                    .map(|seq| StreamId { ms: 1, seq })
+                    .collect::<Vec<_>>(),
+                "input {input}: committed in the first step, never processed again"
+            );
+        }
+        delete_inputs(&mut conn, &inputs).await;
+    }
+
+    #[tokio::test]
+    async fn a_loop_over_several_inputs_refuses_a_stage_that_forwards() {
+        let inputs = [
+            "strata-runner-test-forward:in0",
+            "strata-runner-test-forward:in1",
+        ];
+        let mut specs = specs_over(&inputs.map(String::from), 10);
+        for s in &mut specs {
+            s.output = Some(format!("{}:out", s.input));
+        }
+        let e = run_loop_over(
+            Arc::new(Recorder::default()),
+            specs,
+            redis_pool(),
+            CancellationToken::new(),
+            Arc::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.hint, RetryHint::Fatal);
+        assert!(e.reason().contains("forwards nothing"), "{}", e.reason());
     }
 }

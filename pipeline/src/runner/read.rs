@@ -68,10 +68,13 @@ impl ReadFailure {
     }
 }
 
-/// Reads until `stop`; returns a fatal error (the account may not read) after logging it, so the
-/// loop stops instead of retrying for ever.
+/// Reads until `stop`, marking each entry as of input `index` of its loop; returns a fatal
+/// error (the account may not read) after logging it, so the loop stops instead of retrying for
+/// ever.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn read_loop(
     spec: Arc<LoopSpec>,
+    index: u16,
     redis: crate::db::RedisPool,
     stop: CancellationToken,
     tx: mpsc::Sender<Vec<Entry>>,
@@ -181,6 +184,9 @@ pub(super) async fn read_loop(
                     }
                     metrics.read.increment(entries.len() as u64);
                     hold(&in_flight, &mut entries);
+                    for e in &mut entries {
+                        e.input = index;
+                    }
                     if tx.send(entries).await.is_err() {
                         break;
                     }

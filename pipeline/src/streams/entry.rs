@@ -160,6 +160,11 @@ pub struct Entry {
     pub deliveries: u64,
     /// The read it came in, while that read is in flight.
     pub held: Held,
+    /// Which input of the loop that read it (an index into its inputs): a loop over several
+    /// streams (the partitions of a table, [`crate::runner::run_loop_over`]) batches their
+    /// entries together, and each entry is acknowledged on the stream it came from. 0 in a loop
+    /// of one input and for entries no loop read.
+    pub input: u16,
 }
 
 impl Entry {
@@ -177,6 +182,7 @@ impl Entry {
             fields: RawFields::from_pairs(fields),
             deliveries: 1,
             held: Held::default(),
+            input: 0,
         }
     }
 

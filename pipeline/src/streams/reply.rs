@@ -200,6 +200,7 @@ impl Reader {
                 ),
                 deliveries,
                 held: Held::default(),
+                input: 0,
             });
         }
         Ok((entries, deleted))
@@ -241,6 +242,7 @@ pub fn parse_entries(value: Value, deliveries: u64) -> (Vec<Entry>, Vec<StreamId
                     fields: RawFields::from_pairs(pairs),
                     deliveries,
                     held: Held::default(),
+                    input: 0,
                 });
             }
             _ => deleted.push(id),

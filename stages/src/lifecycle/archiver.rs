@@ -366,9 +366,9 @@ pub const STAGE: StageSpec = StageSpec {
     validate: |_| Ok(()),
     needs_postgres: true,
     effects_outside_redis: true,
-    redis_connections: |_| 2,
+    redis_connections: |_, _| 2,
     // Its own pool: two connections per chunk in flight.
-    postgres_connections: |_| 0,
+    postgres_connections: |_, _| 0,
     start,
 };
 
@@ -376,7 +376,7 @@ pub const STAGE: StageSpec = StageSpec {
 fn start<'a>(
     ctx: &'a StartContext<'a>,
     schema: &'a SchemaRef,
-    _partition: u32,
+    _partitions: std::ops::Range<u32>,
     tasks: &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>> {
     Box::pin(async move {

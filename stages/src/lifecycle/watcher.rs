@@ -378,8 +378,8 @@ pub const STAGE: StageSpec = StageSpec {
     validate: |c| c.chunk_watcher.validate(),
     needs_postgres: true,
     effects_outside_redis: true,
-    redis_connections: |_| 2,
-    postgres_connections: |_| 1,
+    redis_connections: |_, _| 2,
+    postgres_connections: |_, _| 1,
     start,
 };
 
@@ -387,7 +387,7 @@ pub const STAGE: StageSpec = StageSpec {
 fn start<'a>(
     ctx: &'a StartContext<'a>,
     schema: &'a SchemaRef,
-    _partition: u32,
+    _partitions: std::ops::Range<u32>,
     tasks: &'a mut Tasks,
 ) -> BoxFuture<'a, Result<(), StageError>> {
     Box::pin(async move {
