@@ -30,7 +30,8 @@
 //!    `ingest`) and `rows` (group `batch-writer`) are drained (no lag, nothing pending; polled
 //!    every 100 ms through a cluster connection on the cluster) and the table holds E rows.
 //! 3. *CPU* during the timed phase: each Redis node's `INFO cpu` (used_cpu_sys + used_cpu_user)
-//!    delta, the stage processes' utime + stime (/proc, read before they are stopped), the
+//!    delta, the stage processes' utime + stime (/proc, read before they are stopped; ingest's and
+//!    the writers' apart), the
 //!    PostgreSQL processes serving the database, and the whole machine.
 //!
 //! The report gives events/s, each master's CPU seconds and its share of the masters' total
