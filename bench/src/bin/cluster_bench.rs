@@ -383,6 +383,9 @@ struct Run {
     /// read once the stage processes have exited and flushed their statistics): about one per
     /// COPY batch, plus the benchmark's own few queries.
     postgres_commits: i64,
+    /// Frames ingest wrote (entries added to every partition's `rows`): the events per frame
+    /// is what each frame's costs (a commit step, a writer entry) are shared by.
+    frames: u64,
     nproc: usize,
 }
 
@@ -1135,6 +1138,7 @@ async fn measure(
     // Backends send their statistics on exit; give the collector a moment.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let postgres_commits = commits(&db).await? - commits_before;
+    let frames = frames_written(&mut redis, shape.partitions).await?;
     Ok(Run {
         shape,
         events: n,
@@ -1147,8 +1151,30 @@ async fn measure(
         nodes: uses,
         load_before,
         postgres_commits,
+        frames,
         nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
+}
+
+/// Entries ever added to every partition's `rows` stream (XINFO STREAM `entries-added`): the
+/// frames ingest wrote.
+async fn frames_written(redis: &mut RedisConnection, partitions: u32) -> Result<u64> {
+    let mut total = 0;
+    for p in 0..partitions {
+        let key = StreamKind::Rows.partition_key(TABLE, p);
+        let info: redis::Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&key)
+            .query_async(redis)
+            .await
+            .context(|| format!("XINFO STREAM {key}"))?;
+        total += streams::reply::field_pairs(info)
+            .iter()
+            .find(|(k, _)| k == "entries-added")
+            .and_then(|(_, v)| streams::reply::count(v))
+            .unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// Entries in the dead-letter streams of every partition.
@@ -1279,7 +1305,7 @@ impl Report {
         for s in &self.shapes {
             let r = &s.median;
             out.push_str(&format!(
-                "  {:<27} {:.1} of {:.1} CPU-s: {:.2} ({:.2} + {:.2}) / {:.2} / {:.2} / {:.2} / {:.2}; load avg before {:.2}; pre-load {:.1} s; PostgreSQL commits {}\n",
+                "  {:<27} {:.1} of {:.1} CPU-s: {:.2} ({:.2} + {:.2}) / {:.2} / {:.2} / {:.2} / {:.2}; load avg before {:.2}; pre-load {:.1} s; PostgreSQL commits {}; frames {}\n",
                 r.shape.label(),
                 r.machine_cpu,
                 r.available(),
@@ -1292,7 +1318,8 @@ impl Report {
                 r.other(),
                 r.load_before,
                 r.produce.as_secs_f64(),
-                r.postgres_commits
+                r.postgres_commits,
+                r.frames
             ));
         }
         out.push_str("\n  projection, one core per master (model: master m saturates at E / C_m events/s, C_m its CPU-s for the E events;\n  the Redis tier at E / max C_m; strata and PostgreSQL then bound it at their cores × E / their CPU-s)\n");
@@ -1368,6 +1395,7 @@ impl Report {
                     "quiet_machine": r.quiet(),
                     "load_average_before": r.load_before,
                     "postgres_commits": r.postgres_commits,
+                    "frames": r.frames,
                     "cpu_seconds": {
                         "machine": round3(r.machine_cpu),
                         "available": round3(r.available()),
@@ -1484,6 +1512,7 @@ mod tests {
             ],
             load_before: 0.1,
             postgres_commits: 30,
+            frames: 500,
             nproc: 2,
         };
         assert_eq!(r.eps(), 250_000.0);

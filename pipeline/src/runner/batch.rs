@@ -1,5 +1,8 @@
 //! The one batcher every stage shares: entries are gathered until `max_batch_rows` (by
-//! [`Stage::weight`]) or `max_batch_bytes`, or `linger_ms` after the first one arrived.
+//! [`Stage::weight`]) or `max_batch_bytes`, or `linger_ms` after the first one arrived —
+//! except while the reads come back full: the stream then holds more than one read, so the
+//! batch waits for the next read (at most the read's own `block_ms`) instead of going out
+//! part-filled because a read was slow (a busy host, many partitions' loops on few cores).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,11 +16,22 @@ use crate::streams::Entry;
 
 use super::{Batch, Stage};
 
-/// Gathers the reader's entries into batches for the workers until the reader ends (then
+/// When a read counts as full, and how long the next one may take.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reads {
+    /// `[streams] read_count`: a read that returned this many entries left more in the stream.
+    pub(super) count: usize,
+    /// `[streams] block_ms`: the longest a read waits for entries, so the longest a batch
+    /// waits for the read after a full one.
+    pub(super) next_within: Duration,
+}
+
+/// Gathers the readers' entries into batches for the workers until the readers end (then
 /// flushes what it holds) or the workers are gone.
 pub(super) async fn batch_loop<S: Stage>(
     stage: Arc<S>,
     limits: BatchLimits,
+    reads: Reads,
     mut rx: mpsc::Receiver<Vec<Entry>>,
     tx: mpsc::Sender<Batch>,
     metrics: LoopMetrics,
@@ -38,8 +52,12 @@ pub(super) async fn batch_loop<S: Stage>(
     };
     let mut current: Vec<Entry> = Vec::new();
     let (mut rows, mut bytes) = (0usize, 0usize);
-    let mut deadline: Option<Instant> = None;
+    // `linger_ms` after the batch's first entry.
+    let mut lingered: Option<Instant> = None;
+    // After a full read: when the next read is due at the latest.
+    let mut more_due: Option<Instant> = None;
     loop {
+        let deadline = due(lingered, more_due);
         let received = match deadline {
             Some(d) => tokio::select! {
                 r = rx.recv() => r.map(Some),
@@ -51,9 +69,11 @@ pub(super) async fn batch_loop<S: Stage>(
             None => break,
             Some(None) => {}
             Some(Some(entries)) => {
+                more_due =
+                    (entries.len() >= reads.count).then(|| Instant::now() + reads.next_within);
                 for e in entries {
                     if current.is_empty() {
-                        deadline = Some(Instant::now() + linger);
+                        lingered = Some(Instant::now() + linger);
                     }
                     rows += stage.weight(&e);
                     bytes += e.size();
@@ -62,24 +82,29 @@ pub(super) async fn batch_loop<S: Stage>(
                         if !flush(&mut current, rows, bytes).await {
                             return;
                         }
-                        (rows, bytes, deadline) = (0, 0, None);
+                        (rows, bytes, lingered) = (0, 0, None);
                     }
-                }
-                if deadline.is_some_and(|d| d > Instant::now()) {
-                    continue;
                 }
             }
         }
-        if !current.is_empty() && deadline.is_some_and(|d| d <= Instant::now()) {
+        if !current.is_empty() && due(lingered, more_due).is_some_and(|d| d <= Instant::now()) {
             if !flush(&mut current, rows, bytes).await {
                 return;
             }
-            (rows, bytes, deadline) = (0, 0, None);
+            (rows, bytes, lingered) = (0, 0, None);
         }
     }
     if !current.is_empty() {
         flush(&mut current, rows, bytes).await;
     }
+}
+
+/// When a batch started at `lingered` (its first entry plus `linger_ms`) goes out by time: then,
+/// or once the read after a full one is overdue (`more_due`), whichever is later; None while
+/// the batch is empty.
+fn due(lingered: Option<Instant>, more_due: Option<Instant>) -> Option<Instant> {
+    let lingered = lingered?;
+    Some(more_due.map_or(lingered, |m| lingered.max(m)))
 }
 
 #[cfg(test)]
@@ -122,6 +147,7 @@ mod tests {
         tokio::spawn(batch_loop(
             Arc::new(Rows),
             limits,
+            READS,
             read_rx,
             batch_tx,
             metrics,
@@ -132,6 +158,12 @@ mod tests {
     fn ids(batch: &Batch) -> Vec<u64> {
         batch.entries.iter().map(|e| e.id.seq).collect()
     }
+
+    /// Reads of 3 entries are full; the next read is due within 500 ms.
+    const READS: Reads = Reads {
+        count: 3,
+        next_within: Duration::from_millis(500),
+    };
 
     const LIMITS: BatchLimits = BatchLimits {
         max_batch_rows: 10,
@@ -197,5 +229,42 @@ mod tests {
         drop(tx);
         assert_eq!(ids(&rx.recv().await.unwrap()), [1]);
         assert!(rx.recv().await.is_none(), "then the batcher ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_full_read_a_batch_waits_for_the_next_read_past_linger_ms() {
+        let (tx, mut rx) = start(LIMITS);
+        let started = Instant::now();
+        // A full read (3 entries), then the next one 200 ms later: past linger_ms (50).
+        tx.send(vec![entry(1, 1, 0), entry(2, 1, 0), entry(3, 1, 0)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tx.send(vec![entry(4, 1, 0)]).await.unwrap();
+        let batch = rx.recv().await.unwrap();
+        assert_eq!(ids(&batch), [1, 2, 3, 4], "one batch, not cut at linger_ms");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_millis(260),
+            "{waited:?}: the read after it was short, so linger_ms from the first entry applies"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_full_read_a_batch_waits_at_most_block_ms_for_the_next() {
+        let (tx, mut rx) = start(LIMITS);
+        let started = Instant::now();
+        tx.send(vec![entry(1, 1, 0), entry(2, 1, 0), entry(3, 1, 0)])
+            .await
+            .unwrap();
+        // No next read (the reader paused, Redis is down): out after next_within.
+        let batch = rx.recv().await.unwrap();
+        assert_eq!(ids(&batch), [1, 2, 3]);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_millis(560),
+            "{waited:?}"
+        );
+        drop(tx);
     }
 }

@@ -283,9 +283,14 @@ pub async fn run_loop_over<S: Stage>(
     // The batcher ends once every reader dropped its sender.
     drop(read_tx);
     // A batch's size is recorded once, under the first input's labels.
+    let reads = batch::Reads {
+        count: spec.streams.read_count,
+        next_within: Duration::from_millis(spec.streams.block_ms),
+    };
     let batcher = tokio::spawn(batch_loop(
         stage.clone(),
         spec.limits,
+        reads,
         read_rx,
         batch_tx,
         metrics[0].clone(),
