@@ -199,6 +199,40 @@ pub async fn redis_cpu_secs<C: ConnectionLike>(redis: &mut C) -> Result<f64> {
     Ok(parse_cpu(&info))
 }
 
+/// Per command, the calls and microseconds a Redis server counted since its last
+/// `CONFIG RESETSTAT` (`INFO commandstats`), by command name.
+pub async fn redis_command_stats<C: ConnectionLike>(
+    redis: &mut C,
+) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .context(|| "Redis INFO commandstats".into())?;
+    Ok(parse_command_stats(&info))
+}
+
+/// `cmdstat_<name>:calls=<n>,usec=<n>,…` lines of an `INFO commandstats` reply.
+fn parse_command_stats(info: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, rest)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let field = |key: &str| {
+            rest.split(',')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out.insert(name.to_string(), (field("calls"), field("usec")));
+    }
+    out
+}
+
 /// used_cpu_sys + used_cpu_user of an `INFO cpu` reply (the whole server process).
 fn parse_cpu(info: &str) -> f64 {
     info.lines()
@@ -212,6 +246,15 @@ fn parse_cpu(info: &str) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn command_stats_are_read_per_command() {
+        let info = "# Commandstats\r\ncmdstat_xreadgroup:calls=12,usec=340,usec_per_call=28.33,rejected_calls=0,failed_calls=0\r\ncmdstat_config|resetstat:calls=1,usec=5,usec_per_call=5.00\r\n";
+        let stats = parse_command_stats(info);
+        assert_eq!(stats["xreadgroup"], (12, 340));
+        assert_eq!(stats["config|resetstat"], (1, 5));
+        assert_eq!(stats.len(), 2);
+    }
+
     use super::*;
 
     #[test]

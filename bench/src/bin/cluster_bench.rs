@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use redis::aio::MultiplexedConnection;
 use strata_bench::common::{
-    checkpoint, connect, drop_database, fail, find_schema, redis_cpu_secs, redis_version,
-    reset_database, tail, thousands, Context, Failure, Result,
+    checkpoint, connect, drop_database, fail, find_schema, redis_command_stats, redis_cpu_secs,
+    redis_version, reset_database, tail, thousands, Context, Failure, Result,
 };
 use strata_bench::machine::{self, Machine};
 use strata_pipeline::config::RedisConfig;
@@ -386,6 +386,9 @@ struct Run {
     /// Frames ingest wrote (entries added to every partition's `rows`): the events per frame
     /// is what each frame's costs (a commit step, a writer entry) are shared by.
     frames: u64,
+    /// Per command, calls and microseconds over the masters in the timed phase (`INFO
+    /// commandstats` after `CONFIG RESETSTAT`): what Redis's CPU per event went to.
+    commands: std::collections::BTreeMap<String, (u64, u64)>,
     nproc: usize,
 }
 
@@ -993,6 +996,11 @@ async fn measure(
     let mut cpu_before = Vec::new();
     for node in nodes.iter_mut() {
         cpu_before.push(redis_cpu_secs(&mut node.conn).await?);
+        let () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut node.conn)
+            .await
+            .context(|| format!("CONFIG RESETSTAT on :{}", node.port))?;
     }
     let machine_before = machine::machine_busy_secs().unwrap_or(0.0);
     let postgres_before = machine::postgres_cpu_secs(&database);
@@ -1024,6 +1032,7 @@ async fn measure(
         }
     }
 
+    let mut commands = std::collections::BTreeMap::new();
     let (elapsed, strata_cpu, ingest_cpu, machine_cpu, postgres_cpu) = loop {
         for p in &mut procs {
             if let Some(status) = p
@@ -1068,6 +1077,12 @@ async fn measure(
             let postgres_cpu = (machine::postgres_cpu_secs(&database) - postgres_before).max(0.0);
             for ((node, before), u) in nodes.iter_mut().zip(&cpu_before).zip(&mut uses) {
                 u.cpu = (redis_cpu_secs(&mut node.conn).await? - before).max(0.0);
+                if node.master {
+                    for (name, (calls, usec)) in redis_command_stats(&mut node.conn).await? {
+                        let c = commands.entry(name).or_insert((0, 0));
+                        (c.0, c.1) = (c.0 + calls, c.1 + usec);
+                    }
+                }
             }
             let rows: i64 = db
                 .query_one(&count_sql, &[])
@@ -1152,6 +1167,7 @@ async fn measure(
         load_before,
         postgres_commits,
         frames,
+        commands,
         nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
 }
@@ -1322,6 +1338,20 @@ impl Report {
                 r.frames
             ));
         }
+        out.push_str("\n  Redis masters' commands (median run): calls / ms inside Redis (wall time: a busy box's preemption counts), the five costliest\n");
+        for s in &self.shapes {
+            let r = &s.median;
+            let mut top: Vec<_> = r.commands.iter().collect();
+            top.sort_by_key(|(_, (_, usec))| std::cmp::Reverse(*usec));
+            let list: Vec<String> = top
+                .iter()
+                .take(5)
+                .map(|(name, (calls, usec))| {
+                    format!("{name} {calls} / {:.0}", *usec as f64 / 1000.0)
+                })
+                .collect();
+            out.push_str(&format!("  {:<27} {}\n", r.shape.label(), list.join(" · ")));
+        }
         out.push_str("\n  projection, one core per master (model: master m saturates at E / C_m events/s, C_m its CPU-s for the E events;\n  the Redis tier at E / max C_m; strata and PostgreSQL then bound it at their cores × E / their CPU-s)\n");
         for s in &self.shapes {
             let r = &s.median;
@@ -1396,6 +1426,7 @@ impl Report {
                     "load_average_before": r.load_before,
                     "postgres_commits": r.postgres_commits,
                     "frames": r.frames,
+                    "redis_commands": r.commands.iter().map(|(k, (calls, usec))| (k.clone(), serde_json::json!({"calls": calls, "usec": usec}))).collect::<serde_json::Map<_, _>>(),
                     "cpu_seconds": {
                         "machine": round3(r.machine_cpu),
                         "available": round3(r.available()),
@@ -1513,6 +1544,7 @@ mod tests {
             load_before: 0.1,
             postgres_commits: 30,
             frames: 500,
+            commands: Default::default(),
             nproc: 2,
         };
         assert_eq!(r.eps(), 250_000.0);
