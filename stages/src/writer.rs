@@ -236,12 +236,10 @@ impl BatchWriter {
         streams: Vec<String>,
         pool: deadpool_postgres::Pool,
     ) -> Result<Self, StageError> {
-        if streams.is_empty() || streams.len() > usize::from(u16::MAX) + 1 {
-            return Err(StageError::fatal(format!(
-                "a writer reads 1 to {} streams, not {}",
-                usize::from(u16::MAX) + 1,
-                streams.len()
-            )));
+        // More than u16 can index is refused by the runner (`run_loop_over`), whose readers
+        // number the entries.
+        if streams.is_empty() {
+            return Err(StageError::fatal("a writer reads at least one stream"));
         }
         let client = pool.get().await?;
         let partitioning = catalog::partitioning(&client, &schema.table).await?;
@@ -292,11 +290,9 @@ impl BatchWriter {
             .map_err(|e| StageError::from_postgres("pruning applied frames", e))
     }
 
-    /// The stream of input `input` (as [`Entry::input`]).
+    /// The stream of input `input` (as [`Entry::input`], always one of `streams`).
     fn stream_of(&self, input: u16) -> &str {
-        self.streams
-            .get(usize::from(input))
-            .unwrap_or(&self.streams[0])
+        &self.streams[usize::from(input)]
     }
 
     /// The frame a row of `strata.applied_frames` names by its first two columns (stream and

@@ -20,9 +20,10 @@ use super::{Backoff, LoopSpec, LoopStats};
 /// a span lives exactly as long as some entry of it is in flight.
 pub(super) type InFlight = Arc<std::sync::Mutex<Vec<std::sync::Weak<ReadSpan>>>>;
 
-/// Registers a read as in flight and ties its entries to it. XREADGROUP and XAUTOCLAIM both
-/// reply in ID order, so the first and last entries bound the read.
-pub(super) fn hold(in_flight: &InFlight, entries: &mut [Entry]) {
+/// Registers a read of input `input` of its loop as in flight and ties its entries to it (and
+/// marks them as of that input). XREADGROUP and XAUTOCLAIM both reply in ID order, so the first
+/// and last entries bound the read.
+pub(super) fn hold(in_flight: &InFlight, input: u16, entries: &mut [Entry]) {
     let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
         return;
     };
@@ -36,6 +37,7 @@ pub(super) fn hold(in_flight: &InFlight, entries: &mut [Entry]) {
     drop(list);
     for e in entries {
         e.held = Held(Some(span.clone()));
+        e.input = input;
     }
 }
 
@@ -183,10 +185,7 @@ pub(super) async fn read_loop(
                         }
                     }
                     metrics.read.increment(entries.len() as u64);
-                    hold(&in_flight, &mut entries);
-                    for e in &mut entries {
-                        e.input = index;
-                    }
+                    hold(&in_flight, index, &mut entries);
                     if tx.send(entries).await.is_err() {
                         break;
                     }

@@ -99,18 +99,14 @@ impl<S: Stage> Worker<S> {
         &self.inputs[0]
     }
 
-    /// The input `entry` was read from.
+    /// The input `entry` was read from (its reader set [`Entry::input`] to its index).
     fn input_of(&self, entry: &Entry) -> &LoopSpec {
-        self.inputs
-            .get(usize::from(entry.input))
-            .unwrap_or(&self.inputs[0])
+        &self.inputs[usize::from(entry.input)]
     }
 
     /// The metrics of the input `entry` was read from.
     fn metrics_of(&self, entry: &Entry) -> &LoopMetrics {
-        self.metrics
-            .get(usize::from(entry.input))
-            .unwrap_or(&self.metrics[0])
+        &self.metrics[usize::from(entry.input)]
     }
 
     /// The stream a batch's first entry came from, to name it in logs and spans.
