@@ -114,8 +114,8 @@ pub async fn connect(pg: &PostgresTarget) -> Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// Drops and recreates the benchmark's database, which must be named as one.
-pub async fn reset_database(pg: &PostgresTarget) -> Result<()> {
+/// The benchmark's database name, refused unless it says `bench` (the benchmark drops it).
+fn bench_database(pg: &PostgresTarget) -> Result<&str> {
     let Some(db) = pg.get_dbname() else {
         return fail("--database-url / DATABASE_URL names no database");
     };
@@ -126,14 +126,25 @@ pub async fn reset_database(pg: &PostgresTarget) -> Result<()> {
              pass --database-url or unset DATABASE_URL"
         ));
     }
-    let client = connect(&admin_target(pg)).await?;
+    Ok(db)
+}
+
+/// `DROP DATABASE IF EXISTS db WITH (FORCE)` over a connection to another database.
+async fn drop_if_exists(client: &tokio_postgres::Client, db: &str) -> Result<()> {
     client
         .batch_execute(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             ident(db)
         ))
         .await
-        .context(|| format!("dropping database `{db}`"))?;
+        .context(|| format!("dropping database `{db}`"))
+}
+
+/// Drops and recreates the benchmark's database, which must be named as one.
+pub async fn reset_database(pg: &PostgresTarget) -> Result<()> {
+    let db = bench_database(pg)?;
+    let client = connect(&admin_target(pg)).await?;
+    drop_if_exists(&client, db).await?;
     client
         .batch_execute(&format!("CREATE DATABASE {}", ident(db)))
         .await
@@ -143,20 +154,12 @@ pub async fn reset_database(pg: &PostgresTarget) -> Result<()> {
 
 /// Drops the benchmark's database (at the end of a benchmark that made it).
 pub async fn drop_database(pg: &PostgresTarget) -> Result<()> {
-    let Some(db) = pg.get_dbname() else {
+    if pg.get_dbname().is_none() {
         return Ok(());
-    };
-    if !db.contains("bench") {
-        return fail(format!("refusing to drop database `{db}`"));
     }
+    let db = bench_database(pg)?;
     let client = connect(&admin_target(pg)).await?;
-    client
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            ident(db)
-        ))
-        .await
-        .context(|| format!("dropping database `{db}`"))
+    drop_if_exists(&client, db).await
 }
 
 /// The same server's `postgres` database, to create and drop the benchmark's.
