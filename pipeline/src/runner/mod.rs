@@ -681,6 +681,28 @@ mod tests {
             .collect()
     }
 
+    /// A [`Recorder`] running over `inputs` with linger_ms 1 s (every input's first read
+    /// arrives within it); stop it with the token.
+    fn spawn_over(
+        inputs: &[String],
+        redis: &crate::db::RedisPool,
+    ) -> (
+        Arc<Recorder>,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), StageError>>,
+    ) {
+        let stage = Arc::new(Recorder::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run_loop_over(
+            stage.clone(),
+            specs_over(inputs, 1000),
+            redis.clone(),
+            stop.clone(),
+            Arc::default(),
+        ));
+        (stage, stop, task)
+    }
+
     async fn delete_inputs(conn: &mut crate::db::RedisConnection, inputs: &[String]) {
         for input in inputs {
             let _: () = redis::cmd("DEL")
@@ -699,16 +721,7 @@ mod tests {
         let redis = redis_pool();
         let mut conn = redis.get().await.unwrap();
         let (_, inputs, bad) = three_inputs(&mut conn).await;
-        let stage = Arc::new(Recorder::default());
-        let stop = CancellationToken::new();
-        // linger_ms 1 s: every input's first read arrives within it.
-        let task = tokio::spawn(run_loop_over(
-            stage.clone(),
-            specs_over(&inputs, 1000),
-            redis.clone(),
-            stop.clone(),
-            Arc::default(),
-        ));
+        let (stage, stop, task) = spawn_over(&inputs, &redis);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut drained = true;
@@ -777,15 +790,7 @@ mod tests {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let stage = Arc::new(Recorder::default());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(run_loop_over(
-            stage.clone(),
-            specs_over(&inputs, 1000),
-            redis.clone(),
-            stop.clone(),
-            Arc::default(),
-        ));
+        let (stage, stop, task) = spawn_over(&inputs, &redis);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut left = Vec::new();
