@@ -375,30 +375,11 @@ async fn one_writer_batch_of_two_partitions_whose_frames_share_an_id_writes_each
     let mut env = TestEnv::new("metrics", CONFIG).await;
     env.partitioned(2);
     env.migrate().await;
-    produce_partitioned(&env, 2, 0, N).await;
-    // Ingest alone: the frames wait in each partition's `rows`.
-    let running = start_stages(&env.config, &env.schema, &[strata_stages::ingest::STAGE]).await;
+    frames_waiting(&env, 2, N).await;
     let mut conn = env.redis().await;
     let rows: Vec<String> = (0..2)
         .map(|p| StreamKind::Rows.partition_key(&env.table, p))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut done = true;
-        for p in 0..2 {
-            let telemetry = StreamKind::Telemetry.partition_key(&env.table, p);
-            done &= streams::ConsumerGroup::new(&telemetry, "ingest")
-                .drained(&mut conn)
-                .await
-                .unwrap();
-        }
-        if done {
-            break;
-        }
-        assert!(Instant::now() < deadline, "ingest did not drain");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop(running).await;
     // Every frame of both partitions in one batch, partition 1's frames renumbered to the IDs of
     // partition 0's (streams on different masters can hand out the same IDs).
     let mut entries = Vec::new();
@@ -448,4 +429,62 @@ async fn one_writer_batch_of_two_partitions_whose_frames_share_an_id_writes_each
     let again = writer.process(&batch).await.unwrap();
     assert!(again.dead_letters.is_empty());
     assert_eq!(not_exactly_once(&env, N as i64).await, vec![], "still once");
+}
+
+/// Events `0..n` produced to the `partitions` partitions of their sources and validated by
+/// ingest alone: their frames wait in each partition's `rows`, read by no writer yet.
+async fn frames_waiting(env: &TestEnv, partitions: u32, n: u64) {
+    produce_partitioned(env, partitions, 0, n).await;
+    let running = start_stages(&env.config, &env.schema, &[strata_stages::ingest::STAGE]).await;
+    let ingest: Vec<(String, &str)> = (0..partitions)
+        .map(|p| (StreamKind::Telemetry.partition_key(&env.table, p), "ingest"))
+        .collect();
+    env.wait_drained_on(&mut env.redis().await, &ingest, 0, Duration::from_secs(30))
+        .await;
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_writer_process_copies_the_frames_of_every_partition_in_one_transaction() {
+    const N: u64 = 3_000;
+    // A batch may wait 5 s: every partition's first read arrives well within it.
+    let mut env = TestEnv::new(
+        "metrics",
+        &format!("{CONFIG}[batch_writer]\nlinger_ms = 5000\n"),
+    )
+    .await;
+    env.partitioned(3);
+    env.migrate().await;
+    frames_waiting(&env, 3, N).await;
+    let running = start_stages(&env.config, &env.schema, &[writer::STAGE]).await;
+    let rows: Vec<(String, &str)> = (0..3)
+        .map(|p| {
+            (
+                StreamKind::Rows.partition_key(&env.table, p),
+                writer::STAGE.group(),
+            )
+        })
+        .collect();
+    env.wait_drained_on(
+        &mut env.redis().await,
+        &rows,
+        N as i64,
+        Duration::from_secs(30),
+    )
+    .await;
+    stop(running).await;
+    assert_eq!(not_exactly_once(&env, N as i64).await, vec![]);
+    // Each row records the transaction that inserted it: one COPY for all three partitions'
+    // frames (a writer loop per partition would have made at least three).
+    let copies: i64 = env
+        .pg()
+        .await
+        .query_one(
+            &format!("SELECT count(DISTINCT xmin::text) FROM {}", env.table),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, 1, "COPY transactions for {N} rows of 3 partitions");
 }
