@@ -43,37 +43,42 @@ pub async fn range<C: ConnectionLike>(
     Ok(reply::parse_entries(reply, 0).0)
 }
 
+/// `XINFO <sub> <stream> [<group>]`; None when the stream (or the group) does not exist. A
+/// refusal names the command and the stream.
+async fn xinfo<C: ConnectionLike>(
+    conn: &mut C,
+    sub: &str,
+    stream: &str,
+    group: Option<&str>,
+) -> RedisResult<Option<redis::Value>> {
+    let mut cmd = redis::cmd("XINFO");
+    cmd.arg(sub).arg(stream);
+    if let Some(group) = group {
+        cmd.arg(group);
+    }
+    match cmd.query_async(conn).await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if reply::is_no_such_key(&e) || reply::is_no_group(&e) => Ok(None),
+        Err(e) => Err(super::acl::denied(&format!("XINFO {sub}"), stream)(e)),
+    }
+}
+
 /// The ID of the newest entry ever added to `stream` (XINFO STREAM); None when it does not exist.
 pub async fn last_generated_id<C: ConnectionLike>(
     conn: &mut C,
     stream: &str,
 ) -> RedisResult<Option<StreamId>> {
-    match redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .map_err(super::acl::denied("XINFO STREAM", stream))
-    {
-        Ok(v) => Ok(reply::last_generated_id(v)),
-        Err(e) if reply::is_no_such_key(&e) => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(xinfo(conn, "STREAM", stream, None)
+        .await?
+        .and_then(reply::last_generated_id))
 }
 
 /// XINFO GROUPS of `stream`; empty when the stream does not exist.
 pub async fn groups<C: ConnectionLike>(conn: &mut C, stream: &str) -> RedisResult<Vec<GroupInfo>> {
-    match redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .map_err(super::acl::denied("XINFO GROUPS", stream))
-    {
-        Ok(v) => Ok(reply::groups(v)),
-        Err(e) if reply::is_no_such_key(&e) => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
+    Ok(xinfo(conn, "GROUPS", stream, None)
+        .await?
+        .map(reply::groups)
+        .unwrap_or_default())
 }
 
 /// Trims what every group of `stream` has acknowledged (`scripts/trim.lua`): up to the oldest
@@ -202,18 +207,10 @@ impl<'a> ConsumerGroup<'a> {
         &self,
         conn: &mut C,
     ) -> RedisResult<Vec<ConsumerInfo>> {
-        match redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(self.stream)
-            .arg(self.name)
-            .query_async(conn)
-            .await
-            .map_err(super::acl::denied("XINFO CONSUMERS", self.stream))
-        {
-            Ok(v) => Ok(reply::consumers(v)),
-            Err(e) if reply::is_no_such_key(&e) || reply::is_no_group(&e) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
+        Ok(xinfo(conn, "CONSUMERS", self.stream, Some(self.name))
+            .await?
+            .map(reply::consumers)
+            .unwrap_or_default())
     }
 
     /// XPENDING's summary; empty when the stream or the group is absent.
