@@ -8,6 +8,10 @@
 //! The stream entry that carries a frame has the fields `frame` (the bytes), `rows` (how many),
 //! and `first_ms` (the XADD time of the oldest source event, for end-to-end latency).
 
+use std::cell::RefCell;
+
+use zstd::bulk::{Compressor, Decompressor};
+
 use crate::schema::{Cell, ColumnType, Schema};
 
 /// Field names of a frame entry in `rows:{T}`.
@@ -21,6 +25,8 @@ const VERSION: u8 = 1;
 pub enum FrameError {
     #[error("frame is not valid zstd")]
     Zstd(#[source] std::io::Error),
+    #[error("frame declares {declared} bytes of content, more than the limit of {max_bytes}")]
+    TooLarge { declared: u64, max_bytes: usize },
     #[error("frame is malformed: {0}")]
     Malformed(&'static str),
     #[error("frame version {0} is not supported")]
@@ -79,8 +85,60 @@ impl FrameBuilder {
     /// The compressed frame.
     pub fn finish(mut self, zstd_level: i32) -> Vec<u8> {
         self.buf[self.count_at..self.count_at + 4].copy_from_slice(&self.rows.to_be_bytes());
-        zstd::bulk::compress(&self.buf, zstd_level).expect("zstd compression of memory cannot fail")
+        with_context(
+            &COMPRESSOR,
+            || Compressor::new(zstd_level),
+            |c| {
+                c.set_compression_level(zstd_level)?;
+                c.compress(&self.buf)
+            },
+        )
+        .expect("zstd compression of memory cannot fail")
     }
+}
+
+thread_local! {
+    /// Each thread keeps its zstd contexts: a new one allocates its tables (hundreds of KiB for
+    /// a compressor) and the kernel maps them in page by page, for every frame.
+    static COMPRESSOR: RefCell<Option<Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's context in `slot`, made by `new` on first use.
+fn with_context<C: 'static, R>(
+    slot: &'static std::thread::LocalKey<RefCell<Option<C>>>,
+    new: impl FnOnce() -> std::io::Result<C>,
+    f: impl FnOnce(&mut C) -> std::io::Result<R>,
+) -> std::io::Result<R> {
+    slot.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let context = match &mut *cell {
+            Some(c) => c,
+            None => cell.insert(new()?),
+        };
+        f(context)
+    })
+}
+
+/// Decompresses a frame into a buffer of the size its zstd header declares (ingest's frames
+/// declare it) rather than of `max_bytes`; a frame that declares none gets `max_bytes` and the
+/// decoder stops there.
+fn decompress(compressed: &[u8], max_bytes: usize) -> Result<Vec<u8>, FrameError> {
+    let capacity = match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(declared)) if declared > max_bytes as u64 => {
+            return Err(FrameError::TooLarge {
+                declared,
+                max_bytes,
+            })
+        }
+        Ok(Some(declared)) => declared as usize,
+        // No size declared, or no zstd header: the decoder tells which.
+        Ok(None) | Err(_) => max_bytes,
+    };
+    with_context(&DECOMPRESSOR, Decompressor::new, |d| {
+        d.decompress(compressed, capacity)
+    })
+    .map_err(FrameError::Zstd)
 }
 
 fn write_cell(buf: &mut Vec<u8>, cell: &Cell) {
@@ -142,7 +200,7 @@ pub struct Frame {
 impl Frame {
     /// Decompresses and reads the header. `max_bytes` bounds the decompressed size.
     pub fn decode(compressed: &[u8], max_bytes: usize) -> Result<Self, FrameError> {
-        let data = zstd::bulk::decompress(compressed, max_bytes).map_err(FrameError::Zstd)?;
+        let data = decompress(compressed, max_bytes)?;
         let mut r: &[u8] = &data;
         if take(&mut r, 1)? != [0x94] {
             return Err(FrameError::Malformed("not a 4-element array"));
@@ -375,6 +433,23 @@ type = "jsonb"
         let bytes = b.finish(1);
         let frame = Frame::decode(&bytes, 1 << 20).unwrap();
         assert_eq!(frame.rows, 2);
+        // The thread's compressor takes each frame's level.
+        let build = |level| {
+            let mut b = FrameBuilder::new(&schema);
+            for i in 0..2000 {
+                let mut row = rows[i % 2].clone();
+                row[4] = Cell::Text(format!("{} {}", i * 7919 % 1000, i % 13));
+                b.push_row(&row);
+            }
+            b.finish(level)
+        };
+        let (fast, dense) = (build(1), build(19));
+        assert!(dense.len() < fast.len(), "{} {}", dense.len(), fast.len());
+        assert_eq!(build(1), fast);
+        assert_eq!(
+            zstd::bulk::decompress(&dense, 1 << 20).unwrap(),
+            zstd::bulk::decompress(&fast, 1 << 20).unwrap()
+        );
         assert_eq!(frame.columns[3], ("c".to_string(), ColumnType::Float8));
         assert_eq!(frame.to_cells().unwrap(), rows);
         let raw = zstd::bulk::decompress(&bytes, 1 << 20).unwrap();
@@ -485,7 +560,43 @@ type = "float8"
         assert!(bomb.len() < 64 << 10, "{}", bomb.len());
         assert!(matches!(
             Frame::decode(&bomb, 1 << 20),
+            Err(FrameError::TooLarge {
+                declared,
+                max_bytes: 1048576
+            }) if declared == 64 << 20
+        ));
+        // Without a declared size (a streaming encoder), the decoder stops at max_bytes.
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        encoder.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut encoder, &vec![0u8; 64 << 20]).unwrap();
+        let streamed = encoder.finish().unwrap();
+        assert!(matches!(
+            zstd::zstd_safe::get_frame_content_size(&streamed),
+            Ok(None)
+        ));
+        assert!(matches!(
+            Frame::decode(&streamed, 1 << 20),
             Err(FrameError::Zstd(_))
         ));
+    }
+
+    #[test]
+    fn a_frame_that_declares_less_than_it_holds_is_refused_and_the_next_one_decodes() {
+        let good = zstd::bulk::compress(&sample_frame(), 3).unwrap();
+        // Two zstd frames back to back: the header read is the first's (a few bytes), the
+        // second's content would not fit.
+        let mut lying = zstd::bulk::compress(b"\x94", 1).unwrap();
+        lying.extend_from_slice(&zstd::bulk::compress(&vec![7u8; 1 << 16], 1).unwrap());
+        assert!(matches!(
+            Frame::decode(&lying, 1 << 20),
+            Err(FrameError::Zstd(_))
+        ));
+        // The thread's decompressor is not left in a state that spoils the next frame.
+        assert_eq!(Frame::decode(&good, 1 << 20).unwrap().rows, 5);
+        assert!(matches!(
+            Frame::decode(b"not zstd at all", 1 << 20),
+            Err(FrameError::Zstd(_))
+        ));
+        assert_eq!(Frame::decode(&good, 1 << 20).unwrap().rows, 5);
     }
 }
