@@ -82,8 +82,56 @@ pub fn machine_busy_secs() -> Option<f64> {
 
 /// CPU seconds (user + system) process `pid` has used; None once it has exited.
 pub fn process_cpu_secs(pid: u32) -> Option<f64> {
+    process_usage(pid).map(|u| u.cpu_secs())
+}
+
+/// What a process has used so far, beyond its CPU seconds: where a change of cost per event
+/// goes (kernel time, page faults of freshly mapped memory, wake-ups).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessUsage {
+    /// utime: CPU seconds in user space.
+    pub user_secs: f64,
+    /// stime: CPU seconds in the kernel (system calls, page faults).
+    pub sys_secs: f64,
+    /// minflt: page faults served without I/O (each first touch of memory the allocator took
+    /// from the kernel).
+    pub minor_faults: u64,
+    /// Times a thread gave up the CPU to wait (a read, a timer, a lock): wake-ups.
+    pub voluntary_switches: u64,
+    /// Times a thread was preempted: the box's contention, not the process's work.
+    pub involuntary_switches: u64,
+}
+
+impl ProcessUsage {
+    pub fn cpu_secs(&self) -> f64 {
+        self.user_secs + self.sys_secs
+    }
+
+    /// The sum of two processes' usage.
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            user_secs: self.user_secs + o.user_secs,
+            sys_secs: self.sys_secs + o.sys_secs,
+            minor_faults: self.minor_faults + o.minor_faults,
+            voluntary_switches: self.voluntary_switches + o.voluntary_switches,
+            involuntary_switches: self.involuntary_switches + o.involuntary_switches,
+        }
+    }
+}
+
+/// [`ProcessUsage`] of process `pid` (/proc/<pid>/stat and status); None once it has exited.
+pub fn process_usage(pid: u32) -> Option<ProcessUsage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    process_cpu_ticks(&stat).map(|t| t as f64 / ticks_per_second())
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let (minor_faults, user, sys) = stat_fields(&stat)?;
+    let count = |name: &str| field(&status, name).and_then(|v| v.parse().ok());
+    Some(ProcessUsage {
+        user_secs: user as f64 / ticks_per_second(),
+        sys_secs: sys as f64 / ticks_per_second(),
+        minor_faults,
+        voluntary_switches: count("voluntary_ctxt_switches")?,
+        involuntary_switches: count("nonvoluntary_ctxt_switches")?,
+    })
 }
 
 /// CPU seconds used so far by PostgreSQL on this machine on behalf of database `db`: the server
@@ -134,14 +182,18 @@ fn process_comm(stat: &str) -> Option<&str> {
     Some(&stat[stat.find('(')? + 1..stat.rfind(')')?])
 }
 
-/// utime + stime of a /proc/<pid>/stat line (fields 14 and 15, counted after the command name,
-/// which may hold spaces and parentheses).
+/// utime + stime of a /proc/<pid>/stat line.
 fn process_cpu_ticks(stat: &str) -> Option<u64> {
+    stat_fields(stat).map(|(_, utime, stime)| utime + stime)
+}
+
+/// minflt, utime and stime of a /proc/<pid>/stat line (fields 10, 14 and 15, counted after the
+/// command name, which may hold spaces and parentheses).
+fn stat_fields(stat: &str) -> Option<(u64, u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let at = |i: usize| fields.get(i)?.parse().ok();
+    Some((at(7)?, at(11)?, at(12)?))
 }
 
 #[cfg(test)]
@@ -160,6 +212,7 @@ mod tests {
         assert!(peak_rss_kib(std::process::id()).is_some_and(|kb| kb > 0));
         let stat = "42 (tokio (rt) x) S 1 42 42 0 -1 4194560 100 0 0 0 250 17 0 0 20 0 9 0";
         assert_eq!(process_cpu_ticks(stat), Some(267));
+        assert_eq!(stat_fields(stat), Some((100, 250, 17)));
         assert_eq!(process_comm(stat), Some("tokio (rt) x"));
         let backend = "postgres: 15/main: postgres strata_bench 127.0.0.1(51234) COPY";
         assert!(serves_database(backend, "strata_bench"));
@@ -177,6 +230,8 @@ mod tests {
             "strata_bench"
         ));
         assert!(process_cpu_secs(std::process::id()).is_some());
+        let me = process_usage(std::process::id()).expect("own usage");
+        assert!(me.minor_faults > 0 && me.voluntary_switches + me.involuntary_switches > 0);
         assert!(machine_busy_secs().is_some_and(|s| s > 0.0));
     }
 }

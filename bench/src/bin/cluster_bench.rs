@@ -371,6 +371,9 @@ struct Run {
     /// The part of [`Self::strata_cpu`] the `strata ingest` processes used (the rest is the
     /// batch-writers'): which stage a change of cost per event is in.
     ingest_cpu: f64,
+    /// Kernel time, page faults and wake-ups of the `strata ingest` processes, then of the
+    /// `strata batch-writer` processes: where a change of [`Self::strata_cpu`] goes.
+    usage: [machine::ProcessUsage; 2],
     /// PostgreSQL processes serving the database (and the server's own).
     postgres_cpu: f64,
     /// Every CPU of the machine, busy with anything.
@@ -1033,7 +1036,7 @@ async fn measure(
     }
 
     let mut commands = std::collections::BTreeMap::new();
-    let (elapsed, strata_cpu, ingest_cpu, machine_cpu, postgres_cpu) = loop {
+    let (elapsed, strata_cpu, ingest_cpu, usage, machine_cpu, postgres_cpu) = loop {
         for p in &mut procs {
             if let Some(status) = p
                 .child
@@ -1064,16 +1067,16 @@ async fn measure(
         if drained {
             let elapsed = started.elapsed();
             let machine_cpu = machine::machine_busy_secs().unwrap_or(0.0) - machine_before;
-            let (mut strata_cpu, mut ingest_cpu) = (0.0, 0.0);
+            let mut usage = [machine::ProcessUsage::default(); 2];
             for p in &procs {
-                let Some(cpu) = machine::process_cpu_secs(p.pid) else {
+                let Some(u) = machine::process_usage(p.pid) else {
                     return fail(format!("could not read /proc/{}/stat of {}", p.pid, p.name));
                 };
-                strata_cpu += cpu;
-                if p.stage == "ingest" {
-                    ingest_cpu += cpu;
-                }
+                let stage = usize::from(p.stage != "ingest");
+                usage[stage] = usage[stage].plus(u);
             }
+            let ingest_cpu = usage[0].cpu_secs();
+            let strata_cpu = ingest_cpu + usage[1].cpu_secs();
             let postgres_cpu = (machine::postgres_cpu_secs(&database) - postgres_before).max(0.0);
             for ((node, before), u) in nodes.iter_mut().zip(&cpu_before).zip(&mut uses) {
                 u.cpu = (redis_cpu_secs(&mut node.conn).await? - before).max(0.0);
@@ -1101,7 +1104,14 @@ async fn measure(
                         .join("\n")
                 ));
             }
-            break (elapsed, strata_cpu, ingest_cpu, machine_cpu, postgres_cpu);
+            break (
+                elapsed,
+                strata_cpu,
+                ingest_cpu,
+                usage,
+                machine_cpu,
+                postgres_cpu,
+            );
         }
         if started.elapsed() > ctx.timeout {
             return fail(format!(
@@ -1161,6 +1171,7 @@ async fn measure(
         elapsed,
         strata_cpu,
         ingest_cpu,
+        usage,
         postgres_cpu,
         machine_cpu,
         nodes: uses,
@@ -1338,6 +1349,29 @@ impl Report {
                 r.frames
             ));
         }
+        out.push_str("\n  strata per million events (median run), ingest │ writer: user / system CPU-s, minor page faults, voluntary / involuntary context switches\n");
+        for s in &self.shapes {
+            let r = &s.median;
+            let stages: Vec<String> = r
+                .usage
+                .iter()
+                .map(|u| {
+                    format!(
+                        "{:.2} / {:.2}, {:.0}, {:.0} / {:.0}",
+                        r.per_million(u.user_secs),
+                        r.per_million(u.sys_secs),
+                        r.per_million(u.minor_faults as f64),
+                        r.per_million(u.voluntary_switches as f64),
+                        r.per_million(u.involuntary_switches as f64)
+                    )
+                })
+                .collect();
+            out.push_str(&format!(
+                "  {:<27} {}\n",
+                r.shape.label(),
+                stages.join(" │ ")
+            ));
+        }
         out.push_str("\n  Redis masters' commands (median run): calls / ms inside Redis (wall time: a busy box's preemption counts), the five costliest\n");
         for s in &self.shapes {
             let r = &s.median;
@@ -1415,6 +1449,20 @@ impl Report {
                     .filter(|n| !n.master)
                     .map(|n| serde_json::json!({"port": n.port, "cpu_seconds": round3(n.cpu)}))
                     .collect();
+                let usage: serde_json::Map<_, _> = ["ingest", "batch_writer"]
+                    .iter()
+                    .zip(&r.usage)
+                    .map(|(stage, u)| {
+                        let v = serde_json::json!({
+                            "user_seconds": round3(u.user_secs),
+                            "system_seconds": round3(u.sys_secs),
+                            "minor_faults": u.minor_faults,
+                            "voluntary_context_switches": u.voluntary_switches,
+                            "involuntary_context_switches": u.involuntary_switches,
+                        });
+                        (stage.to_string(), v)
+                    })
+                    .collect();
                 serde_json::json!({
                     "redis": r.shape.backend.name(),
                     "partitions": r.shape.partitions,
@@ -1444,6 +1492,7 @@ impl Report {
                         "redis_replicas": round3(r.per_million(r.replicas_cpu())),
                         "postgres": round3(r.per_million(r.postgres_cpu)),
                     },
+                    "strata_usage": usage,
                     "masters": masters,
                     "replicas": replicas,
                     "projection_one_core_per_master": {
@@ -1533,6 +1582,7 @@ mod tests {
             elapsed: Duration::from_secs(4),
             strata_cpu: 0.9,
             ingest_cpu: 0.5,
+            usage: Default::default(),
             postgres_cpu: 2.0,
             machine_cpu: 7.0,
             nodes: vec![
