@@ -173,6 +173,76 @@ async fn rows_postgres_refuses_for_any_reason_are_dead_lettered_alone() {
     assert_eq!(env.count().await, 1500, "no row written twice");
 }
 
+/// XADDs an entry of raw fields to `rows:{T}`; returns its ID.
+async fn xadd_raw(env: &TestEnv, fields: &[(&str, &[u8])]) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(env.rows()).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    cmd.query_async(&mut env.redis().await).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_rows_that_are_not_frames_are_dead_lettered_alone_with_the_reason() {
+    let env = TestEnv::new("metrics", "").await;
+    env.migrate().await;
+    // A zstd frame header that declares 1 GiB of content (single segment, 8-byte size), then
+    // one raw block of one byte: refused from the header, before any buffer is sized for it.
+    let mut declares_a_gib = vec![0x28, 0xb5, 0x2f, 0xfd, 0xe0];
+    declares_a_gib.extend_from_slice(&(1u64 << 30).to_le_bytes());
+    declares_a_gib.extend_from_slice(&[0x09, 0x00, 0x00, b'x']);
+    let good = |from: usize, n: usize| -> Vec<Vec<Cell>> {
+        (from..from + n)
+            .map(|i| row(T0_US + i as i64, &format!("good-{i}"), 1.0, None))
+            .collect()
+    };
+    xadd_frame(&env, &good(0, 2)).await;
+    let bad = [
+        (
+            xadd_raw(&env, &[(ROWS_FIELD, b"3"), (FIRST_MS_FIELD, b"1")]).await,
+            "no `frame` field",
+        ),
+        (
+            xadd_raw(&env, &[(FRAME_FIELD, b"\x28\xb5\x2f\xfd garbage")]).await,
+            "not valid zstd",
+        ),
+        (
+            xadd_raw(&env, &[(FRAME_FIELD, &declares_a_gib)]).await,
+            "declares 1073741824 bytes of content",
+        ),
+        (
+            xadd_raw(
+                &env,
+                &[(FRAME_FIELD, &zstd::bulk::compress(b"\x93\x01", 1).unwrap())],
+            )
+            .await,
+            "malformed",
+        ),
+    ];
+    xadd_frame(&env, &good(2, 3)).await;
+
+    let running = start(&env, &[writer::STAGE]).await;
+    env.wait_rows_drained(5, Duration::from_secs(60)).await;
+    common::stop(running).await;
+    assert_eq!(env.count().await, 5, "both good frames landed whole");
+    let dead = env.dead_letters(&env.rows()).await;
+    assert_eq!(dead.len(), bad.len(), "{dead:?}");
+    for (id, reason) in &bad {
+        let mine: Vec<_> = dead
+            .iter()
+            .filter(|(_, f)| field(f, "source_id") == Some(id.as_str()))
+            .collect();
+        assert_eq!(mine.len(), 1, "{reason}: dead-lettered once: {dead:?}");
+        let f = &mine[0].1;
+        assert!(
+            field(f, "error").is_some_and(|e| e.contains(reason)),
+            "{reason}: {f:?}"
+        );
+        assert_eq!(field(f, "stage"), Some("batch-writer"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_keeps_failing_is_split_and_the_rest_of_the_batch_lands() {
     let env = TestEnv::new("metrics", "").await;
