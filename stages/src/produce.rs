@@ -136,6 +136,12 @@ async fn replicated(
             "stream" => stream.to_string()
         )
         .increment(1);
+        tracing::warn!(
+            stream,
+            acked,
+            wanted = wait.replicas,
+            "events sent are not replicated yet, waiting again"
+        );
         let mut again = redis::pipe();
         again.cmd("XLEN").arg(stream).ignore();
         ask(&mut again);
