@@ -369,6 +369,83 @@ async fn a_shrink_is_refused_while_a_removed_partition_holds_entries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_streams_of_partitions_beyond_any_count_the_table_had() {
+    let mut env = TestEnv::new("metrics", CONFIG).await;
+    env.partitioned(2);
+    env.migrate().await;
+    let running = start_stages(&env.config, &env.schema, &HOT_PATH).await;
+    stop(running).await;
+    // A producer that computed with N = 8 wrote to partitions 5 and 7; nothing reads them.
+    let mut conn = env.redis().await;
+    let stray = |p| StreamKind::Telemetry.partition_key(&env.table, p);
+    for (key, n) in [(stray(5), 2), (stray(7), 1)] {
+        for _ in 0..n {
+            let _: String = redis::cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("source")
+                .arg("s")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    // Keys that look alike but are no partition's stream: not listed.
+    for key in [
+        format!("telemetry:{{{}:05}}", env.table),
+        format!("telemetry:{{{}:x}}", env.table),
+        format!("telemetry:{{{}x:3}}", env.table),
+    ] {
+        let _: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("f")
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let s = status_json(&env).await;
+    let listed: Vec<(String, bool, u64)> = s["tables"][0]["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["stream"].as_str().unwrap().starts_with("telemetry:"))
+        .map(|s| {
+            (
+                s["stream"].as_str().unwrap().to_string(),
+                s["removed"].as_bool().unwrap(),
+                s["length"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (stray(0), false, 0),
+            (stray(1), false, 0),
+            (stray(5), true, 2),
+            (stray(7), true, 1),
+        ]
+    );
+    assert_eq!(s["tables"][0]["partitions"], 2);
+    let (ok, text) = run_to_end(env.command().arg("status"));
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("{} (removed)", stray(7))), "{text}");
+    for key in [
+        format!("telemetry:{{{}:05}}", env.table),
+        format!("telemetry:{{{}:x}}", env.table),
+        format!("telemetry:{{{}x:3}}", env.table),
+    ] {
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_writer_batch_of_two_partitions_whose_frames_share_an_id_writes_each_once() {
     use strata_pipeline::runner::{Batch, Stage};
     const N: u64 = 400;

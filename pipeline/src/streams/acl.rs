@@ -12,7 +12,7 @@ use super::keys::StreamKind;
 /// Every command strata's stages and operator commands send, lowercase as ACL rules spell them.
 /// Scripts need the commands they call too (Redis checks each `redis.call`, and the keys
 /// declared in `KEYS` when the script starts).
-pub const COMMANDS: [&str; 37] = [
+pub const COMMANDS: [&str; 38] = [
     // Connections: readiness and operator checks, a database other than 0.
     "ping",
     "select",
@@ -55,8 +55,10 @@ pub const COMMANDS: [&str; 37] = [
     "unwatch",
     "multi",
     "exec",
-    // Operator commands: the server's clock for ages.
+    // Operator commands: the server's clock for ages; `strata status` looking for streams of
+    // partitions beyond a table's count (no key argument: the key patterns do not limit it).
     "time",
+    "scan",
     // `[redis] wait_replicas`: WAIT after each step; `strata produce` names the node it wrote
     // to by `INFO server` (on a cluster, routed with its pipeline).
     "wait",

@@ -172,3 +172,63 @@ pub async fn node_of<C: redis::aio::ConnectionLike>(
         .find(|(first, last, _)| (*first..=*last).contains(&slot))
         .map(|(_, _, node)| node.clone()))
 }
+
+impl SlotMap {
+    /// One slot of each master, in the order `CLUSTER SLOTS` gave them: a route to every master.
+    fn one_slot_per_master(&self) -> Vec<u16> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.ranges
+            .iter()
+            .filter(|(_, _, node)| seen.insert(node.as_str()))
+            .map(|(first, _, _)| *first)
+            .collect()
+    }
+}
+
+/// Every stream whose key matches `pattern`, on the server or, on a cluster (`slots`), on every
+/// master: `SCAN … MATCH pattern TYPE stream`, whose cursor is each node's own. It walks the
+/// whole keyspace, so only `status` uses it, to find streams no stage reads.
+pub async fn scan_streams(
+    conn: &mut OpsConnection,
+    slots: Option<&SlotMap>,
+    pattern: &str,
+) -> Result<Vec<String>, OpsError> {
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+    let routes: Vec<Option<u16>> = match slots {
+        Some(s) => s.one_slot_per_master().into_iter().map(Some).collect(),
+        None => vec![None],
+    };
+    let mut keys = Vec::new();
+    for route in routes {
+        let mut cursor = 0u64;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("TYPE")
+                .arg("stream");
+            let reply = match (route, &mut *conn) {
+                (Some(slot), OpsConnection::Cluster(c)) => {
+                    let to = Route::new(slot, SlotAddr::Master);
+                    c.route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(to)),
+                    )
+                    .await?
+                }
+                (_, conn) => cmd.query_async(conn).await?,
+            };
+            let (next, found): (u64, Vec<String>) =
+                redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+            keys.extend(found);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(keys)
+}

@@ -74,6 +74,19 @@ pub async fn collect(
                 t.dead_letters += s.dead_letters;
                 t.streams.push(s);
             }
+            // Streams of partitions beyond any count the table had: a producer that computed
+            // with a larger N wrote them, and no stage reads them.
+            if let Some(kind) = stage.input.filter(|k| k.partitioned()) {
+                for (p, input) in strays(conn, slots.as_ref(), kind, &schema.table, highest).await {
+                    let mut s = stream_status(conn, &input, stage.group(), now_ms).await?;
+                    (s.partition, s.removed) = (p, true);
+                    if let Some(slots) = &slots {
+                        s.node = redis_info::node_of(conn, slots, &input).await?;
+                    }
+                    t.dead_letters += s.dead_letters;
+                    t.streams.push(s);
+                }
+            }
             if stage.partitioned() && count > 1 {
                 t.totals
                     .push(total(&t.streams[first..], stage, &schema.table));
@@ -110,6 +123,41 @@ pub async fn collect(
         postgres,
         tables,
     })
+}
+
+/// The streams of `kind` of partitions `highest` and above of `table` that exist, by
+/// partition. A server that refuses `SCAN` (an ACL rule from before `status` needed it) leaves
+/// them out, with a warning.
+async fn strays(
+    conn: &mut crate::ops::redis_info::OpsConnection,
+    slots: Option<&redis_info::SlotMap>,
+    kind: streams::StreamKind,
+    table: &str,
+    highest: u32,
+) -> Vec<(u32, String)> {
+    // `table` is an identifier (no glob characters); the closing brace leaves out the
+    // `:dlq` and `:claimed` keys.
+    let pattern = format!("{}:{{{table}:*}}", kind.prefix());
+    let keys = match redis_info::scan_streams(conn, slots, &pattern).await {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::warn!(pattern, error = %error_chain(&e), "could not look for streams of partitions beyond the count");
+            return Vec::new();
+        }
+    };
+    let mut found: Vec<(u32, String)> = keys
+        .into_iter()
+        .filter_map(|key| {
+            let p = key
+                .strip_prefix(&format!("{}:{{{table}:", kind.prefix()))?
+                .strip_suffix('}')?
+                .parse()
+                .ok()?;
+            (p >= highest && kind.partition_key(table, p) == key).then_some((p, key))
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 /// The sums of one stage's streams over the partitions of `table`.
