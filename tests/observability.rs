@@ -179,6 +179,80 @@ async fn prometheus_scrapes_counters_that_match_what_was_sent() {
     assert!(terminate(&mut run).success(), "{}", env.log("run.log"));
 }
 
+/// The sum of the `name` series in a `/metrics` body whose labels include every one of
+/// `labels` (`key="value"`); None when there is none.
+fn series_sum(body: &str, name: &str, labels: &[String]) -> Option<f64> {
+    let values: Vec<f64> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|l| l.rsplit_once("} "))
+        .filter(|(set, _)| labels.iter().all(|want| set.split(',').any(|l| l == want)))
+        .filter_map(|(_, v)| v.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// A batch-writer batch spans the table's partitions: its size is recorded once, under
+/// `stream="rows:{T:*}"` (no partition), not under one partition's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_batch_sizes_over_partitions_are_labelled_with_all_of_them() {
+    let mut env = TestEnv::new("metrics", CONFIG).await;
+    env.partitioned(3);
+    env.migrate().await;
+    let admin = free_port();
+    let mut run = env.spawn(
+        &["run", "--admin-listen", &format!("127.0.0.1:{admin}")],
+        "run.log",
+    );
+    let (ok, text) = common::run_to_end(
+        env.command()
+            .args(["produce", "--table", &env.table, "--count", "600"]),
+    );
+    assert!(ok, "{text}");
+    let groups = env.hot_path_groups(3);
+    let mut conn = env.redis().await;
+    env.wait_drained_on(&mut conn, &groups, 600, Duration::from_secs(60))
+        .await;
+    let (_, body) = http_get(admin, "/metrics").expect("/metrics answers");
+    let all = format!(
+        "stream=\"{}\"",
+        strata_pipeline::streams::StreamKind::Rows.all_partitions(&env.table)
+    );
+    let writer = "stage=\"batch-writer\"".to_string();
+    assert_eq!(
+        series_sum(
+            &body,
+            "strata_batch_rows_sum",
+            &[all.clone(), writer.clone()]
+        ),
+        Some(600.0),
+        "{body}"
+    );
+    assert!(
+        series_sum(
+            &body,
+            "strata_batch_rows_count",
+            &[writer.clone(), "partition=\"0\"".into()]
+        )
+        .is_none(),
+        "no writer batch recorded under partition 0: {body}"
+    );
+    // Ingest's loops are one per partition, each labelled with its own.
+    for p in 0..3u32 {
+        let stream = strata_pipeline::streams::StreamKind::Telemetry.partition_key(&env.table, p);
+        assert!(
+            series_sum(
+                &body,
+                "strata_batch_rows_count",
+                &[format!("stream=\"{stream}\""), "stage=\"ingest\"".into()]
+            )
+            .is_some_and(|n| n > 0.0),
+            "{stream}: {body}"
+        );
+    }
+    assert!(terminate(&mut run).success(), "{}", env.log("run.log"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_turns_unready_while_postgres_is_down_and_ready_when_it_returns() {
     let pg = OwnPostgres::start();

@@ -144,8 +144,6 @@ pub struct LoopMetrics {
     pub stuck: Counter,
     /// `[redis] wait_replicas` shortfalls of this loop's commit steps and reads.
     pub replica_shortfalls: Counter,
-    pub batch_rows: Histogram,
-    pub batch_bytes: Histogram,
     /// Labels for dead letters, whose reason varies.
     stage: &'static str,
     stream: String,
@@ -174,8 +172,6 @@ impl LoopMetrics {
             splits: counter!(BATCH_SPLITS, &labels),
             stuck: counter!(STUCK_ENTRIES, &labels),
             replica_shortfalls: counter!(REPLICA_WAIT_SHORTFALLS, &labels),
-            batch_rows: histogram!(BATCH_ROWS, &labels),
-            batch_bytes: histogram!(BATCH_BYTES, &labels),
             stage,
             stream: stream.to_string(),
         }
@@ -183,6 +179,39 @@ impl LoopMetrics {
 
     pub fn dead_lettered(&self, reason: DeadLetterReason, n: u64) {
         counter!(DEAD_LETTERS, "stage" => self.stage, "stream" => self.stream.clone(), "reason" => reason.label()).increment(n);
+    }
+}
+
+/// Handles of one loop's batch sizes, recorded once per batch. A loop over one stream is
+/// labelled as that stream; a loop over several partitions of a table (the batch-writer's,
+/// whose batches span them) as all of them: `stream="rows:{T:*}"` with its `table`, no
+/// `partition`.
+#[derive(Clone)]
+pub struct BatchMetrics {
+    pub rows: Histogram,
+    pub bytes: Histogram,
+}
+
+impl BatchMetrics {
+    pub fn new(stage: &'static str, streams: &[&str]) -> Self {
+        let mut labels = match streams {
+            [one] => stream_labels(one),
+            _ => match streams
+                .first()
+                .and_then(|s| crate::streams::StreamName::parse(s))
+            {
+                Some(name) => vec![
+                    ("stream", name.kind.all_partitions(&name.table)),
+                    ("table", name.table),
+                ],
+                None => vec![("stream", streams.join(","))],
+            },
+        };
+        labels.push(("stage", stage.to_string()));
+        Self {
+            rows: histogram!(BATCH_ROWS, &labels),
+            bytes: histogram!(BATCH_BYTES, &labels),
+        }
     }
 }
 

@@ -185,7 +185,7 @@ pub async fn produce(
         .map(|p| StreamKind::Telemetry.partition_key(&schema.table, p))
         .collect();
     let stream = if schema.partitions > 1 {
-        format!("{}:{{{}:*}}", StreamKind::Telemetry.prefix(), schema.table)
+        StreamKind::Telemetry.all_partitions(&schema.table)
     } else {
         streams[0].clone()
     };

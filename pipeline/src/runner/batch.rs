@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::BatchLimits;
-use crate::observe::LoopMetrics;
+use crate::observe::BatchMetrics;
 use crate::streams::Entry;
 
 use super::{Batch, Stage};
@@ -34,14 +34,14 @@ pub(super) async fn batch_loop<S: Stage>(
     reads: Reads,
     mut rx: mpsc::Receiver<Vec<Entry>>,
     tx: mpsc::Sender<Batch>,
-    metrics: LoopMetrics,
+    metrics: BatchMetrics,
 ) {
     let linger = Duration::from_millis(limits.linger_ms);
     // Hands the gathered entries to the workers (false once they are gone) and records the
     // batch's size, once per batch.
     let flush = |current: &mut Vec<Entry>, rows: usize, bytes: usize| {
-        metrics.batch_rows.record(rows as f64);
-        metrics.batch_bytes.record(bytes as f64);
+        metrics.rows.record(rows as f64);
+        metrics.bytes.record(bytes as f64);
         // The next batch will likely be as long: no regrowing it entry by entry.
         let next = Vec::with_capacity(current.len());
         let batch = Batch {
@@ -143,7 +143,7 @@ mod tests {
     fn start(limits: BatchLimits) -> (mpsc::Sender<Vec<Entry>>, mpsc::Receiver<Batch>) {
         let (read_tx, read_rx) = mpsc::channel(4);
         let (batch_tx, batch_rx) = mpsc::channel(4);
-        let metrics = LoopMetrics::new("test", "batch-test");
+        let metrics = BatchMetrics::new("test", &["batch-test"]);
         tokio::spawn(batch_loop(
             Arc::new(Rows),
             limits,

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BatchLimits, StreamsConfig};
 use crate::error::{RetryHint, StageError};
-use crate::observe::LoopMetrics;
+use crate::observe::{BatchMetrics, LoopMetrics};
 use crate::streams::{self, Consumer, ConsumerGroup, Entry, Fields};
 
 mod backoff;
@@ -282,7 +282,6 @@ pub async fn run_loop_over<S: Stage>(
     }
     // The batcher ends once every reader dropped its sender.
     drop(read_tx);
-    // A batch's size is recorded once, under the first input's labels.
     let reads = batch::Reads {
         count: spec.streams.read_count,
         next_within: Duration::from_millis(spec.streams.block_ms),
@@ -293,7 +292,10 @@ pub async fn run_loop_over<S: Stage>(
         reads,
         read_rx,
         batch_tx,
-        metrics[0].clone(),
+        BatchMetrics::new(
+            spec.stage,
+            &inputs.iter().map(|s| s.input.as_str()).collect::<Vec<_>>(),
+        ),
     ));
     let batch_rx = Arc::new(Mutex::new(batch_rx));
     let mut workers = Vec::new();

@@ -64,6 +64,13 @@ impl StreamKind {
         format!("{}:{{{}}}", self.prefix(), partition_tag(table, partition))
     }
 
+    /// This kind's streams of every partition of `table` as one name, `telemetry:{T:*}`: the
+    /// glob that matches partitions 1… (partition 0 is `telemetry:{T}`), and the label of what
+    /// sums over all of them.
+    pub fn all_partitions(self, table: &str) -> String {
+        format!("{}:{{{table}:*}}", self.prefix())
+    }
+
     /// Whether a table has one stream of this kind per partition (the streams producers write
     /// to and ingest forwards on) rather than one (the chunk lifecycle's, per whole chunk).
     pub const fn partitioned(self) -> bool {

@@ -137,7 +137,7 @@ async fn strays(
 ) -> Vec<(u32, String)> {
     // `table` is an identifier (no glob characters); the closing brace leaves out the
     // `:dlq` and `:claimed` keys.
-    let pattern = format!("{}:{{{table}:*}}", kind.prefix());
+    let pattern = kind.all_partitions(table);
     let keys = match redis_info::scan_streams(conn, slots, &pattern).await {
         Ok(keys) => keys,
         Err(e) => {
@@ -165,7 +165,7 @@ fn total(streams: &[StreamStatus], stage: &crate::StageSpec, table: &str) -> Str
     let mut t = StreamTotal {
         streams: stage
             .input
-            .map(|k| format!("{}:{{{table}:*}}", k.prefix()))
+            .map(|k| k.all_partitions(table))
             .unwrap_or_default(),
         group: stage.group().to_string(),
         length: 0,
