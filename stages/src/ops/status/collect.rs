@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::config::Config;
 use strata_pipeline::error_chain;
 use strata_pipeline::schema::{Schema, SchemaRef};
-use strata_pipeline::streams::{self, partition, ConsumerGroup};
+use strata_pipeline::streams::{self, partition, ConsumerGroup, StreamName};
 
 use super::{
     ArchiveInfo, ChunkStatus, ConsumerStatus, GroupStatus, OldestPending, PostgresStatus,
@@ -27,6 +27,7 @@ pub async fn collect(
         redis_info::OpsConnection::Cluster(_) => Some(redis_info::slot_map(conn).await?),
         redis_info::OpsConnection::Single(_) => None,
     };
+    let partition_streams = partition_streams(conn, slots.as_ref()).await;
     for schema in schemas {
         let recorded = partition::recorded(conn, &schema.table).await?;
         let count = recorded.map_or(schema.partitions, |r| r.count);
@@ -68,24 +69,21 @@ pub async fn collect(
                 if s.removed && !unfinished && s.dead_letters == 0 {
                     continue;
                 }
-                if let Some(slots) = &slots {
-                    s.node = redis_info::node_of(conn, slots, &input).await?;
-                }
-                t.dead_letters += s.dead_letters;
-                t.streams.push(s);
+                list(conn, slots.as_ref(), &mut t, s).await?;
             }
             // Streams of partitions beyond any count the table had: a producer that computed
             // with a larger N wrote them, and no stage reads them.
-            if let Some(kind) = stage.input.filter(|k| k.partitioned()) {
-                for (p, input) in strays(conn, slots.as_ref(), kind, &schema.table, highest).await {
-                    let mut s = stream_status(conn, &input, stage.group(), now_ms).await?;
-                    (s.partition, s.removed) = (p, true);
-                    if let Some(slots) = &slots {
-                        s.node = redis_info::node_of(conn, slots, &input).await?;
-                    }
-                    t.dead_letters += s.dead_letters;
-                    t.streams.push(s);
-                }
+            let mut strays: Vec<&StreamName> = partition_streams
+                .iter()
+                .filter(|n| {
+                    Some(n.kind) == stage.input && n.table == schema.table && n.partition >= highest
+                })
+                .collect();
+            strays.sort_by_key(|n| n.partition);
+            for name in strays {
+                let mut s = stream_status(conn, &name.source(), stage.group(), now_ms).await?;
+                (s.partition, s.removed) = (name.partition, true);
+                list(conn, slots.as_ref(), &mut t, s).await?;
             }
             if stage.partitioned() && count > 1 {
                 t.totals
@@ -125,39 +123,38 @@ pub async fn collect(
     })
 }
 
-/// The streams of `kind` of partitions `highest` and above of `table` that exist, by
-/// partition. A server that refuses `SCAN` (an ACL rule from before `status` needed it) leaves
-/// them out, with a warning.
-async fn strays(
+/// Adds `s` to the table's streams and dead letters, with the master serving it on a cluster.
+async fn list(
     conn: &mut crate::ops::redis_info::OpsConnection,
     slots: Option<&redis_info::SlotMap>,
-    kind: streams::StreamKind,
-    table: &str,
-    highest: u32,
-) -> Vec<(u32, String)> {
-    // `table` is an identifier (no glob characters); the closing brace leaves out the
-    // `:dlq` and `:claimed` keys.
-    let pattern = kind.all_partitions(table);
-    let keys = match redis_info::scan_streams(conn, slots, &pattern).await {
-        Ok(keys) => keys,
+    t: &mut TableStatus,
+    mut s: StreamStatus,
+) -> Result<(), OpsError> {
+    if let Some(slots) = slots {
+        s.node = redis_info::node_of(conn, slots, &s.stream).await?;
+    }
+    t.dead_letters += s.dead_letters;
+    t.streams.push(s);
+    Ok(())
+}
+
+/// Every stream of a partition 1… (`<kind>:{T:p}`) on the server or on every master, of every
+/// table: one walk of the keyspace per snapshot, which `status` matches against each table's
+/// count. A server that refuses `SCAN` (an ACL rule from before `status` needed it) leaves
+/// them out, with a warning.
+async fn partition_streams(
+    conn: &mut crate::ops::redis_info::OpsConnection,
+    slots: Option<&redis_info::SlotMap>,
+) -> Vec<StreamName> {
+    // A tag with a partition that closes the key: not the `:dlq` and `:claimed` keys.
+    let pattern = "*:{*:*}";
+    match redis_info::scan_streams(conn, slots, pattern).await {
+        Ok(keys) => keys.iter().filter_map(|k| StreamName::parse(k)).collect(),
         Err(e) => {
             tracing::warn!(pattern, error = %error_chain(&e), "could not look for streams of partitions beyond the count");
-            return Vec::new();
+            Vec::new()
         }
-    };
-    let mut found: Vec<(u32, String)> = keys
-        .into_iter()
-        .filter_map(|key| {
-            let p = key
-                .strip_prefix(&format!("{}:{{{table}:", kind.prefix()))?
-                .strip_suffix('}')?
-                .parse()
-                .ok()?;
-            (p >= highest && kind.partition_key(table, p) == key).then_some((p, key))
-        })
-        .collect();
-    found.sort();
-    found
+    }
 }
 
 /// The sums of one stage's streams over the partitions of `table`.
