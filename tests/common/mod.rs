@@ -590,38 +590,18 @@ impl Drop for TestEnv {
                     .await;
                 if let Ok(client) = redis::Client::open(redis_url.as_str()) {
                     if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                        // Every stream of the table, and each one's dead letters.
-                        let mut keys: Vec<String> = [
-                            streams::telemetry_stream(&table),
-                            streams::rows_stream(&table),
-                            streams::archive_stream(&table),
-                            streams::archived_stream(&table),
-                        ]
-                        .into_iter()
-                        .flat_map(|s| [streams::dlq_stream(&s), streams::claims_key(&s), s])
-                        .collect();
-                        // And every key of its partitions, its recorded count and anything a
-                        // test wrote under its tag: the table's name is this test's own.
-                        for pattern in [format!("*{{{table}:*"), format!("*{{{table}}}*")] {
-                            let mut cursor = 0u64;
-                            loop {
-                                let Ok((next, found)): redis::RedisResult<(u64, Vec<String>)> =
-                                    redis::cmd("SCAN")
-                                        .arg(cursor)
-                                        .arg("MATCH")
-                                        .arg(&pattern)
-                                        .arg("COUNT")
-                                        .arg(1000)
-                                        .query_async(&mut conn)
-                                        .await
-                                else {
-                                    break;
-                                };
-                                keys.extend(found);
-                                if next == 0 {
-                                    break;
-                                }
-                                cursor = next;
+                        // Every key under the table's tags, `{T}` and `{T:p}`: its streams,
+                        // their dead letters and claims, its recorded count, and anything a
+                        // test wrote there. The table's name is this test's own.
+                        let mut keys: Vec<String> = Vec::new();
+                        if let Ok(mut iter) = redis::AsyncCommands::scan_match::<_, String>(
+                            &mut conn,
+                            format!("*{{{table}[}}:]*"),
+                        )
+                        .await
+                        {
+                            while let Some(Ok(key)) = iter.next_item().await {
+                                keys.push(key);
                             }
                         }
                         let _: redis::RedisResult<()> =
