@@ -177,14 +177,19 @@ pub async fn checkpoint(db: &tokio_postgres::Client) {
     }
 }
 
-/// `redis_version` of `INFO server`.
-pub async fn redis_version<C: ConnectionLike>(redis: &mut C) -> Result<String> {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
+/// One section of a Redis server's `INFO`.
+async fn redis_info<C: ConnectionLike>(redis: &mut C, section: &str) -> Result<String> {
+    redis::cmd("INFO")
+        .arg(section)
         .query_async(redis)
         .await
-        .context(|| "Redis INFO server".into())?;
-    Ok(info
+        .context(|| format!("Redis INFO {section}"))
+}
+
+/// `redis_version` of `INFO server`.
+pub async fn redis_version<C: ConnectionLike>(redis: &mut C) -> Result<String> {
+    Ok(redis_info(redis, "server")
+        .await?
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
         .unwrap_or("unknown")
@@ -194,12 +199,7 @@ pub async fn redis_version<C: ConnectionLike>(redis: &mut C) -> Result<String> {
 
 /// CPU seconds (user + system) the Redis server has used, from INFO cpu.
 pub async fn redis_cpu_secs<C: ConnectionLike>(redis: &mut C) -> Result<f64> {
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query_async(redis)
-        .await
-        .context(|| "Redis INFO cpu".into())?;
-    Ok(parse_cpu(&info))
+    Ok(parse_cpu(&redis_info(redis, "cpu").await?))
 }
 
 /// Per command, the calls and microseconds a Redis server counted since its last
@@ -207,12 +207,9 @@ pub async fn redis_cpu_secs<C: ConnectionLike>(redis: &mut C) -> Result<f64> {
 pub async fn redis_command_stats<C: ConnectionLike>(
     redis: &mut C,
 ) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(redis)
-        .await
-        .context(|| "Redis INFO commandstats".into())?;
-    Ok(parse_command_stats(&info))
+    Ok(parse_command_stats(
+        &redis_info(redis, "commandstats").await?,
+    ))
 }
 
 /// `cmdstat_<name>:calls=<n>,usec=<n>,…` lines of an `INFO commandstats` reply.
