@@ -1254,6 +1254,14 @@ fn list(xs: &[f64], f: impl Fn(f64) -> String) -> String {
 }
 
 impl Report {
+    /// A heading, then one line per configuration: its label and what `line` says of it.
+    fn section(&self, out: &mut String, heading: &str, line: impl Fn(&ShapeReport) -> String) {
+        out.push_str(heading);
+        for s in &self.shapes {
+            out.push_str(&format!("  {:<27} {}\n", s.median.shape.label(), line(s)));
+        }
+    }
+
     fn text(&self) -> String {
         let m = &self.machine;
         let mut out = String::new();
@@ -1296,8 +1304,7 @@ impl Report {
                 if r.quiet() { "" } else { "  (not quiet)" }
             ));
         }
-        out.push_str("\n  per master in the timed phase: CPU-s (share of the masters' CPU) and the events of its partitions (share)\n");
-        for s in &self.shapes {
+        self.section(&mut out, "\n  per master in the timed phase: CPU-s (share of the masters' CPU) and the events of its partitions (share)\n", |s| {
             let r = &s.median;
             let total = r.redis_cpu();
             let masters: Vec<String> = r
@@ -1322,18 +1329,12 @@ impl Report {
                     )
                 })
                 .collect();
-            out.push_str(&format!(
-                "  {:<27} {}\n",
-                r.shape.label(),
-                masters.join(" │ ")
-            ));
-        }
-        out.push_str("\n  where the CPU went (median run): busy of available, strata (ingest + writer) / Redis masters / replicas / PostgreSQL / other\n");
-        for s in &self.shapes {
+            masters.join(" │ ")
+        });
+        self.section(&mut out, "\n  where the CPU went (median run): busy of available, strata (ingest + writer) / Redis masters / replicas / PostgreSQL / other\n", |s| {
             let r = &s.median;
-            out.push_str(&format!(
-                "  {:<27} {:.1} of {:.1} CPU-s: {:.2} ({:.2} + {:.2}) / {:.2} / {:.2} / {:.2} / {:.2}; load avg before {:.2}; pre-load {:.1} s; PostgreSQL commits {}; frames {}\n",
-                r.shape.label(),
+            format!(
+                "{:.1} of {:.1} CPU-s: {:.2} ({:.2} + {:.2}) / {:.2} / {:.2} / {:.2} / {:.2}; load avg before {:.2}; pre-load {:.1} s; PostgreSQL commits {}; frames {}",
                 r.machine_cpu,
                 r.available(),
                 r.strata_cpu,
@@ -1347,10 +1348,9 @@ impl Report {
                 r.produce.as_secs_f64(),
                 r.postgres_commits,
                 r.frames
-            ));
-        }
-        out.push_str("\n  strata per million events (median run), ingest │ writer: user / system CPU-s, minor page faults, voluntary / involuntary context switches\n");
-        for s in &self.shapes {
+            )
+        });
+        self.section(&mut out, "\n  strata per million events (median run), ingest │ writer: user / system CPU-s, minor page faults, voluntary / involuntary context switches\n", |s| {
             let r = &s.median;
             let stages: Vec<String> = r
                 .usage
@@ -1366,16 +1366,10 @@ impl Report {
                     )
                 })
                 .collect();
-            out.push_str(&format!(
-                "  {:<27} {}\n",
-                r.shape.label(),
-                stages.join(" │ ")
-            ));
-        }
-        out.push_str("\n  Redis masters' commands (median run): calls / ms inside Redis (wall time: a busy box's preemption counts), the five costliest\n");
-        for s in &self.shapes {
-            let r = &s.median;
-            let mut top: Vec<_> = r.commands.iter().collect();
+            stages.join(" │ ")
+        });
+        self.section(&mut out, "\n  Redis masters' commands (median run): calls / ms inside Redis (wall time: a busy box's preemption counts), the five costliest\n", |s| {
+            let mut top: Vec<_> = s.median.commands.iter().collect();
             top.sort_by_key(|(_, (_, usec))| std::cmp::Reverse(*usec));
             let list: Vec<String> = top
                 .iter()
@@ -1384,35 +1378,33 @@ impl Report {
                     format!("{name} {calls} / {:.0}", *usec as f64 / 1000.0)
                 })
                 .collect();
-            out.push_str(&format!("  {:<27} {}\n", r.shape.label(), list.join(" · ")));
-        }
-        out.push_str("\n  projection, one core per master (model: master m saturates at E / C_m events/s, C_m its CPU-s for the E events;\n  the Redis tier at E / max C_m; strata and PostgreSQL then bound it at their cores × E / their CPU-s)\n");
-        for s in &self.shapes {
+            list.join(" · ")
+        });
+        self.section(&mut out, "\n  projection, one core per master (model: master m saturates at E / C_m events/s, C_m its CPU-s for the E events;\n  the Redis tier at E / max C_m; strata and PostgreSQL then bound it at their cores × E / their CPU-s)\n", |s| {
             let r = &s.median;
-            out.push_str(&format!(
-                "  {:<27} Redis {} events/s ({} if perfectly even over {} master(s)); per core: strata {}, PostgreSQL {} events/s\n",
-                r.shape.label(),
+            format!(
+                "Redis {} events/s ({} if perfectly even over {} master(s)); per core: strata {}, PostgreSQL {} events/s",
                 eps_text(r.redis_ceiling()),
                 eps_text(r.even_ceiling()),
                 r.serving(),
                 eps_text(r.strata_per_core()),
                 eps_text(r.postgres_per_core()),
-            ));
-        }
+            )
+        });
         if self.runs > 1 {
-            out.push_str(
+            self.section(
+                &mut out,
                 "\n  every run: events/s; strata / Redis CPU-s per 1M events; Redis ceiling\n",
+                |s| {
+                    format!(
+                        "{}; strata {}; Redis {}; ceiling {}",
+                        list(&s.all_eps, eps_text),
+                        list(&s.all_strata_per_m, |x| format!("{x:.2}")),
+                        list(&s.all_redis_per_m, |x| format!("{x:.2}")),
+                        list(&s.all_redis_ceilings, eps_text),
+                    )
+                },
             );
-            for s in &self.shapes {
-                out.push_str(&format!(
-                    "  {:<27} {}; strata {}; Redis {}; ceiling {}\n",
-                    s.median.shape.label(),
-                    list(&s.all_eps, eps_text),
-                    list(&s.all_strata_per_m, |x| format!("{x:.2}")),
-                    list(&s.all_redis_per_m, |x| format!("{x:.2}")),
-                    list(&s.all_redis_ceilings, eps_text),
-                ));
-            }
         }
         if self.shapes.iter().any(|s| !s.median.quiet()) {
             out.push_str(&format!(
