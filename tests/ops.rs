@@ -78,16 +78,6 @@ async fn inspect_lines(
     Ok(json_lines(&String::from_utf8(out).unwrap()))
 }
 
-async fn xadd(env: &TestEnv, stream: &str, fields: &[(&str, &[u8])]) -> String {
-    let mut conn = env.redis().await;
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(stream).arg("*");
-    for (k, v) in fields {
-        cmd.arg(*k).arg(*v);
-    }
-    cmd.query_async(&mut conn).await.unwrap()
-}
-
 async fn xlen(env: &TestEnv, stream: &str) -> u64 {
     let mut conn = env.redis().await;
     redis::cmd("XLEN")
@@ -148,7 +138,7 @@ async fn status_json_counts_lag_pending_and_dead_letters_exactly() {
         .unwrap();
     let mut row_ids = Vec::new();
     for _ in 0..3 {
-        row_ids.push(xadd(&env, &env.rows(), &[("rows", b"0")]).await);
+        row_ids.push(env.xadd_to(&env.rows(), &[("rows", b"0")]).await);
     }
     let (read, _) = streams::Consumer::new(&env.rows(), writer::STAGE.name, "writer-a")
         .read_new(&mut conn, 2, 100)
@@ -157,15 +147,13 @@ async fn status_json_counts_lag_pending_and_dead_letters_exactly() {
     assert_eq!(read.len(), 2);
     // Dead letters: 2 on telemetry, 1 on rows.
     for _ in 0..2 {
-        xadd(
-            &env,
+        env.xadd_to(
             &streams::dlq_stream(&env.input()),
             &[("value", b"x"), ("error", b"bad")],
         )
         .await;
     }
-    xadd(
-        &env,
+    env.xadd_to(
         &streams::dlq_stream(&env.rows()),
         &[("value", b"-1"), ("error", b"check")],
     )
@@ -501,7 +489,8 @@ async fn inspect_decodes_frames_back_into_the_rows_sent() {
 
     // Binary values are shown safely, and a stream not created yet is simply empty.
     let dlq = streams::dlq_stream(&env.rows());
-    xadd(&env, &dlq, &[("frame", b"\x28\xb5\x2f\xfd garbage")]).await;
+    env.xadd_to(&dlq, &[("frame", b"\x28\xb5\x2f\xfd garbage")])
+        .await;
     let shown = inspect_lines(&env, &dlq, 10, None).await.unwrap();
     let frame = &shown[0]["fields"]["frame"];
     assert_eq!(frame["bytes"], 12);
@@ -638,7 +627,7 @@ async fn dlq_id_selects_one_purge_deletes_and_errors_name_the_problem() {
         let mut fields: Vec<(&str, &[u8])> =
             vec![("source", b"h"), ("metric", b"m"), ("value", value)];
         fields.extend_from_slice(added);
-        ids.push(xadd(&env, &dlq_key, &fields).await);
+        ids.push(env.xadd_to(&dlq_key, &fields).await);
     }
 
     let one = json_lines(

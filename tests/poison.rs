@@ -33,19 +33,16 @@ async fn xadd_frame(env: &TestEnv, rows: &[Vec<Cell>]) -> String {
     for r in rows {
         b.push_row(r);
     }
-    let mut conn = env.redis().await;
-    redis::cmd("XADD")
-        .arg(env.rows())
-        .arg("*")
-        .arg(ROWS_FIELD)
-        .arg(rows.len())
-        .arg(FIRST_MS_FIELD)
-        .arg(1)
-        .arg(FRAME_FIELD)
-        .arg(b.finish(1))
-        .query_async(&mut conn)
-        .await
-        .unwrap()
+    let n = rows.len().to_string();
+    env.xadd_to(
+        &env.rows(),
+        &[
+            (ROWS_FIELD, n.as_bytes()),
+            (FIRST_MS_FIELD, b"1"),
+            (FRAME_FIELD, &b.finish(1)),
+        ],
+    )
+    .await
 }
 
 fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -173,16 +170,6 @@ async fn rows_postgres_refuses_for_any_reason_are_dead_lettered_alone() {
     assert_eq!(env.count().await, 1500, "no row written twice");
 }
 
-/// XADDs an entry of raw fields to `rows:{T}`; returns its ID.
-async fn xadd_raw(env: &TestEnv, fields: &[(&str, &[u8])]) -> String {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(env.rows()).arg("*");
-    for (k, v) in fields {
-        cmd.arg(*k).arg(*v);
-    }
-    cmd.query_async(&mut env.redis().await).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_of_rows_that_are_not_frames_are_dead_lettered_alone_with_the_reason() {
     let env = TestEnv::new("metrics", "").await;
@@ -200,20 +187,23 @@ async fn entries_of_rows_that_are_not_frames_are_dead_lettered_alone_with_the_re
     xadd_frame(&env, &good(0, 2)).await;
     let bad = [
         (
-            xadd_raw(&env, &[(ROWS_FIELD, b"3"), (FIRST_MS_FIELD, b"1")]).await,
+            env.xadd_to(&env.rows(), &[(ROWS_FIELD, b"3"), (FIRST_MS_FIELD, b"1")])
+                .await,
             "no `frame` field",
         ),
         (
-            xadd_raw(&env, &[(FRAME_FIELD, b"\x28\xb5\x2f\xfd garbage")]).await,
+            env.xadd_to(&env.rows(), &[(FRAME_FIELD, b"\x28\xb5\x2f\xfd garbage")])
+                .await,
             "not valid zstd",
         ),
         (
-            xadd_raw(&env, &[(FRAME_FIELD, &declares_a_gib)]).await,
+            env.xadd_to(&env.rows(), &[(FRAME_FIELD, &declares_a_gib)])
+                .await,
             "declares 1073741824 bytes of content",
         ),
         (
-            xadd_raw(
-                &env,
+            env.xadd_to(
+                &env.rows(),
                 &[(FRAME_FIELD, &zstd::bulk::compress(b"\x93\x01", 1).unwrap())],
             )
             .await,

@@ -219,11 +219,16 @@ impl TestEnv {
             .expect("migrate");
     }
 
-    /// XADDs one event; returns its ID.
+    /// XADDs one event to the table's input; returns its ID.
     pub async fn xadd(&self, fields: &[(&str, &[u8])]) -> String {
+        self.xadd_to(&self.input(), fields).await
+    }
+
+    /// XADDs one entry of `fields` to `stream`; returns its ID.
+    pub async fn xadd_to(&self, stream: &str, fields: &[(&str, &[u8])]) -> String {
         let mut conn = self.redis().await;
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.input()).arg("*");
+        cmd.arg(stream).arg("*");
         for (k, v) in fields {
             cmd.arg(*k).arg(*v);
         }
